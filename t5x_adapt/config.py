@@ -1,0 +1,155 @@
+"""Architecture configuration of a Gemma-style transformer stack.
+
+One `StackConfig` describes one stack of Gemma blocks: the decoder-only model
+has one, an encoder-decoder has two (an encoder and a decoder, which may differ
+in size: the unbalanced T5Gemma models). Gin binds these dataclasses in the
+preset files under `gin/models/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import gin
+import jax.numpy as jnp
+
+LOCAL = 'local'
+GLOBAL = 'global'
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+  """Hyper-parameters of one stack of Gemma blocks.
+
+  Attributes:
+    vocab_size: Number of rows of the embedding table.
+    num_layers: Number of transformer blocks.
+    embed_dim: Model width (d_model).
+    mlp_dim: Hidden width of the GeGLU MLP.
+    num_heads: Query heads.
+    num_kv_heads: Key/value heads (GQA when fewer than `num_heads`).
+    head_dim: Width of one attention head.
+    query_pre_attn_scalar: Scores are scaled by `query_pre_attn_scalar**-0.5`;
+      defaults to `head_dim`.
+    attention_pattern: The repeating period of layer kinds, e.g.
+      `('local', 'global')` for Gemma 2, five locals then a global for Gemma 3.
+      Layer `i` has kind `attention_pattern[i % len(attention_pattern)]`.
+    sliding_window: Window of the local layers (`None`: all layers global).
+    rope_local_base: RoPE base of local layers.
+    rope_global_base: RoPE base of global layers.
+    attn_logit_softcap: `c * tanh(s / c)` on attention scores, before masking.
+    final_logit_softcap: The same on the output logits (decoders only).
+    use_qk_norm: Per-head RMSNorm of queries and keys (Gemma 3).
+    rms_norm_eps: Epsilon of every RMSNorm.
+    family: `'gemma2'` or `'gemma3'`; picks the transformers class on export.
+    dtype: Activation dtype.
+    param_dtype: Parameter dtype.
+    scan_layers: Stack the repeating period with `nn.scan` (flat compile time).
+    remat_policy: `'none'`, `'full'` or `'dots'` (save matmul outputs).
+    dropout_rate: Dropout on residual branches.
+  """
+
+  vocab_size: int = 256000
+  num_layers: int = 26
+  embed_dim: int = 2304
+  mlp_dim: int = 9216
+  num_heads: int = 8
+  num_kv_heads: int = 4
+  head_dim: int = 256
+  query_pre_attn_scalar: Optional[float] = None
+  attention_pattern: tuple[str, ...] = (LOCAL, GLOBAL)
+  sliding_window: Optional[int] = 4096
+  rope_local_base: float = 10_000.0
+  rope_global_base: float = 10_000.0
+  attn_logit_softcap: Optional[float] = 50.0
+  final_logit_softcap: Optional[float] = 30.0
+  use_qk_norm: bool = False
+  rms_norm_eps: float = 1e-6
+  family: str = 'gemma2'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+  dropout_rate: float = 0.0
+
+  def __post_init__(self):
+    # Gin hands lists where the dataclass wants tuples.
+    object.__setattr__(self, 'attention_pattern',
+                       tuple(self.attention_pattern))
+    for kind in self.attention_pattern:
+      if kind not in (LOCAL, GLOBAL):
+        raise ValueError(f'attention_pattern entries must be {LOCAL!r} or '
+                         f'{GLOBAL!r}, got {kind!r}')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}')
+
+  @property
+  def query_scale(self) -> float:
+    scalar = self.query_pre_attn_scalar or self.head_dim
+    return float(scalar) ** -0.5
+
+  @property
+  def period(self) -> int:
+    return len(self.attention_pattern)
+
+  @property
+  def num_periods(self) -> int:
+    """Whole repetitions of the pattern: the scanned part of the stack."""
+    return self.num_layers // self.period
+
+  def layer_kind(self, layer: int) -> str:
+    return self.attention_pattern[layer % self.period]
+
+  def layer_window(self, layer: int) -> Optional[int]:
+    return self.sliding_window if self.layer_kind(layer) == LOCAL else None
+
+  def layer_rope_base(self, layer: int) -> float:
+    if self.layer_kind(layer) == LOCAL:
+      return self.rope_local_base
+    return self.rope_global_base
+
+  @property
+  def activation_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> 'StackConfig':
+    return dataclasses.replace(self, **changes)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderConfig:
+  """A T5Gemma encoder-decoder: two stacks, possibly of different sizes.
+
+  The decoder's cross-attention reads the final-normed encoder output; its key
+  and value projections take the encoder width as input, so an unbalanced
+  model (e.g. 9B encoder, 2B decoder) needs nothing else.
+  """
+
+  encoder: StackConfig = dataclasses.field(default_factory=StackConfig)
+  decoder: StackConfig = dataclasses.field(default_factory=StackConfig)
+
+  def __post_init__(self):
+    if self.encoder.vocab_size != self.decoder.vocab_size:
+      raise ValueError('encoder and decoder must share a vocabulary: '
+                       f'{self.encoder.vocab_size} != '
+                       f'{self.decoder.vocab_size}')
+
+  @property
+  def is_balanced(self) -> bool:
+    return self.encoder.embed_dim == self.decoder.embed_dim
+
+  def replace(self, **changes) -> 'EncoderDecoderConfig':
+    return dataclasses.replace(self, **changes)
+
+  def map_stacks(self, **changes) -> 'EncoderDecoderConfig':
+    """The same model with `changes` applied to both stacks."""
+    return EncoderDecoderConfig(self.encoder.replace(**changes),
+                                self.decoder.replace(**changes))

@@ -1,0 +1,220 @@
+"""Grouped-query attention for self- and cross-attention, with decoding caches."""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_adapt.layers.masks import attention_mask
+from t5x_adapt.layers.norms import RMSNorm
+from t5x_adapt.layers.rope import apply_rope
+
+
+def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+  """`cap * tanh(x / cap)`, or `x` when `cap` is None."""
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+  """Multi-head attention with MHA / GQA / MQA, Gemma style.
+
+  Self-attention applies RoPE (`rope_base`) to queries and keys; cross-attention
+  (`rope_base=None`) does not and is always global. Key/value projections take
+  whatever width `inputs_kv` has, so cross-attention of an unbalanced model
+  projects from the encoder width.
+
+  Decoding (`decode=True`) keeps, per layer, a cache of `cache_length` slots
+  used as a ring buffer: slot `n % cache_length` holds token `n`, together
+  with the token's position (-1 while empty). A sliding-window layer needs only
+  `window` slots. Cross-attention caches the encoder keys and values the first
+  time it is called (when the cache collection is created), and reads them
+  afterwards.
+
+  Attributes:
+    num_heads: Query heads.
+    num_kv_heads: Key/value heads.
+    head_dim: Width of one head.
+    query_scale: Multiplies the raw scores.
+    attn_logit_softcap: Softcap of the scores, applied before masking.
+    use_qk_norm: RMSNorm of each query and key head (Gemma 3).
+    rope_base: RoPE base; None for cross-attention.
+    causal: Causal self-attention (decoder) or bidirectional (encoder).
+    window: Sliding window of this layer, None for a global layer.
+    rms_norm_eps: Epsilon of the QK norms.
+    dtype: Activation dtype.
+    param_dtype: Parameter dtype.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_scale: float
+  attn_logit_softcap: Optional[float] = None
+  use_qk_norm: bool = False
+  rope_base: Optional[float] = 10_000.0
+  causal: bool = True
+  window: Optional[int] = None
+  rms_norm_eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @property
+  def is_cross_attention(self) -> bool:
+    return self.rope_base is None
+
+  def _projection(self, name, features, axes):
+    return nn.DenseGeneral(
+        features, axis=-1, use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), axes))
+
+  def _project_kv(self, inputs_kv, kv_positions):
+    shape = (self.num_kv_heads, self.head_dim)
+    axes = ('embed', 'kv_heads', 'head_dim')
+    key = self._projection('key', shape, axes)(inputs_kv)
+    value = self._projection('value', shape, axes)(inputs_kv)
+    if self.use_qk_norm:
+      key = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
+                    name='key_norm')(key)
+    if not self.is_cross_attention:
+      key = apply_rope(key, kv_positions, self.rope_base)
+    return key, value  # [batch, kv_length, kv_heads, head_dim]
+
+  @nn.compact
+  def __call__(self,
+               inputs_q: jax.Array,
+               inputs_kv: jax.Array,
+               query_positions: jax.Array,
+               key_positions: jax.Array,
+               query_segment_ids: jax.Array,
+               key_segment_ids: jax.Array,
+               query_prefix: Optional[jax.Array] = None,
+               key_prefix: Optional[jax.Array] = None,
+               decode: bool = False,
+               cache_length: Optional[int] = None) -> jax.Array:
+    """Attends from `inputs_q` [batch, q_len, embed] to `inputs_kv` [batch, kv_len, kv_embed].
+
+    Args:
+      inputs_q: Query-side activations.
+      inputs_kv: Key/value-side activations (the same array for
+        self-attention, the encoder output for cross-attention).
+      query_positions: [batch, q_len] positions.
+      key_positions: [batch, kv_len] positions.
+      query_segment_ids: [batch, q_len]; 0 is padding.
+      key_segment_ids: [batch, kv_len]; 0 is padding.
+      query_prefix: Optional [batch, q_len] prefix-LM flags.
+      key_prefix: Optional [batch, kv_len] prefix-LM flags.
+      decode: Read and update the decoding cache.
+      cache_length: Slots of a global layer's self-attention cache (total
+        decoding length); created on the first decoding call.
+
+    Returns:
+      [batch, q_len, embed].
+    """
+    query = self._projection('query', (self.num_heads, self.head_dim),
+                             ('embed', 'heads', 'head_dim'))(inputs_q)
+    if self.use_qk_norm:
+      query = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
+                      name='query_norm')(query)
+    if not self.is_cross_attention:
+      query = apply_rope(query, query_positions, self.rope_base)
+    query = nn.with_logical_constraint(
+        query, ('batch', 'length', 'heads', 'head_dim'))
+
+    if decode and self.is_cross_attention:
+      key, value, key_segment_ids = self._cached_cross_kv(
+          inputs_kv, key_positions, key_segment_ids)
+    else:
+      key, value = self._project_kv(inputs_kv, key_positions)
+    if decode and not self.is_cross_attention:
+      key, value, key_positions, key_segment_ids, key_prefix = (
+          self._update_self_cache(key, value, key_positions, key_segment_ids,
+                                  key_prefix, cache_length))
+      query_segment_ids = (query_segment_ids > 0).astype(jnp.int32)
+
+    if self.is_cross_attention:
+      mask = attention_mask(query_positions, key_positions, query_segment_ids,
+                            key_segment_ids, causal=False)
+    else:
+      mask = attention_mask(query_positions, key_positions, query_segment_ids,
+                            key_segment_ids, causal=self.causal,
+                            window=self.window, query_prefix=query_prefix,
+                            key_prefix=key_prefix)
+    out = self._attend(query, key, value, mask)
+    out = nn.with_logical_constraint(
+        out, ('batch', 'length', 'heads', 'head_dim'))
+    return nn.DenseGeneral(
+        inputs_q.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='out',
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(),
+            ('heads', 'head_dim', 'embed')))(out)
+
+  def _attend(self, query, key, value, mask):
+    """Softmax attention; query [b, t, n, h], key/value [b, s, k, h]."""
+    batch, q_len, _, _ = query.shape
+    groups = self.num_heads // self.num_kv_heads
+    # Query head n reads key/value head n // groups, as transformers does.
+    query = query.reshape(batch, q_len, self.num_kv_heads, groups,
+                          self.head_dim)
+    scores = jnp.einsum('btkgh,bskh->bkgts', query, key) * self.query_scale
+    scores = softcap(scores, self.attn_logit_softcap)
+    scores = jnp.where(mask[:, :, None], scores,
+                       jnp.finfo(scores.dtype).min)  # mask: [b, 1, 1, t, s]
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    out = jnp.einsum('bkgts,bskh->btkgh', probs.astype(self.dtype), value)
+    return out.reshape(batch, q_len, self.num_heads, self.head_dim)
+
+  def _cached_cross_kv(self, inputs_kv, key_positions, key_segment_ids):
+    """Encoder keys/values, projected once per encoder output."""
+    def project():
+      return self._project_kv(inputs_kv, key_positions)
+    if self.has_variable('cache', 'cached_key'):
+      key, value = None, None
+    else:
+      key, value = project()
+    cached_key = self.variable('cache', 'cached_key', lambda: key)
+    cached_value = self.variable('cache', 'cached_value', lambda: value)
+    cached_segments = self.variable('cache', 'cached_segment_ids',
+                                    lambda: key_segment_ids)
+    return cached_key.value, cached_value.value, cached_segments.value
+
+  def _update_self_cache(self, key, value, key_positions, key_segment_ids,
+                         key_prefix, cache_length):
+    """Returns cache + new keys for attention, and writes the new keys."""
+    batch, new_len, _, _ = key.shape
+    slots = cache_length if self.window is None else min(cache_length,
+                                                         self.window)
+    kv_shape = (batch, slots, self.num_kv_heads, self.head_dim)
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, kv_shape,
+                               key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                 kv_shape, value.dtype)
+    cached_pos = self.variable('cache', 'cached_positions', jnp.full,
+                               (batch, slots), -1, jnp.int32)
+    index = self.variable('cache', 'cache_index', jnp.zeros, (), jnp.int32)
+
+    new_pos = jnp.where(key_segment_ids > 0, key_positions, -1)
+    all_key = jnp.concatenate([cached_key.value, key], axis=1)
+    all_value = jnp.concatenate([cached_value.value, value], axis=1)
+    all_pos = jnp.concatenate([cached_pos.value, new_pos], axis=1)
+    all_seg = (all_pos >= 0).astype(jnp.int32)
+    all_prefix = None
+    if key_prefix is not None:
+      # Prefix flags only matter among the tokens of one (prefill) call.
+      all_prefix = jnp.concatenate(
+          [jnp.zeros((batch, slots), bool), key_prefix], axis=1)
+
+    # Only the newest `slots` tokens survive a write; writing fewer keeps the
+    # scatter free of duplicate slots.
+    kept = min(new_len, slots)
+    write = (index.value + new_len - kept + jnp.arange(kept)) % slots
+    cached_key.value = cached_key.value.at[:, write].set(key[:, -kept:])
+    cached_value.value = cached_value.value.at[:, write].set(value[:, -kept:])
+    cached_pos.value = cached_pos.value.at[:, write].set(new_pos[:, -kept:])
+    index.value = index.value + new_len
+    return all_key, all_value, all_pos, all_seg, all_prefix

@@ -1,0 +1,92 @@
+"""One Gemma block: sandwich-normed self-attention, optional cross-attention, MLP."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_adapt.config import StackConfig
+from t5x_adapt.layers.attention import Attention
+from t5x_adapt.layers.mlp import GeGLU
+from t5x_adapt.layers.norms import RMSNorm
+
+
+class Block(nn.Module):
+  """`h = h + PostNorm(Sublayer(PreNorm(h)))` for each sublayer.
+
+  The decoder of an encoder-decoder adds a cross-attention sublayer between
+  self-attention and the MLP; the encoder and the decoder-only stack do not.
+
+  Attributes:
+    config: The stack's configuration.
+    layer: Index of this block in the stack (decides local / global).
+    causal: Causal (decoder) or bidirectional (encoder) self-attention.
+    cross_attention: Whether the block has a cross-attention sublayer.
+    deterministic: Disable dropout.
+    decode: Use and update the decoding caches.
+    cache_length: Total decoding length (slots of a global layer's cache).
+  """
+
+  config: StackConfig
+  layer: int
+  causal: bool = True
+  cross_attention: bool = False
+  deterministic: bool = True
+  decode: bool = False
+  cache_length: Optional[int] = None
+
+  def _norm(self, name):
+    return RMSNorm(self.config.rms_norm_eps, 'embed',
+                   self.config.weight_dtype, name=name)
+
+  def _attention(self, name, rope_base, window):
+    cfg = self.config
+    return Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, query_scale=cfg.query_scale,
+        attn_logit_softcap=cfg.attn_logit_softcap,
+        use_qk_norm=cfg.use_qk_norm and rope_base is not None,
+        rope_base=rope_base, causal=self.causal, window=window,
+        rms_norm_eps=cfg.rms_norm_eps, dtype=cfg.activation_dtype,
+        param_dtype=cfg.weight_dtype, name=name)
+
+  def _residual(self, x, branch):
+    branch = nn.Dropout(self.config.dropout_rate)(
+        branch, deterministic=self.deterministic)
+    return nn.with_logical_constraint(x + branch,
+                                      ('batch', 'length', 'embed'))
+
+  @nn.compact
+  def __call__(self,
+               x: jax.Array,
+               positions: jax.Array,
+               segment_ids: jax.Array,
+               prefix: Optional[jax.Array] = None,
+               encoded: Optional[jax.Array] = None,
+               encoder_positions: Optional[jax.Array] = None,
+               encoder_segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """[batch, length, embed] -> [batch, length, embed]."""
+    cfg = self.config
+    h = self._norm('pre_self_attention_norm')(x)
+    h = self._attention('self_attention', cfg.layer_rope_base(self.layer),
+                        cfg.layer_window(self.layer))(
+                            h, h, positions, positions, segment_ids,
+                            segment_ids, prefix, prefix, decode=self.decode,
+                            cache_length=self.cache_length)
+    h = self._norm('post_self_attention_norm')(h)
+    x = self._residual(x, h)
+
+    if self.cross_attention:
+      h = self._norm('pre_cross_attention_norm')(x)
+      h = self._attention('cross_attention', None, None)(
+          h, encoded, positions, encoder_positions, segment_ids,
+          encoder_segment_ids, decode=self.decode)
+      h = self._norm('post_cross_attention_norm')(h)
+      x = self._residual(x, h)
+
+    h = self._norm('pre_mlp_norm')(x)
+    h = GeGLU(cfg.mlp_dim, cfg.activation_dtype, cfg.weight_dtype,
+              name='mlp')(h)
+    h = self._norm('post_mlp_norm')(h)
+    return self._residual(x, h)

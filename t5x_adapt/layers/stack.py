@@ -1,0 +1,151 @@
+"""A stack of Gemma blocks: embed -> blocks -> final norm (-> tied LM head).
+
+The blocks repeat with the local/global period of the attention pattern, so
+the stack scans one *period* (e.g. local+global for Gemma 2, five locals and a
+global for Gemma 3) over `num_layers // period` repetitions; layers left over
+when the period does not divide the depth are unrolled after the scan. Compile
+time is therefore flat in depth. With `scan_layers=False` every block is
+unrolled. Parameter layouts:
+
+  scanned:  layers/block_{j}/...   (leading 'layers' axis = period index)
+            layer_{i}/...          (the unrolled remainder, absolute index)
+  unrolled: layer_{i}/...          for every layer i
+
+`t5x_adapt.layout` converts between the two.
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_adapt.config import StackConfig
+from t5x_adapt.layers.attention import softcap
+from t5x_adapt.layers.blocks import Block
+from t5x_adapt.layers.embedding import Embed
+from t5x_adapt.layers.norms import RMSNorm
+
+_REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Period(nn.Module):
+  """One period of the attention pattern: the body of the layer scan."""
+
+  config: StackConfig
+  causal: bool
+  cross_attention: bool
+  deterministic: bool = True
+  decode: bool = False
+  cache_length: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, prefix, encoded,
+               encoder_positions, encoder_segment_ids):
+    for j in range(self.config.period):
+      x = Block(self.config, layer=j, causal=self.causal,
+                cross_attention=self.cross_attention,
+                deterministic=self.deterministic, decode=self.decode,
+                cache_length=self.cache_length, name=f'block_{j}')(
+                    x, positions, segment_ids, prefix, encoded,
+                    encoder_positions, encoder_segment_ids)
+    return x, None
+
+
+def _maybe_remat(module_cls, policy: str, scanned: bool):
+  if policy == 'none':
+    return module_cls
+  if policy not in _REMAT_POLICIES:
+    raise ValueError(f'unknown remat_policy {policy!r}; choose none, '
+                     f'{", ".join(_REMAT_POLICIES)}')
+  return nn.remat(module_cls, policy=_REMAT_POLICIES[policy],
+                  prevent_cse=not scanned)
+
+
+class Stack(nn.Module):
+  """Encoder, decoder or decoder-only stack, by its flags.
+
+  Attributes:
+    config: The stack's configuration.
+    causal: Causal self-attention (decoders) or bidirectional (encoder).
+    cross_attention: Blocks attend to an encoder output.
+    produce_logits: End with the tied LM head (decoders) or return the
+      final-normed hidden states (encoder).
+  """
+
+  config: StackConfig
+  causal: bool = True
+  cross_attention: bool = False
+  produce_logits: bool = True
+
+  @nn.compact
+  def __call__(self,
+               tokens: jax.Array,
+               positions: jax.Array,
+               segment_ids: jax.Array,
+               prefix: Optional[jax.Array] = None,
+               encoded: Optional[jax.Array] = None,
+               encoder_positions: Optional[jax.Array] = None,
+               encoder_segment_ids: Optional[jax.Array] = None,
+               deterministic: bool = True,
+               decode: bool = False,
+               cache_length: Optional[int] = None,
+               return_hidden: bool = False) -> jax.Array:
+    """Runs the stack.
+
+    Args:
+      tokens: [batch, length] token ids.
+      positions: [batch, length] RoPE positions.
+      segment_ids: [batch, length]; 0 is padding.
+      prefix: Optional [batch, length] prefix-LM flags.
+      encoded: [batch, enc_length, enc_embed] encoder output (decoder only).
+      encoder_positions: [batch, enc_length].
+      encoder_segment_ids: [batch, enc_length]; 0 is padding.
+      deterministic: Disable dropout.
+      decode: Use and update the decoding cache.
+      cache_length: Total decoding length (cache slots of global layers).
+      return_hidden: Return final-normed hidden states instead of logits.
+
+    Returns:
+      float32 logits [batch, length, vocab], or hidden states
+      [batch, length, embed].
+    """
+    cfg = self.config
+    embedder = Embed(cfg.vocab_size, cfg.embed_dim, cfg.activation_dtype,
+                     cfg.weight_dtype, name='token_embedder')
+    x = embedder(tokens)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    block_args = (positions, segment_ids, prefix, encoded, encoder_positions,
+                  encoder_segment_ids)
+    flags = dict(deterministic=deterministic, decode=decode,
+                 cache_length=cache_length)
+
+    first_unrolled = 0
+    if cfg.scan_layers and cfg.num_periods > 0:
+      scanned = nn.scan(
+          _maybe_remat(Period, cfg.remat_policy, scanned=True),
+          variable_axes={'params': 0, 'cache': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast,) * len(block_args),
+          length=cfg.num_periods,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = scanned(cfg, self.causal, self.cross_attention, **flags,
+                     name='layers')(x, *block_args)
+      first_unrolled = cfg.num_periods * cfg.period
+    block_cls = _maybe_remat(Block, cfg.remat_policy, scanned=False)
+    for i in range(first_unrolled, cfg.num_layers):
+      x = block_cls(cfg, layer=i, causal=self.causal,
+                    cross_attention=self.cross_attention, **flags,
+                    name=f'layer_{i}')(x, *block_args)
+
+    x = RMSNorm(cfg.rms_norm_eps, 'embed', cfg.weight_dtype,
+                name='final_norm')(x)
+    if return_hidden or not self.produce_logits:
+      return x
+    logits = embedder.attend(x).astype(jnp.float32)
+    logits = softcap(logits, cfg.final_logit_softcap)
+    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))

@@ -1,0 +1,266 @@
+"""Models in T5X's interface: loss, scoring and decoding around a Flax module.
+
+A model owns its Flax module, its loss, its scoring and decoding, and the
+seqio feature converter that shapes its batches (`FEATURE_CONVERTER_CLS`).
+The trainer knows nothing of architectures. Batches carry seqio's model
+features (token 0 is padding):
+
+  encoder-decoder: encoder_input_tokens, decoder_input_tokens,
+                   decoder_target_tokens, decoder_loss_weights,
+                   optional encoder/decoder_segment_ids and _positions.
+  decoder-only:    decoder_input_tokens, decoder_target_tokens,
+                   decoder_loss_weights, optional decoder_segment_ids,
+                   decoder_positions, decoder_causal_attention (prefix-LM).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import seqio
+
+from t5x_adapt import decoding
+from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.losses import cross_entropy, token_log_probs
+from t5x_adapt.networks import DecoderOnlyTransformer
+from t5x_adapt.networks import EncoderDecoderTransformer
+
+Batch = Mapping[str, jax.Array]
+Params = Any
+
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+
+
+def padding_aware_positions(segment_ids: jax.Array) -> jax.Array:
+  """0-based positions counting only non-pad tokens: [b, t] -> [b, t]."""
+  valid = (segment_ids > 0).astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+
+
+def stack_inputs(batch: Batch, prefix: str, tokens_key: str,
+                 validity_key: Optional[str] = None):
+  """(tokens, positions, segment_ids) of one stack from a feature batch.
+
+  Without packing features, segment ids mark non-pad tokens (of
+  `validity_key`, e.g. the targets, when the inputs start with a 0 token) and
+  positions count non-pad tokens, so left and right padding both work.
+  """
+  tokens = batch[tokens_key]
+  segment_ids = batch.get(f'{prefix}_segment_ids')
+  if segment_ids is None:
+    reference = batch.get(validity_key, tokens) if validity_key else tokens
+    segment_ids = (reference > 0).astype(jnp.int32)
+  positions = batch.get(f'{prefix}_positions')
+  if positions is None:
+    positions = padding_aware_positions(segment_ids)
+  return tokens, positions, segment_ids
+
+
+class BaseModel(abc.ABC):
+  """Common interface of the decoder-only and encoder-decoder models."""
+
+  FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
+
+  def __init__(self, module: nn.Module, *, z_loss: float = 0.0,
+               eos_id: int = EOS_ID):
+    self.module = module
+    self.z_loss = z_loss
+    self.eos_id = eos_id
+
+  @property
+  def config(self):
+    return self.module.config
+
+  @abc.abstractmethod
+  def _init_args(self, input_shapes: Mapping[str, tuple[int, ...]]) -> Batch:
+    """A dummy batch of the given shapes for `module.init`."""
+
+  def get_initial_variables(
+      self, rng: jax.Array,
+      input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Params]:
+    """Initialises parameters; returns `{'params': tree of arrays}`."""
+    variables = self._init(rng, self._init_args(input_shapes))
+    return {'params': nn.meta.unbox(variables['params'])}
+
+  def logical_axes(self, input_shapes: Mapping[str, tuple[int, ...]]):
+    """Logical axis names of every parameter, as a tree of PartitionSpecs."""
+    boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0),
+                           self._init_args(input_shapes))
+    return nn.get_partition_spec(boxed)['params']
+
+  def param_shapes(self, input_shapes: Mapping[str, tuple[int, ...]]):
+    """Parameter ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(
+        lambda: self.get_initial_variables(jax.random.PRNGKey(0),
+                                           input_shapes))['params']
+
+  @abc.abstractmethod
+  def _init(self, rng, batch):
+    """`module.init` on a dummy batch."""
+
+  @abc.abstractmethod
+  def compute_logits(self, params: Params, batch: Batch,
+                     dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """float32 logits [batch, target_length, vocab]."""
+
+  def loss_fn(self, params: Params, batch: Batch,
+              dropout_rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
+    """Mean cross-entropy over weighted target tokens, and metrics."""
+    logits = self.compute_logits(params, batch, dropout_rng)
+    weights = batch.get('decoder_loss_weights')
+    return cross_entropy(logits, batch['decoder_target_tokens'], weights,
+                         self.z_loss)
+
+  def score_batch(self, params: Params, batch: Batch) -> jax.Array:
+    """Sum of target log-likelihoods per example: [batch]."""
+    logits = self.compute_logits(params, batch)
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights', targets > 0)
+    return jnp.sum(token_log_probs(logits, targets) * weights, axis=-1)
+
+  @abc.abstractmethod
+  def predict_batch(self, params: Params, batch: Batch,
+                    max_decode_length: Optional[int] = None) -> jax.Array:
+    """Greedy continuation tokens [batch, max_decode_length]."""
+
+  def _rngs(self, dropout_rng):
+    return None if dropout_rng is None else {'dropout': dropout_rng}
+
+
+@gin.configurable
+class DecoderOnlyModel(BaseModel):
+  """Gemma-style language model (causal LM or prefix-LM)."""
+
+  FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+
+  def __init__(self, config: StackConfig = gin.REQUIRED, **kwargs):
+    super().__init__(DecoderOnlyTransformer(config), **kwargs)
+
+  def _init_args(self, input_shapes):
+    shape = input_shapes.get('decoder_input_tokens', (1, 8))
+    return {'decoder_input_tokens': jnp.ones(shape, jnp.int32)}
+
+  def _init(self, rng, batch):
+    return self.module.init(rng, *self._inputs(batch))
+
+  def _inputs(self, batch):
+    tokens, positions, segment_ids = stack_inputs(
+        batch, 'decoder', 'decoder_input_tokens', 'decoder_target_tokens')
+    prefix = batch.get('decoder_causal_attention')
+    if prefix is not None:
+      prefix = prefix > 0
+    return tokens, positions, segment_ids, prefix
+
+  def compute_logits(self, params, batch, dropout_rng=None):
+    return self.module.apply({'params': params}, *self._inputs(batch),
+                             deterministic=dropout_rng is None,
+                             rngs=self._rngs(dropout_rng))
+
+  def predict_batch(self, params, batch, max_decode_length=None):
+    """Greedy continuation of each prompt.
+
+    The prompt of a row is its non-pad `decoder_input_tokens` (restricted to
+    `decoder_causal_attention` when given). Prompts are left-aligned against
+    the cache so all rows decode in lock step, then the cache is extended
+    one token at a time.
+    """
+    tokens = batch['decoder_input_tokens']
+    prompt_mask = tokens > 0
+    prefix = batch.get('decoder_causal_attention')
+    if prefix is not None:
+      prompt_mask &= prefix > 0
+    max_decode_length = max_decode_length or tokens.shape[1]
+    cache_length = tokens.shape[1] + max_decode_length
+    prompt, prompt_valid, prompt_prefix = decoding.right_align(
+        tokens, prompt_mask, prefix)
+    if prompt_prefix is not None:
+      prompt_prefix = prompt_prefix > 0
+
+    def run(tokens, positions, segment_ids, cache, prefix=None):
+      variables = {'params': params}
+      if cache is not None:
+        variables['cache'] = cache
+      logits, mutated = self.module.apply(
+          variables, tokens, positions, segment_ids, prefix, decode=True,
+          cache_length=cache_length, mutable=['cache'])
+      return logits[:, -1], mutated['cache']
+
+    def step(tokens, positions, cache):
+      return run(tokens, positions, jnp.ones_like(tokens), cache)
+
+    logits, cache = run(prompt, padding_aware_positions(prompt_valid),
+                        prompt_valid, None, prompt_prefix)
+    lengths = jnp.sum(prompt_valid, axis=-1)
+    return decoding.greedy_loop(step, logits, cache, lengths,
+                                max_decode_length, self.eos_id)
+
+
+@gin.configurable
+class EncoderDecoderModel(BaseModel):
+  """T5Gemma encoder-decoder."""
+
+  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+
+  def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED,
+               decoder_start_id: int = BOS_ID, **kwargs):
+    super().__init__(EncoderDecoderTransformer(config), **kwargs)
+    self.decoder_start_id = decoder_start_id
+
+  def _init_args(self, input_shapes):
+    enc = input_shapes.get('encoder_input_tokens', (1, 8))
+    dec = input_shapes.get('decoder_input_tokens', (1, 8))
+    return {'encoder_input_tokens': jnp.ones(enc, jnp.int32),
+            'decoder_input_tokens': jnp.ones(dec, jnp.int32)}
+
+  def _init(self, rng, batch):
+    return self.module.init(rng, *self._encoder_inputs(batch),
+                            *self._decoder_inputs(batch))
+
+  def _encoder_inputs(self, batch):
+    return stack_inputs(batch, 'encoder', 'encoder_input_tokens')
+
+  def _decoder_inputs(self, batch):
+    return stack_inputs(batch, 'decoder', 'decoder_input_tokens',
+                        'decoder_target_tokens')
+
+  def compute_logits(self, params, batch, dropout_rng=None):
+    return self.module.apply({'params': params}, *self._encoder_inputs(batch),
+                             *self._decoder_inputs(batch),
+                             deterministic=dropout_rng is None,
+                             rngs=self._rngs(dropout_rng))
+
+  def encode(self, params, batch) -> jax.Array:
+    """Final-normed encoder output [batch, enc_length, enc_embed]."""
+    return self.module.apply({'params': params}, *self._encoder_inputs(batch),
+                             method=EncoderDecoderTransformer.encode)
+
+  def predict_batch(self, params, batch, max_decode_length=None):
+    """Greedy decoding: the encoder runs once, cross-attention K/V are cached."""
+    _, enc_positions, enc_segments = self._encoder_inputs(batch)
+    encoded = self.encode(params, batch)
+    if max_decode_length is None:
+      max_decode_length = batch['decoder_target_tokens'].shape[1]
+    batch_size = encoded.shape[0]
+
+    def step(tokens, positions, cache):
+      variables = {'params': params}
+      if cache is not None:
+        variables['cache'] = cache
+      logits, mutated = self.module.apply(
+          variables, encoded, enc_positions, enc_segments, tokens, positions,
+          jnp.ones_like(tokens), decode=True, cache_length=max_decode_length,
+          mutable=['cache'], method=EncoderDecoderTransformer.decode)
+      return logits[:, -1], mutated['cache']
+
+    start = jnp.full((batch_size, 1), self.decoder_start_id, jnp.int32)
+    logits, cache = step(start, jnp.zeros_like(start), None)
+    lengths = jnp.ones((batch_size,), jnp.int32)
+    return decoding.greedy_loop(step, logits, cache, lengths,
+                                max_decode_length, self.eos_id)

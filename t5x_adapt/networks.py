@@ -1,0 +1,94 @@
+"""Top-level Flax modules: the decoder-only transformer and the encoder-decoder.
+
+Both are built from `t5x_adapt.layers.Stack`; an encoder is a bidirectional
+stack that returns hidden states, a decoder a causal stack with
+cross-attention and the tied LM head. Parameter trees:
+
+  decoder-only:     {'decoder': stack}
+  encoder-decoder:  {'encoder': stack, 'decoder': stack (+ cross_attention)}
+
+so adapting a decoder-only checkpoint copies one subtree into two.
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+
+from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.layers import Stack
+
+
+class DecoderOnlyTransformer(nn.Module):
+  """Gemma 2 / Gemma 3 decoder-only language model."""
+
+  config: StackConfig
+
+  def setup(self):
+    self.decoder = Stack(self.config, causal=True)
+
+  def __call__(self,
+               tokens: jax.Array,
+               positions: jax.Array,
+               segment_ids: jax.Array,
+               prefix: Optional[jax.Array] = None,
+               deterministic: bool = True,
+               decode: bool = False,
+               cache_length: Optional[int] = None,
+               return_hidden: bool = False) -> jax.Array:
+    """[batch, length] tokens -> float32 logits [batch, length, vocab]."""
+    return self.decoder(tokens, positions, segment_ids, prefix,
+                        deterministic=deterministic, decode=decode,
+                        cache_length=cache_length, return_hidden=return_hidden)
+
+
+class EncoderDecoderTransformer(nn.Module):
+  """T5Gemma encoder-decoder (balanced or unbalanced)."""
+
+  config: EncoderDecoderConfig
+
+  def setup(self):
+    self.encoder = Stack(self.config.encoder, causal=False,
+                         produce_logits=False)
+    self.decoder = Stack(self.config.decoder, causal=True,
+                         cross_attention=True)
+
+  def encode(self,
+             tokens: jax.Array,
+             positions: jax.Array,
+             segment_ids: jax.Array,
+             deterministic: bool = True) -> jax.Array:
+    """[batch, enc_length] -> final-normed [batch, enc_length, enc_embed]."""
+    return self.encoder(tokens, positions, segment_ids,
+                        deterministic=deterministic)
+
+  def decode(self,
+             encoded: jax.Array,
+             encoder_positions: jax.Array,
+             encoder_segment_ids: jax.Array,
+             tokens: jax.Array,
+             positions: jax.Array,
+             segment_ids: jax.Array,
+             deterministic: bool = True,
+             decode: bool = False,
+             cache_length: Optional[int] = None,
+             return_hidden: bool = False) -> jax.Array:
+    """Decoder pass over `tokens` [batch, length] -> logits [batch, length, vocab]."""
+    return self.decoder(tokens, positions, segment_ids, None, encoded,
+                        encoder_positions, encoder_segment_ids,
+                        deterministic=deterministic, decode=decode,
+                        cache_length=cache_length, return_hidden=return_hidden)
+
+  def __call__(self,
+               encoder_tokens: jax.Array,
+               encoder_positions: jax.Array,
+               encoder_segment_ids: jax.Array,
+               decoder_tokens: jax.Array,
+               decoder_positions: jax.Array,
+               decoder_segment_ids: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    encoded = self.encode(encoder_tokens, encoder_positions,
+                          encoder_segment_ids, deterministic)
+    return self.decode(encoded, encoder_positions, encoder_segment_ids,
+                       decoder_tokens, decoder_positions, decoder_segment_ids,
+                       deterministic)
