@@ -39,6 +39,8 @@ class StackConfig:
     sliding_window: Window of the local layers (`None`: all layers global).
     rope_local_base: RoPE base of local layers.
     rope_global_base: RoPE base of global layers.
+    rope_global_scale: Linear RoPE scaling factor of global layers (positions
+      are divided by it; Gemma 3 4B uses 8).
     attn_logit_softcap: `c * tanh(s / c)` on attention scores, before masking.
     final_logit_softcap: The same on the output logits (decoders only).
     use_qk_norm: Per-head RMSNorm of queries and keys (Gemma 3).
@@ -63,6 +65,7 @@ class StackConfig:
   sliding_window: Optional[int] = 4096
   rope_local_base: float = 10_000.0
   rope_global_base: float = 10_000.0
+  rope_global_scale: float = 1.0
   attn_logit_softcap: Optional[float] = 50.0
   final_logit_softcap: Optional[float] = 30.0
   use_qk_norm: bool = False
@@ -106,10 +109,11 @@ class StackConfig:
   def layer_window(self, layer: int) -> Optional[int]:
     return self.sliding_window if self.layer_kind(layer) == LOCAL else None
 
-  def layer_rope_base(self, layer: int) -> float:
+  def layer_rope(self, layer: int) -> tuple[float, float]:
+    """(base, linear scale factor) of the RoPE of layer `layer`."""
     if self.layer_kind(layer) == LOCAL:
-      return self.rope_local_base
-    return self.rope_global_base
+      return self.rope_local_base, 1.0
+    return self.rope_global_base, self.rope_global_scale
 
   @property
   def activation_dtype(self) -> jnp.dtype:

@@ -41,6 +41,7 @@ class Attention(nn.Module):
     attn_logit_softcap: Softcap of the scores, applied before masking.
     use_qk_norm: RMSNorm of each query and key head (Gemma 3).
     rope_base: RoPE base; None for cross-attention.
+    rope_scale: Linear RoPE scaling factor.
     causal: Causal self-attention (decoder) or bidirectional (encoder).
     window: Sliding window of this layer, None for a global layer.
     rms_norm_eps: Epsilon of the QK norms.
@@ -55,6 +56,7 @@ class Attention(nn.Module):
   attn_logit_softcap: Optional[float] = None
   use_qk_norm: bool = False
   rope_base: Optional[float] = 10_000.0
+  rope_scale: float = 1.0
   causal: bool = True
   window: Optional[int] = None
   rms_norm_eps: float = 1e-6
@@ -81,7 +83,7 @@ class Attention(nn.Module):
       key = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
                     name='key_norm')(key)
     if not self.is_cross_attention:
-      key = apply_rope(key, kv_positions, self.rope_base)
+      key = apply_rope(key, kv_positions, self.rope_base, self.rope_scale)
     return key, value  # [batch, kv_length, kv_heads, head_dim]
 
   @nn.compact
@@ -121,7 +123,8 @@ class Attention(nn.Module):
       query = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
                       name='query_norm')(query)
     if not self.is_cross_attention:
-      query = apply_rope(query, query_positions, self.rope_base)
+      query = apply_rope(query, query_positions, self.rope_base,
+                         self.rope_scale)
     query = nn.with_logical_constraint(
         query, ('batch', 'length', 'heads', 'head_dim'))
 

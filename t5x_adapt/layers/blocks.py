@@ -40,14 +40,15 @@ class Block(nn.Module):
     return RMSNorm(self.config.rms_norm_eps, 'embed',
                    self.config.weight_dtype, name=name)
 
-  def _attention(self, name, rope_base, window):
+  def _attention(self, name, rope, window):
     cfg = self.config
+    rope_base, rope_scale = rope
     return Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, query_scale=cfg.query_scale,
         attn_logit_softcap=cfg.attn_logit_softcap,
-        use_qk_norm=cfg.use_qk_norm and rope_base is not None,
-        rope_base=rope_base, causal=self.causal, window=window,
+        use_qk_norm=cfg.use_qk_norm, rope_base=rope_base,
+        rope_scale=rope_scale, causal=self.causal, window=window,
         rms_norm_eps=cfg.rms_norm_eps, dtype=cfg.activation_dtype,
         param_dtype=cfg.weight_dtype, name=name)
 
@@ -69,7 +70,7 @@ class Block(nn.Module):
     """[batch, length, embed] -> [batch, length, embed]."""
     cfg = self.config
     h = self._norm('pre_self_attention_norm')(x)
-    h = self._attention('self_attention', cfg.layer_rope_base(self.layer),
+    h = self._attention('self_attention', cfg.layer_rope(self.layer),
                         cfg.layer_window(self.layer))(
                             h, h, positions, positions, segment_ids,
                             segment_ids, prefix, prefix, decode=self.decode,
@@ -79,7 +80,7 @@ class Block(nn.Module):
 
     if self.cross_attention:
       h = self._norm('pre_cross_attention_norm')(x)
-      h = self._attention('cross_attention', None, None)(
+      h = self._attention('cross_attention', (None, 1.0), None)(
           h, encoded, positions, encoder_positions, segment_ids,
           encoder_segment_ids, decode=self.decode)
       h = self._norm('post_cross_attention_norm')(h)

@@ -1,0 +1,330 @@
+"""Hugging Face transformers checkpoints: Gemma 2, Gemma 3 (text), T5Gemma.
+
+`load_hf(path)` reads a directory written by `save_pretrained` (config.json +
+safetensors, sharded or not); `save_hf(model, params, path)` writes one that
+transformers loads. Tensor names come from the tables below; configs from the
+small functions beside them.
+
+Window convention: transformers' T5Gemma encoder lets a local layer see
+`|q - k| <= sliding_window`, our masks `|q - k| < window`, so the encoder's
+window is stored one larger here than in the HF config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Optional
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from t5x_adapt import layout
+from t5x_adapt.config import GLOBAL, LOCAL, EncoderDecoderConfig, StackConfig
+from t5x_adapt.convert import errors
+from t5x_adapt.convert.tables import NameScheme, export_tensors
+from t5x_adapt.convert.tables import load_tensors, stack_rules
+from t5x_adapt.models import DecoderOnlyModel, EncoderDecoderModel
+
+_PROJECTIONS = {'query': 'q_proj', 'key': 'k_proj', 'value': 'v_proj',
+                'out': 'o_proj', 'query_norm': 'q_norm', 'key_norm': 'k_norm'}
+_ATTENTION = {'self_attention': 'self_attn.', 'cross_attention': 'cross_attn.'}
+_MLP = {'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj'}
+
+GEMMA_NAMES = NameScheme(
+    embedding='embed_tokens', final_norm='norm', layer='layers.{i}.',
+    norms={'pre_self_attention_norm': 'input_layernorm',
+           'post_self_attention_norm': 'post_attention_layernorm',
+           'pre_mlp_norm': 'pre_feedforward_layernorm',
+           'post_mlp_norm': 'post_feedforward_layernorm'},
+    attention=_ATTENTION, projections=_PROJECTIONS, mlp=_MLP)
+
+T5GEMMA_NAMES = NameScheme(
+    embedding='embed_tokens', final_norm='norm', layer='layers.{i}.',
+    norms={'pre_self_attention_norm': 'pre_self_attn_layernorm',
+           'post_self_attention_norm': 'post_self_attn_layernorm',
+           'pre_cross_attention_norm': 'pre_cross_attn_layernorm',
+           'post_cross_attention_norm': 'post_cross_attn_layernorm',
+           'pre_mlp_norm': 'pre_feedforward_layernorm',
+           'post_mlp_norm': 'post_feedforward_layernorm'},
+    attention=_ATTENTION, projections=_PROJECTIONS, mlp=_MLP)
+
+# Architecture -> (family, tied LM head name).
+_DECODER_ONLY = {
+    'Gemma2ForCausalLM': ('gemma2', 'lm_head.weight'),
+    'Gemma3ForCausalLM': ('gemma3', 'lm_head.weight'),
+}
+_ENCODER_DECODER = {
+    'T5GemmaForConditionalGeneration': ('gemma2', 'lm_head.out_proj.weight'),
+}
+_MODEL_TYPES = {'gemma2': ('gemma2', 'Gemma2ForCausalLM'),
+                'gemma3': ('gemma3_text', 'Gemma3ForCausalLM')}
+
+
+# ----------------------------------------------------------------- configs --
+
+
+def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
+  """The shortest period that repeats to give `layer_types`."""
+  kinds = [LOCAL if t == 'sliding_attention' else GLOBAL for t in layer_types]
+  for period in range(1, len(kinds) + 1):
+    if all(kinds[i] == kinds[i % period] for i in range(len(kinds))):
+      return tuple(kinds[:period])
+  raise errors.UnsupportedArchitectureError(f'{source}: bad layer_types')
+
+
+def _rope(params: Optional[dict], source: str) -> tuple[float, float]:
+  params = params or {}
+  kind = params.get('rope_type', 'default')
+  if kind not in ('default', 'linear'):
+    raise errors.UnsupportedArchitectureError(
+        f'{source}: rope_type {kind!r} is not supported (default, linear)')
+  factor = float(params.get('factor', 1.0)) if kind == 'linear' else 1.0
+  return float(params.get('rope_theta', 10_000.0)), factor
+
+
+def stack_config_from_hf(hf: dict, family: str, source: str,
+                         window_offset: int = 0) -> StackConfig:
+  """One transformers (module) config -> StackConfig."""
+  if hf.get('hidden_activation', 'gelu_pytorch_tanh') != 'gelu_pytorch_tanh':
+    raise errors.UnsupportedArchitectureError(
+        f'{source}: hidden_activation {hf["hidden_activation"]!r} '
+        'is not supported (gelu_pytorch_tanh)')
+  if hf.get('attention_bias') or hf.get('use_bidirectional_attention'):
+    raise errors.UnsupportedArchitectureError(
+        f'{source}: attention_bias / use_bidirectional_attention '
+        'are not supported')
+  rope = hf.get('rope_parameters') or {'rope_theta': hf.get('rope_theta',
+                                                            10_000.0)}
+  if 'full_attention' in rope:
+    global_base, global_scale = _rope(rope['full_attention'], source)
+    local_base, local_scale = _rope(rope.get('sliding_attention'), source)
+  else:
+    global_base, global_scale = _rope(rope, source)
+    local_base, local_scale = global_base, global_scale
+  if local_scale != 1.0:
+    raise errors.UnsupportedArchitectureError(
+        f'{source}: RoPE scaling on local layers is not supported')
+  num_layers = hf['num_hidden_layers']
+  layer_types = hf.get('layer_types') or ['full_attention'] * num_layers
+  window = hf.get('sliding_window')
+  return StackConfig(
+      vocab_size=hf['vocab_size'], num_layers=num_layers,
+      embed_dim=hf['hidden_size'], mlp_dim=hf['intermediate_size'],
+      num_heads=hf['num_attention_heads'],
+      num_kv_heads=hf['num_key_value_heads'], head_dim=hf['head_dim'],
+      query_pre_attn_scalar=hf['query_pre_attn_scalar'],
+      attention_pattern=_pattern(layer_types[:num_layers], source),
+      sliding_window=None if window is None else window + window_offset,
+      rope_local_base=local_base, rope_global_base=global_base,
+      rope_global_scale=global_scale,
+      attn_logit_softcap=hf.get('attn_logit_softcapping'),
+      final_logit_softcap=hf.get('final_logit_softcapping'),
+      use_qk_norm=family == 'gemma3', rms_norm_eps=hf['rms_norm_eps'],
+      family=family)
+
+
+def stack_config_to_hf(cfg: StackConfig, window_offset: int = 0) -> dict:
+  """StackConfig -> the fields of a transformers (module) config."""
+  layer_types = ['sliding_attention' if cfg.layer_kind(i) == LOCAL
+                 else 'full_attention' for i in range(cfg.num_layers)]
+  global_rope = {'rope_type': 'default', 'rope_theta': cfg.rope_global_base}
+  if cfg.rope_global_scale != 1.0:
+    global_rope = {'rope_type': 'linear', 'factor': cfg.rope_global_scale,
+                   'rope_theta': cfg.rope_global_base}
+  if cfg.family == 'gemma3':
+    rope = {'full_attention': global_rope,
+            'sliding_attention': {'rope_type': 'default',
+                                  'rope_theta': cfg.rope_local_base}}
+  else:
+    if cfg.rope_local_base != cfg.rope_global_base or cfg.rope_global_scale != 1:
+      raise errors.UnsupportedArchitectureError(
+          'Gemma 2 style checkpoints have one RoPE base for all layers')
+    rope = global_rope
+  if (cfg.family == 'gemma3') != cfg.use_qk_norm:
+    raise errors.UnsupportedArchitectureError(
+        f'family {cfg.family!r} with use_qk_norm={cfg.use_qk_norm} has no '
+        'transformers equivalent')
+  window = cfg.sliding_window
+  return {
+      'vocab_size': cfg.vocab_size, 'num_hidden_layers': cfg.num_layers,
+      'hidden_size': cfg.embed_dim, 'intermediate_size': cfg.mlp_dim,
+      'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
+      'query_pre_attn_scalar': cfg.query_pre_attn_scalar or cfg.head_dim,
+      'sliding_window': 4096 if window is None else window - window_offset,
+      'layer_types': layer_types, 'rope_parameters': rope,
+      'attn_logit_softcapping': cfg.attn_logit_softcap,
+      'final_logit_softcapping': cfg.final_logit_softcap,
+      'rms_norm_eps': cfg.rms_norm_eps,
+      'hidden_activation': 'gelu_pytorch_tanh', 'attention_bias': False,
+      'max_position_embeddings': 8192, 'pad_token_id': 0, 'eos_token_id': 1,
+      'bos_token_id': 2, 'tie_word_embeddings': True,
+  }
+
+
+def read_config(path: pathlib.Path) -> dict:
+  config_file = path / 'config.json'
+  if not config_file.exists():
+    raise FileNotFoundError(f'{path}: no config.json (is this a directory '
+                            'written by save_pretrained?)')
+  try:
+    return json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise errors.CorruptCheckpointError(f'{config_file}: not valid JSON: {e}')
+
+
+def model_from_hf_config(hf: dict, source: str, scan_layers: bool = True):
+  """(model, rules, tied LM head name) for a transformers config dict."""
+  architectures = hf.get('architectures') or []
+  arch = architectures[0] if architectures else None
+  if arch in _DECODER_ONLY:
+    family, head = _DECODER_ONLY[arch]
+    cfg = stack_config_from_hf(hf, family, source).replace(
+        scan_layers=scan_layers)
+    rules = stack_rules(GEMMA_NAMES, 'model.', 'decoder', cfg, False)
+    return DecoderOnlyModel(cfg), rules, head
+  if arch in _ENCODER_DECODER:
+    family, head = _ENCODER_DECODER[arch]
+    enc = stack_config_from_hf(hf['encoder'], family, source, window_offset=1)
+    dec = stack_config_from_hf(hf['decoder'], family, source)
+    if not hf.get('tie_word_embeddings', True):
+      raise errors.UnsupportedArchitectureError(
+          f'{source}: untied LM head is not supported')
+    cfg = EncoderDecoderConfig(enc, dec).map_stacks(scan_layers=scan_layers)
+    rules = (stack_rules(T5GEMMA_NAMES, 'model.encoder.', 'encoder',
+                         cfg.encoder, False) +
+             stack_rules(T5GEMMA_NAMES, 'model.decoder.', 'decoder',
+                         cfg.decoder, True))
+    return EncoderDecoderModel(cfg), rules, head
+  supported = sorted(_DECODER_ONLY) + sorted(_ENCODER_DECODER)
+  raise errors.UnsupportedArchitectureError(
+      f'{source}/config.json: architecture {arch!r} is not supported; '
+      f'supported: {", ".join(supported)}')
+
+
+# ----------------------------------------------------------------- tensors --
+
+
+class _SafetensorsDir:
+  """Name -> file lookup over the safetensors files of a checkpoint dir."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    index = path / 'model.safetensors.index.json'
+    if index.exists():
+      weight_map = json.loads(index.read_text())['weight_map']
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(p.name for p in path.glob('*.safetensors'))
+    if not files:
+      raise FileNotFoundError(f'{path}: no *.safetensors files')
+    self.handles = {}
+    self.location = {}
+    for name in files:
+      file = path / name
+      try:
+        handle = safe_open(str(file), framework='numpy')
+        keys = list(handle.keys())
+      except (SafetensorError, OSError, ValueError) as e:
+        raise errors.CorruptCheckpointError(
+            f'{file}: cannot read: truncated or corrupt safetensors file '
+            f'({e})') from e
+      self.handles[name] = handle
+      self.location.update({k: name for k in keys})
+
+  def names(self):
+    return self.location.keys()
+
+  def read(self, name: str) -> np.ndarray:
+    file = self.path / self.location[name]
+    try:
+      return self.handles[self.location[name]].get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+      raise errors.CorruptCheckpointError(
+          f'{file}: cannot read tensor {name!r}: truncated or corrupt '
+          f'({e})') from e
+
+
+def _expected_unrolled_shapes(model):
+  config = model.config
+  if isinstance(config, EncoderDecoderConfig):
+    unrolled = config.map_stacks(scan_layers=False)
+    probe = EncoderDecoderModel(unrolled)
+  else:
+    probe = DecoderOnlyModel(config.replace(scan_layers=False))
+  return probe.param_shapes({})
+
+
+def load_hf(path: str | os.PathLike, scan_layers: bool = True,
+            dtype=np.float32):
+  """Loads a transformers checkpoint directory.
+
+  Args:
+    path: Directory with config.json and safetensors (as `save_pretrained`
+      writes it).
+    scan_layers: Layout of the returned params (see `t5x_adapt.layout`).
+    dtype: Parameter dtype.
+
+  Returns:
+    (model, params): a DecoderOnlyModel or EncoderDecoderModel and its
+    parameters.
+
+  Raises:
+    UnsupportedArchitectureError, MissingTensorError, UnexpectedTensorError,
+    ShapeMismatchError, CorruptCheckpointError.
+  """
+  path = pathlib.Path(path)
+  hf = read_config(path)
+  model, rules, head = model_from_hf_config(hf, str(path), scan_layers)
+  tensors = _SafetensorsDir(path)
+  params = load_tensors(
+      rules, tensors.read, tensors.names(), _expected_unrolled_shapes(model),
+      str(path), ignorable=lambda name: name == head, dtype=dtype)
+  return model, layout.to_model_layout(params, model.config)
+
+
+def save_hf(model, params, path: str | os.PathLike) -> pathlib.Path:
+  """Writes `params` as a transformers checkpoint (config.json + safetensors).
+
+  Encoder-decoders are written as T5GemmaForConditionalGeneration,
+  decoder-only models as Gemma2ForCausalLM or Gemma3ForCausalLM by family.
+  """
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  config = model.config
+  unrolled = layout.to_unrolled(params, config)
+  if isinstance(config, EncoderDecoderConfig):
+    for cfg in (config.encoder, config.decoder):
+      if cfg.family != 'gemma2':
+        raise errors.UnsupportedArchitectureError(
+            'transformers has T5Gemma for Gemma 2 style stacks only, got '
+            f'family {cfg.family!r}')
+    rules = (stack_rules(T5GEMMA_NAMES, 'model.encoder.', 'encoder',
+                         config.encoder, False) +
+             stack_rules(T5GEMMA_NAMES, 'model.decoder.', 'decoder',
+                         config.decoder, True))
+    encoder = dict(stack_config_to_hf(config.encoder, window_offset=1),
+                   model_type='t5_gemma_module', is_decoder=False)
+    decoder = dict(stack_config_to_hf(config.decoder),
+                   model_type='t5_gemma_module', is_decoder=True)
+    hf = {'architectures': ['T5GemmaForConditionalGeneration'],
+          'model_type': 't5gemma', 'encoder': encoder, 'decoder': decoder,
+          'vocab_size': config.decoder.vocab_size,
+          'tie_word_embeddings': True, 'is_encoder_decoder': True,
+          'pad_token_id': 0, 'eos_token_id': 1, 'bos_token_id': 2}
+  else:
+    model_type, arch = _MODEL_TYPES[config.family]
+    rules = stack_rules(GEMMA_NAMES, 'model.', 'decoder', config, False)
+    hf = dict(stack_config_to_hf(config), architectures=[arch],
+              model_type=model_type)
+  hf['torch_dtype'] = 'float32'
+  tensors = export_tensors(rules, unrolled)
+  tmp = path / 'model.safetensors.tmp'
+  save_file(tensors, str(tmp), metadata={'format': 'pt'})
+  os.replace(tmp, path / 'model.safetensors')
+  (path / 'config.json').write_text(json.dumps(hf, indent=2))
+  return path

@@ -1,0 +1,216 @@
+"""Table-driven tensor mapping between external checkpoints and our params.
+
+A checkpoint format is a `NameScheme` (how it spells each tensor of a Gemma
+block) plus per-tensor `Transform`s (how its layout differs from ours). From
+those, `stack_rules` lists one `Rule` per tensor of a stack; loading and
+saving walk the same rules in opposite directions, so HF import, HF export and
+GGUF import share one table each and no per-tensor branches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping, Optional
+
+import numpy as np
+
+from t5x_adapt.config import StackConfig
+from t5x_adapt.convert import errors
+
+
+class Transform:
+  """Layout change of one tensor: external <-> ours (unrolled layout)."""
+
+  def load(self, x: np.ndarray, target_shape) -> np.ndarray:
+    return x
+
+  def save(self, x: np.ndarray) -> np.ndarray:
+    return x
+
+  def source_shape(self, target_shape) -> tuple[int, ...]:
+    return tuple(target_shape)
+
+
+class Transpose(Transform):
+  """torch Linear [out, in] <-> our kernel [in, out]."""
+
+  def load(self, x, target_shape):
+    return x.T
+
+  def save(self, x):
+    return x.T
+
+  def source_shape(self, target_shape):
+    return tuple(reversed(target_shape))
+
+
+class SplitHeads(Transform):
+  """torch q/k/v Linear [heads * head_dim, embed] <-> ours [embed, heads, head_dim]."""
+
+  def load(self, x, target_shape):
+    return x.T.reshape(target_shape)
+
+  def save(self, x):
+    return x.reshape(x.shape[0], -1).T
+
+  def source_shape(self, target_shape):
+    embed, heads, head_dim = target_shape
+    return (heads * head_dim, embed)
+
+
+class MergeHeads(Transform):
+  """torch o Linear [embed, heads * head_dim] <-> ours [heads, head_dim, embed]."""
+
+  def load(self, x, target_shape):
+    return x.T.reshape(target_shape)
+
+  def save(self, x):
+    return x.reshape(-1, x.shape[-1]).T
+
+  def source_shape(self, target_shape):
+    heads, head_dim, embed = target_shape
+    return (embed, heads * head_dim)
+
+
+class UnitOffset(Transform):
+  """Norm weights stored as `1 + scale` (GGUF) <-> ours as `scale`."""
+
+  def load(self, x, target_shape):
+    return x - 1.0
+
+  def save(self, x):
+    return x + 1.0
+
+
+IDENTITY = Transform()
+
+
+@dataclasses.dataclass(frozen=True)
+class NameScheme:
+  """How one checkpoint format spells the tensors of a stack.
+
+  `{i}` in `layer` is the layer index. Our sublayer names (keys) map to the
+  format's names (values); every name is followed by `suffix`.
+  """
+
+  embedding: str
+  final_norm: str
+  layer: str
+  norms: Mapping[str, str]
+  attention: Mapping[str, str]
+  projections: Mapping[str, str]
+  mlp: Mapping[str, str]
+  suffix: str = '.weight'
+  norm_transform: Transform = IDENTITY
+
+
+_ATTENTION_TRANSFORMS = {
+    'query': SplitHeads(), 'key': SplitHeads(), 'value': SplitHeads(),
+    'out': MergeHeads(), 'query_norm': IDENTITY, 'key_norm': IDENTITY,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One tensor: its external name, our path and the layout transform."""
+
+  source: str
+  target: tuple[str, ...]
+  transform: Transform
+
+
+def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
+                cfg: StackConfig, cross_attention: bool) -> list[Rule]:
+  """Every tensor of one stack (unrolled layout)."""
+  s = scheme.suffix
+  rules = [
+      Rule(source_prefix + scheme.embedding + s,
+           (target, 'token_embedder', 'embedding'), IDENTITY),
+      Rule(source_prefix + scheme.final_norm + s,
+           (target, 'final_norm', 'scale'), scheme.norm_transform),
+  ]
+  attentions = ['self_attention'] + (['cross_attention'] if cross_attention
+                                     else [])
+  projections = ['query', 'key', 'value', 'out']
+  if cfg.use_qk_norm:
+    projections += ['query_norm', 'key_norm']
+  for i in range(cfg.num_layers):
+    layer = source_prefix + scheme.layer.format(i=i)
+    ours = (target, f'layer_{i}')
+    for norm, name in scheme.norms.items():
+      if 'cross' in norm and not cross_attention:
+        continue
+      rules.append(Rule(layer + name + s, ours + (norm, 'scale'),
+                        scheme.norm_transform))
+    for attention in attentions:
+      for proj in projections:
+        leaf = 'scale' if proj.endswith('norm') else 'kernel'
+        rules.append(Rule(
+            layer + scheme.attention[attention] + scheme.projections[proj] + s,
+            ours + (attention, proj, leaf), _ATTENTION_TRANSFORMS[proj]))
+    for part, name in scheme.mlp.items():
+      rules.append(Rule(layer + name + s, ours + ('mlp', part, 'kernel'),
+                        Transpose()))
+  return rules
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def load_tensors(rules: Iterable[Rule],
+                 read: Callable[[str], np.ndarray],
+                 available: Iterable[str],
+                 target_shapes,
+                 source: str,
+                 ignorable: Callable[[str], bool] = lambda name: False,
+                 dtype=np.float32) -> dict:
+  """Reads every rule's tensor, checks names and shapes, returns our tree.
+
+  Args:
+    rules: The tensors to read.
+    read: name -> array (numpy-convertible).
+    available: Names present in the checkpoint.
+    target_shapes: Our parameter tree (unrolled) of ShapeDtypeStructs.
+    source: File or directory name, for error messages.
+    ignorable: Names that may be present without a rule (buffers, tied heads).
+    dtype: dtype of the returned arrays.
+
+  Raises:
+    MissingTensorError, UnexpectedTensorError, ShapeMismatchError.
+  """
+  rules = list(rules)
+  available = set(available)
+  wanted = {r.source for r in rules}
+  if wanted - available:
+    raise errors.missing(source, wanted - available)
+  extra = {n for n in available - wanted if not ignorable(n)}
+  if extra:
+    raise errors.unexpected(source, extra)
+  params = {}
+  for rule in rules:
+    target_shape = tuple(_get(target_shapes, rule.target).shape)
+    array = np.asarray(read(rule.source))
+    expected = rule.transform.source_shape(target_shape)
+    if tuple(array.shape) != expected:
+      raise errors.ShapeMismatchError(
+          f'{source}: tensor {rule.source!r} has shape {tuple(array.shape)}, '
+          f'the config implies {expected}')
+    _set(params, rule.target,
+         rule.transform.load(array.astype(dtype), target_shape))
+  return params
+
+
+def export_tensors(rules: Iterable[Rule], params) -> dict[str, np.ndarray]:
+  """Our params (unrolled) -> {external name: array}."""
+  return {r.source: np.ascontiguousarray(
+      r.transform.save(np.asarray(_get(params, r.target), np.float32)))
+          for r in rules}

@@ -1,0 +1,79 @@
+"""Conversion between the scanned and the unrolled parameter layouts.
+
+A stack's blocks live either under `layers/block_{j}` with a leading axis over
+periods (scanned) or under `layer_{i}` (unrolled); see `layers/stack.py`.
+Checkpoint converters work in the unrolled layout and call `to_model_layout`;
+orbax checkpoints restore into either layout through these functions.
+"""
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+
+STACK_NAMES = ('encoder', 'decoder')
+
+
+def stack_configs(config) -> dict[str, StackConfig]:
+  """{'decoder': cfg} for decoder-only, {'encoder': ..., 'decoder': ...}."""
+  if isinstance(config, EncoderDecoderConfig):
+    return {'encoder': config.encoder, 'decoder': config.decoder}
+  return {'decoder': config}
+
+
+def is_scanned(stack_params: Mapping[str, Any]) -> bool:
+  return 'layers' in stack_params
+
+
+def unroll_stack(stack_params: Mapping[str, Any], cfg: StackConfig) -> dict:
+  """Scanned -> unrolled layout of one stack (no-op if already unrolled)."""
+  if not is_scanned(stack_params):
+    return dict(stack_params)
+  out = {k: v for k, v in stack_params.items() if k != 'layers'}
+  for j, block in stack_params['layers'].items():
+    offset = int(j.removeprefix('block_'))
+    for p in range(cfg.num_periods):
+      out[f'layer_{p * cfg.period + offset}'] = jax.tree_util.tree_map(
+          lambda x, p=p: x[p], block)
+  return out
+
+
+def scan_stack(stack_params: Mapping[str, Any], cfg: StackConfig) -> dict:
+  """Unrolled -> scanned layout of one stack (no-op if already scanned)."""
+  if is_scanned(stack_params) or cfg.num_periods == 0:
+    return dict(stack_params)
+  scanned_layers = cfg.num_periods * cfg.period
+  out = {k: v for k, v in stack_params.items()
+         if not (k.startswith('layer_') and
+                 int(k.removeprefix('layer_')) < scanned_layers)}
+  out['layers'] = {
+      f'block_{j}': jax.tree_util.tree_map(
+          lambda *xs: jnp.stack(xs),
+          *[stack_params[f'layer_{p * cfg.period + j}']
+            for p in range(cfg.num_periods)])
+      for j in range(cfg.period)
+  }
+  return out
+
+
+def to_unrolled(params: Mapping[str, Any], config) -> dict:
+  """Whole model -> unrolled layout."""
+  cfgs = stack_configs(config)
+  return {name: unroll_stack(sub, cfgs[name]) if name in cfgs else sub
+          for name, sub in params.items()}
+
+
+def to_model_layout(params: Mapping[str, Any], config) -> dict:
+  """Whole model -> the layout its config asks for (`scan_layers`)."""
+  cfgs = stack_configs(config)
+  out = {}
+  for name, sub in params.items():
+    if name not in cfgs:
+      out[name] = sub
+    elif cfgs[name].scan_layers:
+      out[name] = scan_stack(sub, cfgs[name])
+    else:
+      out[name] = unroll_stack(sub, cfgs[name])
+  return out

@@ -1,0 +1,118 @@
+"""Small random transformers models, saved with `save_pretrained`.
+
+Every parameter (norm scales included) is redrawn from a normal distribution
+large enough that softcaps, QK norms and sliding windows change the logits,
+so a parity test against these models can fail.
+"""
+
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB = 128
+SEQ = 16
+WINDOW = 5
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      std = 0.5 if 'norm' in name else 0.15
+      param.copy_(torch.randn(param.shape, generator=generator) * std)
+  return model.eval()
+
+
+def _module_kwargs(hidden, layers):
+  return dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+              num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+              sliding_window=WINDOW, attn_logit_softcapping=5.0,
+              final_logit_softcapping=3.0)
+
+
+def gemma2(layers=4):
+  config = transformers.Gemma2Config(**_module_kwargs(64, layers))
+  return _randomize(transformers.Gemma2ForCausalLM(config), 0)
+
+
+def gemma3(layers=7):
+  kwargs = _module_kwargs(64, layers)
+  kwargs.update(attn_logit_softcapping=None, final_logit_softcapping=None,
+                rope_parameters={
+                    'full_attention': {'rope_type': 'default',
+                                       'rope_theta': 1_000_000.0},
+                    'sliding_attention': {'rope_type': 'default',
+                                          'rope_theta': 10_000.0}})
+  config = transformers.Gemma3TextConfig(**kwargs)
+  return _randomize(transformers.Gemma3ForCausalLM(config), 1)
+
+
+def t5gemma(encoder_hidden=64, decoder_hidden=64, layers=4):
+  encoder = transformers.T5GemmaModuleConfig(
+      **_module_kwargs(encoder_hidden, layers))
+  decoder = transformers.T5GemmaModuleConfig(
+      **_module_kwargs(decoder_hidden, layers))
+  config = transformers.T5GemmaConfig(encoder=encoder, decoder=decoder,
+                                      vocab_size=VOCAB)
+  return _randomize(transformers.T5GemmaForConditionalGeneration(config), 2)
+
+
+def save(model, path: pathlib.Path) -> pathlib.Path:
+  model.save_pretrained(path)
+  return path
+
+
+def load(path, cls):
+  return cls.from_pretrained(path, attn_implementation='eager',
+                             dtype=torch.float32).eval()
+
+
+def padded_tokens(seed: int, lengths=(SEQ, 11, 6)) -> np.ndarray:
+  """Right-padded random ids in [3, VOCAB), one row per length."""
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((len(lengths), SEQ), np.int32)
+  for row, n in enumerate(lengths):
+    tokens[row, :n] = rng.integers(3, VOCAB, n)
+  return tokens
+
+
+def decoder_only_logits(model, tokens: np.ndarray) -> np.ndarray:
+  ids = torch.tensor(tokens, dtype=torch.long)
+  with torch.no_grad():
+    return model(input_ids=ids, attention_mask=(ids != 0).long()).logits.numpy()
+
+
+def seq2seq_batch(seed: int) -> dict:
+  """Encoder inputs and BOS-started decoder inputs / targets, padded."""
+  encoder = padded_tokens(seed)
+  body = padded_tokens(seed + 1, lengths=(SEQ - 1, 9, 4))[:, :SEQ - 1]
+  lengths = (body > 0).sum(axis=1)
+  decoder_input = np.zeros((3, SEQ), np.int32)
+  target = np.zeros((3, SEQ), np.int32)
+  for row, n in enumerate(lengths):
+    decoder_input[row, 0] = 2
+    decoder_input[row, 1:n + 1] = body[row, :n]
+    target[row, :n] = body[row, :n]
+    target[row, n] = 1
+  return {'encoder_input_tokens': encoder,
+          'decoder_input_tokens': decoder_input,
+          'decoder_target_tokens': target}
+
+
+def seq2seq_logits(model, batch) -> np.ndarray:
+  enc = torch.tensor(batch['encoder_input_tokens'], dtype=torch.long)
+  dec = torch.tensor(batch['decoder_input_tokens'], dtype=torch.long)
+  with torch.no_grad():
+    return model(input_ids=enc, attention_mask=(enc != 0).long(),
+                 decoder_input_ids=dec,
+                 decoder_attention_mask=(dec != 0).long()).logits.numpy()
+
+
+def relative_error(ours, reference, valid) -> float:
+  """max |ours - reference| / max |reference| over valid positions."""
+  ours = np.asarray(ours)[valid]
+  reference = np.asarray(reference)[valid]
+  return float(np.abs(ours - reference).max() / np.abs(reference).max())
