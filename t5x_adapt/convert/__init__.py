@@ -15,3 +15,4 @@ from t5x_adapt.convert.errors import UnsupportedArchitectureError
 from t5x_adapt.convert.gguf_tokenizer import gguf_tokenizer
 from t5x_adapt.convert.hf import load_hf
 from t5x_adapt.convert.hf import save_hf
+from t5x_adapt.convert.gguf import load_gguf

@@ -104,9 +104,9 @@ class NameScheme:
   norm_transform: Transform = IDENTITY
 
 
-_ATTENTION_TRANSFORMS = {
+_PROJECTION_TRANSFORMS = {
     'query': SplitHeads(), 'key': SplitHeads(), 'value': SplitHeads(),
-    'out': MergeHeads(), 'query_norm': IDENTITY, 'key_norm': IDENTITY,
+    'out': MergeHeads(),
 }
 
 
@@ -144,10 +144,12 @@ def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
                         scheme.norm_transform))
     for attention in attentions:
       for proj in projections:
-        leaf = 'scale' if proj.endswith('norm') else 'kernel'
+        is_norm = proj.endswith('norm')
         rules.append(Rule(
             layer + scheme.attention[attention] + scheme.projections[proj] + s,
-            ours + (attention, proj, leaf), _ATTENTION_TRANSFORMS[proj]))
+            ours + (attention, proj, 'scale' if is_norm else 'kernel'),
+            scheme.norm_transform if is_norm else
+            _PROJECTION_TRANSFORMS[proj]))
     for part, name in scheme.mlp.items():
       rules.append(Rule(layer + name + s, ours + ('mlp', part, 'kernel'),
                         Transpose()))

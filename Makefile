@@ -1,0 +1,38 @@
+# Set-up is two commands: `make demo` and `make test`. Each creates .venv with
+# pinned dependencies on first use. t5 is installed with --no-deps: its
+# declared dependencies (seqio-nightly, tfds-nightly) would overwrite the
+# files of seqio and tensorflow_datasets (tests/test_install.py checks).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast install clean
+
+$(VENV)/.installed: requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps t5==0.9.4
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PIP) install -q -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m t5x_adapt.demo
+
+test: $(VENV)/.installed-test
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -rs $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-test
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info
