@@ -157,3 +157,24 @@ class EncoderDecoderConfig:
     """The same model with `changes` applied to both stacks."""
     return EncoderDecoderConfig(self.encoder.replace(**changes),
                                 self.decoder.replace(**changes))
+
+
+def config_to_dict(config: StackConfig | EncoderDecoderConfig) -> dict:
+  """JSON-ready dict of a config (stored beside checkpoints)."""
+  if isinstance(config, EncoderDecoderConfig):
+    return {'encoder': config_to_dict(config.encoder),
+            'decoder': config_to_dict(config.decoder)}
+  return dict(dataclasses.asdict(config),
+              attention_pattern=list(config.attention_pattern))
+
+
+def config_from_dict(data: dict) -> StackConfig | EncoderDecoderConfig:
+  """Inverse of `config_to_dict`; unknown fields are an error."""
+  if set(data) == {'encoder', 'decoder'}:
+    return EncoderDecoderConfig(config_from_dict(data['encoder']),
+                                config_from_dict(data['decoder']))
+  known = {f.name for f in dataclasses.fields(StackConfig)}
+  unknown = set(data) - known
+  if unknown:
+    raise ValueError(f'unknown StackConfig fields: {sorted(unknown)}')
+  return StackConfig(**data)

@@ -264,3 +264,11 @@ class EncoderDecoderModel(BaseModel):
     lengths = jnp.ones((batch_size,), jnp.int32)
     return decoding.greedy_loop(step, logits, cache, lengths,
                                 max_decode_length, self.eos_id)
+
+
+def model_for_config(config: StackConfig | EncoderDecoderConfig,
+                     **kwargs) -> BaseModel:
+  """The model class that fits `config`."""
+  if isinstance(config, EncoderDecoderConfig):
+    return EncoderDecoderModel(config, **kwargs)
+  return DecoderOnlyModel(config, **kwargs)
