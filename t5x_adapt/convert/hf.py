@@ -209,19 +209,36 @@ def model_from_hf_config(hf: dict, source: str, scan_layers: bool = True):
 # ----------------------------------------------------------------- tensors --
 
 
+def _safetensors_files(path: pathlib.Path) -> list[str]:
+  """The checkpoint's safetensors file names: the shard index's, or all."""
+  index = path / 'model.safetensors.index.json'
+  if not index.exists():
+    files = sorted(p.name for p in path.glob('*.safetensors'))
+    if not files:
+      raise FileNotFoundError(f'{path}: no *.safetensors files')
+    return files
+  try:
+    weight_map = json.loads(index.read_text())['weight_map']
+    files = sorted(set(weight_map.values()))
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise errors.CorruptCheckpointError(
+        f'{index}: not a shard index (JSON with a "weight_map"): {e!r}') from e
+  if not files:
+    raise errors.CorruptCheckpointError(f'{index}: lists no shard files')
+  absent = [name for name in files if not (path / name).exists()]
+  if absent:
+    raise FileNotFoundError(
+        f'{path}: shard file(s) named in {index.name} are missing: '
+        f'{", ".join(absent)}')
+  return files
+
+
 class _SafetensorsDir:
   """Name -> file lookup over the safetensors files of a checkpoint dir."""
 
   def __init__(self, path: pathlib.Path):
     self.path = path
-    index = path / 'model.safetensors.index.json'
-    if index.exists():
-      weight_map = json.loads(index.read_text())['weight_map']
-      files = sorted(set(weight_map.values()))
-    else:
-      files = sorted(p.name for p in path.glob('*.safetensors'))
-    if not files:
-      raise FileNotFoundError(f'{path}: no *.safetensors files')
+    files = _safetensors_files(path)
     self.handles = {}
     self.location = {}
     for name in files:

@@ -1,0 +1,79 @@
+"""Command line for checkpoint conversion.
+
+  python -m t5x_adapt.convert hf-to-orbax HF_DIR CKPT_DIR [--unrolled]
+  python -m t5x_adapt.convert gguf-to-orbax FILE.gguf CKPT_DIR [--unrolled]
+  python -m t5x_adapt.convert orbax-to-hf CKPT_DIR HF_DIR
+  python -m t5x_adapt.convert tokenizer FILE.gguf OUT.model
+
+Orbax checkpoints written here carry the model config in their metadata, so
+`orbax-to-hf` needs nothing else.
+"""
+
+import argparse
+import sys
+
+from t5x_adapt import checkpoints
+from t5x_adapt.config import config_from_dict, config_to_dict
+from t5x_adapt.convert import errors
+from t5x_adapt.convert.gguf import load_gguf
+from t5x_adapt.convert.gguf_tokenizer import gguf_tokenizer
+from t5x_adapt.convert.hf import load_hf, save_hf
+from t5x_adapt.models import model_for_config
+
+
+def _save_orbax(model, params, out):
+  path = checkpoints.save_params(
+      out, params, metadata={'config': config_to_dict(model.config)})
+  print(f'wrote {path}')
+
+
+def _hf_to_orbax(args):
+  _save_orbax(*load_hf(args.src, scan_layers=not args.unrolled), args.out)
+
+
+def _gguf_to_orbax(args):
+  _save_orbax(*load_gguf(args.src, scan_layers=not args.unrolled), args.out)
+
+
+def _orbax_to_hf(args):
+  metadata = checkpoints.read_info(args.src).get('metadata') or {}
+  if 'config' not in metadata:
+    raise errors.CheckpointError(
+        f'{args.src}: no model config in the checkpoint metadata')
+  model = model_for_config(config_from_dict(metadata['config']))
+  params = checkpoints.restore_params(args.src, model)
+  print(f'wrote {save_hf(model, params, args.out)}')
+
+
+def _tokenizer(args):
+  print(f'wrote {gguf_tokenizer(args.src, args.out)}')
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m t5x_adapt.convert',
+      description='Convert between transformers, GGUF and Orbax checkpoints.')
+  commands = parser.add_subparsers(dest='command', required=True)
+  for name, fn, help_text in (
+      ('hf-to-orbax', _hf_to_orbax, 'transformers directory -> Orbax'),
+      ('gguf-to-orbax', _gguf_to_orbax, 'Gemma 3 GGUF file -> Orbax'),
+      ('orbax-to-hf', _orbax_to_hf, 'Orbax -> transformers directory'),
+      ('tokenizer', _tokenizer, 'GGUF tokenizer -> SentencePiece model')):
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument('src')
+    command.add_argument('out')
+    if name.endswith('to-orbax'):
+      command.add_argument('--unrolled', action='store_true',
+                           help='store unrolled (per-layer) parameters')
+    command.set_defaults(fn=fn)
+  args = parser.parse_args(argv)
+  try:
+    args.fn(args)
+  except (errors.CheckpointError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
