@@ -220,15 +220,7 @@ def read_info(path: str | os.PathLike) -> dict:
   """The contents of a checkpoint's `t5x_adapt.json` (layout, metadata)."""
   path = pathlib.Path(path)
   _check_exists(path)
-  info_file = path / INFO_FILE
-  if not info_file.exists():
-    raise FileNotFoundError(f'{path}: no {INFO_FILE} (not written by '
-                            'save_params?)')
-  try:
-    return json.loads(info_file.read_text())
-  except json.JSONDecodeError as e:
-    raise errors.CorruptCheckpointError(
-        f'{info_file}: not valid JSON: {e}') from e
+  return errors.read_json(path / INFO_FILE, 'not written by save_params?')
 
 
 def _saved_shapes(checkpointer, path: pathlib.Path) -> dict:

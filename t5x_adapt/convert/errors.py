@@ -44,3 +44,19 @@ def missing(source, names) -> MissingTensorError:
 def unexpected(source, names) -> UnexpectedTensorError:
   return UnexpectedTensorError(
       f'{source}: {len(names)} unexpected tensor(s): {_listing(names)}')
+
+
+def read_json(file, hint: str) -> dict:
+  """Parses a JSON file; a missing or invalid file is a clear error.
+
+  Args:
+    file: pathlib.Path of the file.
+    hint: Appended to the missing-file message, e.g. what writes the file.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  if not file.exists():
+    raise FileNotFoundError(f'{file.parent}: no {file.name} ({hint})')
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise CorruptCheckpointError(f'{file}: not valid JSON: {e}') from e

@@ -167,14 +167,8 @@ def stack_config_to_hf(cfg: StackConfig, window_offset: int = 0) -> dict:
 
 
 def read_config(path: pathlib.Path) -> dict:
-  config_file = path / 'config.json'
-  if not config_file.exists():
-    raise FileNotFoundError(f'{path}: no config.json (is this a directory '
-                            'written by save_pretrained?)')
-  try:
-    return json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:
-    raise errors.CorruptCheckpointError(f'{config_file}: not valid JSON: {e}')
+  return errors.read_json(path / 'config.json',
+                          'is this a directory written by save_pretrained?')
 
 
 def model_from_hf_config(hf: dict, source: str, scan_layers: bool = True):
