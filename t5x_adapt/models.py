@@ -26,6 +26,7 @@ import seqio
 
 from t5x_adapt import decoding
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.data import feature_converters
 from t5x_adapt.losses import cross_entropy, token_log_probs
 from t5x_adapt.networks import DecoderOnlyTransformer
 from t5x_adapt.networks import EncoderDecoderTransformer
@@ -138,7 +139,7 @@ class BaseModel(abc.ABC):
 class DecoderOnlyModel(BaseModel):
   """Gemma-style language model (causal LM or prefix-LM)."""
 
-  FEATURE_CONVERTER_CLS = seqio.DecoderFeatureConverter
+  FEATURE_CONVERTER_CLS = feature_converters.DecoderFeatureConverter
 
   def __init__(self, config: StackConfig = gin.REQUIRED, **kwargs):
     super().__init__(DecoderOnlyTransformer(config), **kwargs)
@@ -206,7 +207,7 @@ class DecoderOnlyModel(BaseModel):
 class EncoderDecoderModel(BaseModel):
   """T5Gemma encoder-decoder."""
 
-  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+  FEATURE_CONVERTER_CLS = feature_converters.EncDecFeatureConverter
 
   def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED,
                decoder_start_id: int = BOS_ID, **kwargs):

@@ -146,8 +146,10 @@ def test_prefix_lm_mask(window, seed):
   mask = check_mask(positions, positions, segments, segments, causal=True,
                     window=window, prefix=prefix)
   if window is None:
-    # A prefix query sees a later prefix key of its segment.
-    assert mask[0, 0, 0, 3] == (segments[0, 3] == segments[0, 0] > 0)
+    # A prefix query sees a later prefix key of its segment (row 0 is one
+    # segment).
+    assert segments[0, 0] == segments[0, 3] == 1
+    assert mask[0, 0, 0, 3]
 
 
 def test_prefix_lm_reference_is_not_causal():
