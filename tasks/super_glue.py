@@ -11,6 +11,7 @@ import seqio
 from t5.data import glue_utils
 from t5.data import preprocessors as t5_preprocessors
 from t5.evaluation import metrics as t5_metrics
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tasks.vocabularies import VOCABULARIES
@@ -37,7 +38,8 @@ def _register(task, vocab_name, vocabulary):
       source=seqio.TfdsDataSource(
           tfds_name=f'super_glue/{config.name}:{VERSION}'),
       preprocessors=[
-          functools.partial(_with_label, text_preprocessor=text_preprocessor),
+          functools.partial(_with_label, text_preprocessor=text_preprocessor,
+                            label_names=tuple(config.label_classes)),
           seqio.preprocessors.tokenize,
           seqio.preprocessors.append_eos_after_trim,
       ],
@@ -46,11 +48,17 @@ def _register(task, vocab_name, vocabulary):
       metric_fns=_METRICS.get(task) or glue_utils.get_super_glue_metric(task))
 
 
-def _with_label(dataset, text_preprocessor):
-  """t5's text casting, keeping the integer label beside it."""
-  labelled = dataset.map(lambda x: dict(x, cls_label=x['label']))
-  cast = text_preprocessor(labelled)
-  return cast.map(lambda x: dict(x, label=x['cls_label']))
+def _with_label(dataset, text_preprocessor, label_names):
+  """t5's text casting, plus the integer `label` of the target's name."""
+  names = tf.constant(label_names)
+
+  def add_label(x):
+    index = tf.where(tf.equal(names, x['targets']))[:, 0]
+    label = tf.cond(tf.size(index) > 0, lambda: index[0],
+                    lambda: tf.constant(-1, tf.int64))
+    return dict(x, label=label)
+
+  return text_preprocessor(dataset).map(add_label)
 
 
 for _vocab_name, (_vocabulary, _) in VOCABULARIES.items():

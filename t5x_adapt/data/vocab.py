@@ -5,11 +5,12 @@ convention (t5.data.preprocessors.sentinel_id): sentinel i is id
 `vocab_size - 1 - i`, so t5's span-corruption functions work unchanged. Both
 reserve three UL2 mode tokens.
 
-* Gemma 3 (262,144 pieces): its last 6,242 ids are the CONTROL pieces
-  `<unused6241>` ... `<unused0>` (ids 262143 down to 6), which text never
-  produces. Sentinels are therefore `<unused6241>`, `<unused6240>`, ... and
-  the mode tokens [NLU], [S2S], [NLG] are `<unused0>`, `<unused1>`,
-  `<unused2>` (ids 6, 7, 8).
+* Gemma 3 (262,144 pieces): its 6,242 `<unusedN>` pieces are CONTROL pieces,
+  which text never produces: `<unused0>` .. `<unused98>` are ids 6 .. 104 and
+  `<unused99>` .. `<unused6241>` end the vocabulary (ids 256001 .. 262143).
+  Sentinels are therefore `<unused6241>`, `<unused6240>`, ... (6,143 of
+  them) and the mode tokens [NLU], [S2S], [NLG] are `<unused0>`,
+  `<unused1>`, `<unused2>` (ids 6, 7, 8).
 * The corpus model (8,192 pieces) is trained here from the corpus train split
   with a fixed seed; its mode tokens are CONTROL pieces `[NLU]`, `[S2S]`,
   `[NLG]` (ids 4-6) and its last 100 ids are CONTROL pieces `<extra_id_99>` ...
@@ -114,6 +115,9 @@ def train_corpus_model(texts: Iterable[str], out: pathlib.Path,
         num_threads=1, minloglevel=2)
     proto = sentencepiece_model_pb2.ModelProto.FromString(
         pathlib.Path(f'{prefix}.model').read_bytes())
+  # Temporary paths would make the file differ from run to run.
+  proto.trainer_spec.input[:] = ['corpus.txt']
+  proto.trainer_spec.model_prefix = 'corpus_spm'
   for i in reversed(range(NUM_SENTINELS)):
     proto.pieces.append(_Piece(piece=f'<extra_id_{i}>', score=0.0,
                                type=_Piece.CONTROL))
