@@ -24,7 +24,8 @@ class Embed(nn.Module):
     self.embedding = self.param(
         'embedding',
         nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+            nn.initializers.normal(stddev=self.features**-0.5),
+            ('vocab', 'embed')),
         (self.vocab_size, self.features), self.param_dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -1,0 +1,95 @@
+"""Analytic FLOPs of a train step, for throughput and MFU.
+
+Matmul FLOPs only (2 per multiply-add), as is customary for MFU: every
+projection and MLP weight once per token it touches, attention scores and
+values per (query, visible key) pair, the tied LM head per decoder token. A
+train step costs three forward passes (forward + 2x backward).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from t5x_adapt.config import EncoderDecoderConfig, LOCAL, StackConfig
+
+# bf16/fp32 dense matmul peaks, FLOP/s per device, by `device_kind` prefix.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6': 918e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100': 312e12,
+    'cpu': 90e9,  # measured jnp float32 matmul on the 2-core CI machine
+}
+
+
+def device_peak_flops(device=None, override: float | None = None) -> float:
+  """Peak FLOP/s of one device (configurable with `override`)."""
+  if override:
+    return override
+  kind = (device or jax.devices()[0]).device_kind
+  for prefix, peak in PEAK_FLOPS.items():
+    if kind.lower().startswith(prefix.lower()):
+      return peak
+  return PEAK_FLOPS['cpu']
+
+
+def _layer_weight_flops(cfg: StackConfig, kv_width: int | None = None) -> int:
+  """Forward FLOPs per token of one block's weights (no attention scores)."""
+  d, heads, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  attention = 2 * d * heads * hd * 2 + 2 * d * kv * hd * 2  # q, o; k, v
+  mlp = 2 * d * cfg.mlp_dim * 3
+  return attention + mlp
+
+
+def _attention_flops(cfg: StackConfig, queries: int, keys: int,
+                     causal: bool) -> int:
+  """Forward FLOPs of scores and weighted values over a whole sequence."""
+  total = 0
+  for layer in range(cfg.num_layers):
+    window = cfg.sliding_window if cfg.layer_kind(layer) == LOCAL else None
+    visible = keys if window is None else min(keys, (window if causal else
+                                                     2 * window - 1))
+    if causal:
+      visible = min(visible, (keys + 1) / 2 if window is None else visible)
+    total += 4 * cfg.num_heads * cfg.head_dim * queries * visible
+  return int(total)
+
+
+def decoder_only_flops(cfg: StackConfig, length: int) -> int:
+  """Forward FLOPs of one sequence of `length` tokens."""
+  weights = cfg.num_layers * _layer_weight_flops(cfg) + 2 * cfg.embed_dim * (
+      cfg.vocab_size)
+  return weights * length + _attention_flops(cfg, length, length, True)
+
+
+def encoder_decoder_flops(config: EncoderDecoderConfig, inputs: int,
+                          targets: int) -> int:
+  """Forward FLOPs of one example with `inputs` / `targets` tokens."""
+  enc, dec = config.encoder, config.decoder
+  encoder = enc.num_layers * _layer_weight_flops(enc) * inputs
+  encoder += _attention_flops(enc, inputs, inputs, causal=False)
+  decoder = dec.num_layers * _layer_weight_flops(dec) * targets
+  decoder += _attention_flops(dec, targets, targets, causal=True)
+  hd = dec.num_heads * dec.head_dim
+  kv = dec.num_kv_heads * dec.head_dim
+  cross = dec.num_layers * (2 * 2 * dec.embed_dim * hd * targets   # q, o
+                            + 2 * 2 * enc.embed_dim * kv * inputs  # k, v
+                            + 4 * hd * targets * inputs)           # scores
+  head = 2 * dec.embed_dim * dec.vocab_size * targets
+  return encoder + decoder + cross + head
+
+
+def train_step_flops(config, batch_shapes) -> int:
+  """FLOPs of one train step on a batch of these feature shapes."""
+  if isinstance(config, EncoderDecoderConfig):
+    batch, inputs = batch_shapes['encoder_input_tokens']
+    targets = batch_shapes['decoder_target_tokens'][1]
+    forward = encoder_decoder_flops(config, inputs, targets)
+  else:
+    batch, length = batch_shapes['decoder_target_tokens']
+    forward = decoder_only_flops(config, length)
+  return 3 * batch * forward

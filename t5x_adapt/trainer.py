@@ -1,0 +1,203 @@
+"""The train state and the jitted, sharded train step.
+
+The trainer knows a model only through its interface (`loss_fn`,
+`get_initial_variables`, `logical_axes`) and devices only through the
+`Partitioner`. One step: split the global batch into microbatches, accumulate
+token-weighted gradients with `lax.scan`, apply the optax update. The step is
+jitted once with explicit input/output shardings and donates the old state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+import flax
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from t5x_adapt.partitioning import Partitioner
+
+Batch = Mapping[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (and goes into checkpoints)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+  """[batch, ...] -> [microbatches, batch / microbatches, ...]."""
+  def split(x):
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f'batch size {x.shape[0]} is not divisible by '
+                       f'{num_microbatches} microbatches')
+    return x.reshape(num_microbatches, -1, *x.shape[1:])
+  return jax.tree_util.tree_map(split, batch)
+
+
+@gin.configurable
+class Trainer:
+  """Builds, shards and steps a `TrainState`.
+
+  Args:
+    model: A `t5x_adapt.models` model.
+    partitioner: Mesh and logical-axis rules.
+    optimizer: optax transformation.
+    num_microbatches: Gradient accumulation steps per train step.
+    seed: Seeds parameter init and dropout.
+  """
+
+  def __init__(self, model, partitioner: Partitioner,
+               optimizer: optax.GradientTransformation,
+               num_microbatches: int = 1, seed: int = 0):
+    self.model = model
+    self.partitioner = partitioner
+    self.optimizer = optimizer
+    self.num_microbatches = num_microbatches
+    self.seed = seed
+    self._compiled = {}
+
+  # ----------------------------------------------------------- shardings --
+
+  def state_shapes(self, input_shapes) -> TrainState:
+    """Abstract TrainState (ShapeDtypeStructs), nothing allocated."""
+    return jax.eval_shape(lambda: self._fresh_state(input_shapes))
+
+  def state_shardings(self, input_shapes) -> TrainState:
+    """Shardings of every leaf of the TrainState.
+
+    Optimizer-state leaves shaped like a parameter take that parameter's
+    sharding; everything else (step counts, scalars, factored statistics) is
+    replicated.
+    """
+    param_shardings = self.partitioner.shardings(
+        self.model.logical_axes(input_shapes))
+    shapes = self.state_shapes(input_shapes)
+    by_shape = {}
+    for leaf, sharding in zip(jax.tree_util.tree_leaves(shapes.params),
+                              jax.tree_util.tree_leaves(param_shardings)):
+      by_shape.setdefault(leaf.shape, sharding)
+    # Moments mirror parameter shapes; pick the sharding by path when the
+    # optimizer keeps a params-shaped tree, by shape otherwise.
+    opt_shardings = jax.tree_util.tree_map(
+        lambda leaf: by_shape.get(leaf.shape, self.partitioner.replicated)
+        if leaf.ndim else self.partitioner.replicated, shapes.opt_state)
+    return TrainState(step=self.partitioner.replicated,
+                      params=param_shardings, opt_state=opt_shardings)
+
+  # ---------------------------------------------------------------- init --
+
+  def _fresh_state(self, input_shapes, params=None) -> TrainState:
+    if params is None:
+      params = self.model.get_initial_variables(
+          jax.random.PRNGKey(self.seed), input_shapes)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params))
+
+  def init_state(self, input_shapes, params=None) -> TrainState:
+    """A sharded TrainState, from scratch or around given `params`."""
+    shardings = self.state_shardings(input_shapes)
+    if params is not None:
+      params = jax.device_put(params, shardings.params)
+    with self.context():
+      return jax.jit(lambda p: self._fresh_state(input_shapes, p),
+                     out_shardings=shardings)(params)
+
+  def context(self):
+    """Mesh + logical rules, for tracing model code."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.sharding.use_mesh(self.partitioner.mesh)
+                        if hasattr(jax.sharding, 'use_mesh') else
+                        self.partitioner.mesh)
+    stack.enter_context(self.partitioner.activation_rules())
+    return stack
+
+  # ---------------------------------------------------------------- step --
+
+  def _grads(self, params, batch, rng):
+    """Token-weighted gradient sum over microbatches, and summed metrics."""
+    def microbatch_loss(p, mb, mb_rng):
+      loss, metrics = self.model.loss_fn(p, mb, mb_rng)
+      # Undo the per-microbatch mean so microbatches weigh by their tokens.
+      return loss * metrics['num_tokens'], metrics
+
+    grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+    microbatches = _split_microbatches(batch, self.num_microbatches)
+    rngs = jax.random.split(rng, self.num_microbatches)
+
+    def accumulate(carry, inputs):
+      grads, loss_sum, tokens = carry
+      mb, mb_rng = inputs
+      (mb_loss, metrics), mb_grads = grad_fn(params, mb, mb_rng)
+      grads = jax.tree_util.tree_map(jnp.add, grads, mb_grads)
+      return (grads, loss_sum + mb_loss, tokens + metrics['num_tokens']), (
+          metrics['accuracy'] * metrics['num_tokens'])
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (grads, loss_sum, tokens), correct = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0), (microbatches, rngs))
+    denominator = jnp.maximum(tokens, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+    metrics = {'loss': loss_sum / denominator, 'num_tokens': tokens,
+               'accuracy': jnp.sum(correct) / denominator}
+    return grads, metrics
+
+  def _step(self, state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
+    grads, metrics = self._grads(state.params, batch, rng)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state,
+                                               state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['param_norm'] = optax.global_norm(params)
+    return TrainState(step=state.step + 1, params=params,
+                      opt_state=opt_state), metrics
+
+  def compile_step(self, state_shardings: TrainState,
+                   batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
+                   state_shapes: TrainState):
+    """Ahead-of-time compiled train step for these shapes."""
+    batch_shardings = {k: self.partitioner.batch_sharding
+                       for k in batch_shapes}
+    step = jax.jit(self._step,
+                   in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings,
+                                  self.partitioner.replicated),
+                   donate_argnums=(0,))
+    with self.context():
+      return step.lower(state_shapes, batch_shapes).compile()
+
+  def train_step(self, state: TrainState, batch: Batch):
+    """One optimizer step on a global batch (compiled once per shape)."""
+    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    if key not in self._compiled:
+      input_shapes = {k: v.shape for k, v in batch.items()}
+      shapes = jax.eval_shape(lambda: state)
+      self._compiled[key] = self.compile_step(
+          self.state_shardings(input_shapes),
+          {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
+           batch.items()}, shapes)
+    return self._compiled[key](state, batch)
+
+
+def memory_summary(compiled) -> str:
+  """The compiled step's memory use, as XLA reports it."""
+  try:
+    analysis = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return 'memory analysis unavailable on this backend'
+  if analysis is None:
+    return 'memory analysis unavailable on this backend'
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes',
+            'temp_size_in_bytes', 'generated_code_size_in_bytes')
+  parts = [f'{f.removesuffix("_size_in_bytes")} '
+           f'{getattr(analysis, f, 0) / 2**20:.1f} MiB' for f in fields]
+  return ', '.join(parts)
+
