@@ -44,6 +44,10 @@ from t5x_adapt.config import config_to_dict
 from t5x_adapt.convert import errors
 
 INFO_FILE = 't5x_adapt.json'
+# A training checkpoint's step directory holds the TrainState in this item
+# (`t5x_adapt.checkpointing`); `restore_params` reads its `params` subtree.
+TRAIN_STATE_ITEM = 'state'
+TRAIN_PARAMS_KEY = 'params'
 INFO_FORMAT = 't5x_adapt.params'
 INFO_VERSION = 1
 SCANNED = 'scanned'
@@ -223,7 +227,20 @@ def read_info(path: str | os.PathLike) -> dict:
   return errors.read_json(path / INFO_FILE, 'not written by save_params?')
 
 
-def _saved_shapes(checkpointer, path: pathlib.Path) -> dict:
+def _params_item(path: pathlib.Path) -> tuple[pathlib.Path, Optional[str]]:
+  """(orbax tree directory, key of the params in it or None).
+
+  A `save_params` checkpoint is the params tree itself; a training
+  checkpoint's step directory holds a TrainState whose `params` we read.
+  """
+  state = path / TRAIN_STATE_ITEM
+  if not (path / '_METADATA').exists() and state.is_dir():
+    return state, TRAIN_PARAMS_KEY
+  return path, None
+
+
+def _saved_shapes(checkpointer, path: pathlib.Path,
+                  subtree: Optional[str] = None) -> dict:
   """Flat {parameter path: shape} of the checkpoint, from orbax metadata."""
   try:
     tree = checkpointer.metadata(path).item_metadata
@@ -233,7 +250,29 @@ def _saved_shapes(checkpointer, path: pathlib.Path) -> dict:
   if tree is None:
     raise errors.CorruptCheckpointError(
         f'{path}: not an orbax checkpoint (no tree metadata)')
+  if subtree is not None:
+    if subtree not in tree:
+      raise errors.CorruptCheckpointError(
+          f'{path}: a training state without {subtree!r}')
+    tree = tree[subtree]
   return _flat_shapes(tree)
+
+
+def _restore_tree(checkpointer, path: pathlib.Path, subtree: Optional[str],
+                  abstract):
+  """Reads the params tree, or only the `subtree` of a training state."""
+  if subtree is None:
+    return checkpointer.restore(path,
+                                args=ocp.args.StandardRestore(abstract))
+  item = {subtree: abstract}
+  partial = ocp.PyTreeCheckpointer()
+  try:
+    restored = partial.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  finally:
+    partial.close()
+  return restored[subtree]
 
 
 def _mismatch_error(path, saved: dict, expected: dict):
@@ -303,7 +342,8 @@ def restore_params(path: str | os.PathLike, model, *,
   model's parameter dtype.
 
   Args:
-    path: Checkpoint directory.
+    path: Checkpoint directory, or a training checkpoint's step directory
+      (`MODEL_DIR/checkpoints/<step>`), whose parameters are read.
     model: A DecoderOnlyModel or EncoderDecoderModel; its config gives the
       expected tree, shapes, dtypes and layout.
     shardings: Optional tree of `jax.sharding.Sharding`s with the structure of
@@ -323,9 +363,10 @@ def restore_params(path: str | os.PathLike, model, *,
   path = pathlib.Path(path).absolute()
   _check_exists(path)
   model_shapes = model.param_shapes({})
+  item_path, subtree = _params_item(path)
   checkpointer = _checkpointer()
   try:
-    saved = _saved_shapes(checkpointer, path)
+    saved = _saved_shapes(checkpointer, item_path, subtree)
     saved_layouts = _stack_layouts(saved)
     to_saved = functools.partial(
         layout.to_model_layout,
@@ -337,9 +378,8 @@ def restore_params(path: str | os.PathLike, model, *,
     same_layout = saved_layouts == _stack_layouts(_flat_shapes(model_shapes))
     target_shardings = _saved_layout_shardings(
         shardings, same_layout, to_saved, model_shapes, target)
-    restored = checkpointer.restore(
-        path, args=ocp.args.StandardRestore(_abstract(target,
-                                                      target_shardings)))
+    restored = _restore_tree(checkpointer, item_path, subtree,
+                             _abstract(target, target_shardings))
   finally:
     checkpointer.close()
   if same_layout:

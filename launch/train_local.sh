@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Single-process training on this machine (its CPU, or all its GPUs / TPU
+# chips as one process).
+#
+# Usage:
+#   launch/train_local.sh [extra python -m t5x_adapt.train flags...]
+#   PRESET=t5gemma_tiny TRAIN_STEPS=300 MODEL_DIR=/tmp/run launch/train_local.sh
+#   launch/train_local.sh --gin.BATCH_SIZE=16 --gin.LEARNING_RATE=1e-3
+#
+# Overridable variables (defaults in brackets):
+#   PYTHON             interpreter [.venv/bin/python if present, else python3]
+#   PRESET             model preset, gin/models/<PRESET>.gin [gemma2_tiny]
+#   RUN_GIN            run file [gin/runs/pretrain_encdec.gin for t5gemma*
+#                      presets, else gin/runs/pretrain.gin]
+#   TASK               seqio task or mixture [corpus_prefix_lm_spm8k for
+#                      t5gemma* presets, else corpus_lm_spm8k]
+#   MODEL_DIR          run directory [/tmp/t5x_adapt/<PRESET>]
+#   TRAIN_STEPS        [100]
+#   DATA_PARALLELISM   [-1: all devices], FSDP_PARALLELISM [1],
+#   TENSOR_PARALLELISM [1]
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ -x .venv/bin/python ]]; then default_python=.venv/bin/python
+else default_python=python3; fi
+PYTHON=${PYTHON:-$default_python}
+PRESET=${PRESET:-gemma2_tiny}
+if [[ $PRESET == t5gemma* ]]; then
+  RUN_GIN=${RUN_GIN:-gin/runs/pretrain_encdec.gin}
+  TASK=${TASK:-corpus_prefix_lm_spm8k}
+else
+  RUN_GIN=${RUN_GIN:-gin/runs/pretrain.gin}
+  TASK=${TASK:-corpus_lm_spm8k}
+fi
+MODEL_DIR=${MODEL_DIR:-/tmp/t5x_adapt/$PRESET}
+TRAIN_STEPS=${TRAIN_STEPS:-100}
+DATA_PARALLELISM=${DATA_PARALLELISM:--1}
+FSDP_PARALLELISM=${FSDP_PARALLELISM:-1}
+TENSOR_PARALLELISM=${TENSOR_PARALLELISM:-1}
+
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
+exec "$PYTHON" -m t5x_adapt.train \
+  --gin_file="$RUN_GIN" \
+  --gin_file="gin/models/$PRESET.gin" \
+  --gin.MODEL_DIR="'$MODEL_DIR'" \
+  --gin.TRAIN_STEPS="$TRAIN_STEPS" \
+  --gin.MIXTURE_OR_TASK_NAME="'$TASK'" \
+  --gin.DATA_PARALLELISM="$DATA_PARALLELISM" \
+  --gin.FSDP_PARALLELISM="$FSDP_PARALLELISM" \
+  --gin.TENSOR_PARALLELISM="$TENSOR_PARALLELISM" \
+  "$@"

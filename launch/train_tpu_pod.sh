@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Training on a Cloud TPU pod slice: the same command on every worker VM
+# (gcloud compute tpus tpu-vm ssh --worker=all). Each worker runs one process;
+# jax.distributed finds the pod's workers from the TPU metadata itself
+# (--distributed=yes makes sure it is called). Run it from your workstation.
+#
+# Prerequisites: the repository at $REMOTE_DIR on every worker with its
+# dependencies (e.g. `pip install -e . "jax[tpu]"`), and a MODEL_DIR that all
+# workers can reach (a gs:// bucket).
+#
+# Usage:
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b MODEL_DIR=gs://my-bucket/runs/r1 \
+#     PRESET=t5gemma_2b_2b TRAIN_STEPS=100000 FSDP_PARALLELISM=16 \
+#     launch/train_tpu_pod.sh [extra python -m t5x_adapt.train flags...]
+#
+# Overridable variables (defaults in brackets):
+#   TPU_NAME, ZONE       required
+#   PROJECT              gcloud project [gcloud's default]
+#   MODEL_DIR            required (gs://...)
+#   REMOTE_DIR           repository on the workers [~/t5x_adapt]
+#   PYTHON               interpreter on the workers [python3]
+#   PRESET, RUN_GIN, TASK, TRAIN_STEPS, DATA_PARALLELISM, FSDP_PARALLELISM,
+#   TENSOR_PARALLELISM: as in launch/train_local.sh
+set -euo pipefail
+
+TPU_NAME=${TPU_NAME:?set TPU_NAME to the TPU VM (pod slice) name}
+ZONE=${ZONE:?set ZONE to the TPU zone}
+PROJECT=${PROJECT:-}
+MODEL_DIR=${MODEL_DIR:?set MODEL_DIR to a directory all workers reach (gs://)}
+REMOTE_DIR=${REMOTE_DIR:-'~/t5x_adapt'}
+PYTHON=${PYTHON:-python3}
+PRESET=${PRESET:-gemma2_tiny}
+if [[ $PRESET == t5gemma* ]]; then
+  RUN_GIN=${RUN_GIN:-gin/runs/pretrain_encdec.gin}
+  TASK=${TASK:-corpus_prefix_lm_spm8k}
+else
+  RUN_GIN=${RUN_GIN:-gin/runs/pretrain.gin}
+  TASK=${TASK:-corpus_lm_spm8k}
+fi
+TRAIN_STEPS=${TRAIN_STEPS:-100}
+DATA_PARALLELISM=${DATA_PARALLELISM:--1}
+FSDP_PARALLELISM=${FSDP_PARALLELISM:-1}
+TENSOR_PARALLELISM=${TENSOR_PARALLELISM:-1}
+
+train=("$PYTHON" -m t5x_adapt.train
+       --gin_file="$RUN_GIN"
+       --gin_file="gin/models/$PRESET.gin"
+       --gin.MODEL_DIR="'$MODEL_DIR'"
+       --gin.TRAIN_STEPS="$TRAIN_STEPS"
+       --gin.MIXTURE_OR_TASK_NAME="'$TASK'"
+       --gin.DATA_PARALLELISM="$DATA_PARALLELISM"
+       --gin.FSDP_PARALLELISM="$FSDP_PARALLELISM"
+       --gin.TENSOR_PARALLELISM="$TENSOR_PARALLELISM"
+       --distributed=yes
+       "$@")
+# REMOTE_DIR stays unquoted so that ~ expands on the workers; every argument
+# of the train command is quoted for the remote shell.
+remote_command="cd $REMOTE_DIR && TF_CPP_MIN_LOG_LEVEL=3"
+remote_command+=" $(printf '%q ' "${train[@]}")"
+
+project=()
+if [[ -n $PROJECT ]]; then project=(--project "$PROJECT"); fi
+exec gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" \
+  ${project[@]+"${project[@]}"} \
+  --worker=all --command "$remote_command"

@@ -1,0 +1,215 @@
+"""Training checkpoints: the whole TrainState and the input position, by orbax.
+
+`t5x_adapt.checkpoints` holds parameter-only checkpoints (conversion,
+init checkpoints; its `restore_params` also reads the parameters of a step
+written here); this module holds what training needs to resume exactly.
+A `CheckpointManager` over `MODEL_DIR/checkpoints` writes one directory per
+step:
+
+  checkpoints/<step>/state/   TrainState (params, opt_state, step), orbax
+                              StandardSave: sharded, restorable onto any mesh
+  checkpoints/<step>/input/   input_state-<process>.*: each host's tf.data
+                              iterator position (`InputIterator.save`)
+  checkpoints/<step>/_CHECKPOINT_METADATA   orbax: commit time, eval metrics
+
+Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and
+renames it to `<step>` only after every host has finished writing every item,
+so a process killed during a save leaves the earlier steps as they were.
+`latest_step` additionally skips step directories that are not complete
+(no commit timestamp, or an item missing), e.g. a half-copied directory.
+
+Saving is asynchronous: `save` returns once the arrays are copied to host
+memory, and the files are written in a background thread while training goes
+on (the next `save`, `wait` and `close` wait for it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Optional
+
+from absl import logging
+from etils import epath
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from t5x_adapt.checkpoints import TRAIN_STATE_ITEM
+from t5x_adapt.data.pipeline import InputIterator
+
+STATE = TRAIN_STATE_ITEM
+INPUT = 'input'
+BEST_METRIC = 'eval_loss'  # Lower is better.
+_STEP_METADATA = '_CHECKPOINT_METADATA'
+
+
+# ------------------------------------------------- input position handler --
+
+
+class InputStateHandler(ocp.CheckpointHandler):
+  """Saves and restores an `InputIterator`'s position (one file set a host).
+
+  Every process writes its own `input_state-<process>` files into the item
+  directory, which orbax creates and commits with the rest of the step.
+  """
+
+  def save(self, directory: epath.Path, args: 'InputSave'):
+    args.iterator.save(os.fspath(directory))
+
+  def restore(self, directory: epath.Path,
+              args: 'InputRestore') -> InputIterator:
+    try:
+      args.iterator.restore(os.fspath(directory))
+    except FileNotFoundError as e:  # e.g. the number of hosts changed
+      logging.warning('%s; the input pipeline starts from its beginning', e)
+    return args.iterator
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(InputStateHandler, for_save=True)
+@dataclasses.dataclass
+class InputSave(ocp.args.CheckpointArgs):
+  iterator: InputIterator
+
+
+@ocp.args.register_with_handler(InputStateHandler, for_restore=True)
+@dataclasses.dataclass
+class InputRestore(ocp.args.CheckpointArgs):
+  iterator: InputIterator
+
+
+# -------------------------------------------------------------- manager --
+
+
+def _loss(metrics: Mapping[str, float]) -> float:
+  """The ranking metric of a checkpoint (+inf: saved without an eval)."""
+  return float(metrics.get(BEST_METRIC, float('inf')))
+
+
+def abstract_state(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings: the restore target."""
+  return jax.tree_util.tree_map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                               sharding=sharding),
+      shapes, shardings)
+
+
+def is_complete(step_dir: epath.PathLike) -> bool:
+  """Whether a step directory is a committed, whole checkpoint."""
+  step_dir = epath.Path(step_dir)
+  try:
+    metadata = json.loads((step_dir / _STEP_METADATA).read_text())
+  except (OSError, ValueError):
+    return False
+  return bool(metadata.get('commit_timestamp_nsecs')) and all(
+      (step_dir / item).is_dir() for item in (STATE, INPUT))
+
+
+class CheckpointManager:
+  """Saves and restores (TrainState, input position) pairs by step.
+
+  Args:
+    directory: Where step directories go (`MODEL_DIR/checkpoints`).
+    keep: Number of most recent checkpoints kept (None: all).
+    keep_best: Also keep the checkpoint with the lowest `eval_loss` among
+      those saved with metrics.
+    async_save: Write files in a background thread.
+  """
+
+  def __init__(self, directory: epath.PathLike, keep: Optional[int] = 3,
+               keep_best: bool = True, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self.keep_best = keep_best
+    preserve = [policies.LatestN(n=keep)]
+    if keep_best:
+      preserve.append(policies.BestN(get_metric_fn=_loss, reverse=True, n=1,
+                                     keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(preserve),
+        # Only with a best_fn does orbax write each step's metrics to disk.
+        best_fn=_loss if keep_best else None, best_mode='min',
+        enable_async_checkpointing=async_save,
+        # A killed save leaves a tmp directory; remove it when we start again.
+        cleanup_tmp_directories=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    """Steps of complete checkpoints, ascending."""
+    self._manager.reload()
+    return sorted(step for step in self._manager.all_steps()
+                  if is_complete(self.directory / str(step)))
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None."""
+    steps = self.all_steps()
+    skipped = sorted(set(self._manager.all_steps()) - set(steps))
+    if skipped:
+      logging.warning('ignoring incomplete checkpoint directories for steps '
+                      '%s in %s', skipped, self.directory)
+    return steps[-1] if steps else None
+
+  def _losses(self) -> dict[int, float]:
+    """{step: eval loss} of the complete checkpoints saved with one."""
+    losses = {step: _loss(self._manager.metrics(step) or {})
+              for step in self.all_steps()}
+    return {step: loss for step, loss in losses.items()
+            if loss != float('inf')}
+
+  def best_step(self) -> Optional[int]:
+    """The complete checkpoint with the lowest eval loss, or None."""
+    losses = self._losses()
+    return min(losses, key=losses.get) if losses else None
+
+  def best_loss(self) -> float:
+    """The lowest eval loss of a kept checkpoint (inf: none)."""
+    return min(self._losses().values(), default=float('inf'))
+
+  def save(self, step: int, state: Any, iterator: InputIterator,
+           metrics: Optional[Mapping[str, float]] = None) -> None:
+    """Starts saving `state` and `iterator`'s position as `step`.
+
+    Returns once the state is copied off the devices, so the caller may
+    donate or overwrite its buffers; the write finishes in the background.
+    """
+    if step in self._manager.all_steps():
+      return  # Already saved (e.g. a final save right after a periodic one).
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                   INPUT: InputSave(iterator)}),
+        metrics=dict(metrics or {}) if self.keep_best else None, force=True)
+
+  def restore(self, step: int, target: Any,
+              iterator: Optional[InputIterator] = None) -> Any:
+    """Restores the TrainState of `step` onto `target`'s shardings.
+
+    Args:
+      step: A step of `all_steps()`.
+      target: Tree of ShapeDtypeStructs with shardings (`abstract_state`);
+        the arrays are read (resharded as needed) onto those shardings.
+      iterator: If given, moved to the input position saved with `step` (or
+        left at its start, with a warning, if this host saved none there,
+        e.g. because the number of hosts changed).
+
+    Returns:
+      The restored TrainState.
+    """
+    args = {STATE: ocp.args.StandardRestore(target)}
+    if iterator is not None:
+      args[INPUT] = InputRestore(iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    return restored[STATE]
+
+  def wait(self) -> None:
+    """Blocks until pending saves are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+

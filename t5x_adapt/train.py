@@ -1,0 +1,576 @@
+r"""Training entry point, configured with gin in T5X's idioms.
+
+  python -m t5x_adapt.train \
+    --gin_file=gin/runs/pretrain.gin --gin_file=gin/models/gemma2_tiny.gin \
+    --gin.MODEL_DIR="'/tmp/run'" --gin.TRAIN_STEPS=100 \
+    --gin.MIXTURE_OR_TASK_NAME="'corpus_lm_spm8k'"
+
+`train()` runs these steps:
+  1. model: the preset bound to `MODEL`, its vocabulary fitted to the task's
+  2. partitioner (mesh), optimizer (with its schedule) and trainer
+  3. input pipelines: the task's train split, and its validation split
+  4. state: resume from MODEL_DIR's latest checkpoint (with the input
+     position), else an init checkpoint (params only), else from scratch
+  5. the operative gin config to MODEL_DIR/config.gin; compile the step and
+     print its memory use
+  6. the loop: step; progress bar (loss, tokens/s, MFU, ETA); every
+     `log_every` steps a JSON line in MODEL_DIR/metrics.jsonl and TensorBoard
+     scalars in MODEL_DIR/train; every `eval_every` steps the validation loss
+     (MODEL_DIR/eval); every `save_every` steps, on SIGTERM and at the end a
+     checkpoint in MODEL_DIR/checkpoints (`t5x_adapt.checkpointing`).
+
+Only process 0 writes logs, summaries and the config. Multi-host runs call
+`jax.distributed.initialize` first: from --coordinator_address,
+--num_processes and --process_id, or from the environment (JAX_COORDINATOR_
+ADDRESS, SLURM, Cloud TPU pods; --distributed=yes forces it).
+"""
+
+from __future__ import annotations
+
+if __name__ == '__main__':
+  # `python -m t5x_adapt.train`: run the importable module instead, so that
+  # gin knows `train` once, as t5x_adapt.train.train (not __main__.train).
+  from t5x_adapt import train as _train  # pylint: disable=import-self
+  _train.main()
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Mapping, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import seqio
+import tqdm
+
+from t5x_adapt import checkpointing
+from t5x_adapt import checkpoints
+from t5x_adapt import flops
+from t5x_adapt import gin_utils
+from t5x_adapt import optimizers
+from t5x_adapt import partitioning
+from t5x_adapt import trainer as trainer_lib
+from t5x_adapt.data import pipeline
+
+CHECKPOINT_DIR = 'checkpoints'
+METRICS_FILE = 'metrics.jsonl'
+CONFIG_FILE = 'config.gin'
+
+_GIN_FILES = flags.DEFINE_multi_string(
+    'gin_file', [], 'Gin files, parsed in order (relative to the working '
+    'directory or the repository root).')
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+    'gin_bindings', [], 'Gin bindings, parsed after the files; '
+    '--gin.NAME=VALUE is shorthand for --gin_bindings="NAME = VALUE".')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'yes', 'no'],
+    'Call jax.distributed.initialize: auto = when a coordinator is given or '
+    'a multi-process cluster environment is detected.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 (multi-host).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Number of processes (multi-host).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process\'s index (multi-host).')
+
+
+def _say(message: str) -> None:
+  """Prints on process 0, without breaking the progress bar."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- model --
+
+
+def _task_vocab_size(mixture_or_task_name: str) -> int:
+  features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
+  return max(f.vocabulary.vocab_size for f in features.values())
+
+
+def build_model(mixture_or_task_name: str, vocab_size: Optional[int]):
+  """The model bound to `MODEL`, with a vocabulary that fits the task.
+
+  Args:
+    mixture_or_task_name: The task; its data must be prepared (the task's
+      vocabulary is read when `vocab_size` is None).
+    vocab_size: Model vocabulary size; None keeps the preset's unless the
+      task's vocabulary is larger (e.g. a tiny test preset on an 8k task),
+      in which case the task's size is used.
+
+  Returns:
+    The model.
+  """
+  model = gin_utils.model_from_config()
+  config = model.config
+  current = getattr(config, 'decoder', config).vocab_size
+  if vocab_size is None:
+    vocab_size = max(current, _task_vocab_size(mixture_or_task_name))
+  if vocab_size != current:
+    _say(f'Model vocabulary: {current} -> {vocab_size}')
+    model = gin_utils.model_from_config(vocab_size=vocab_size)
+  return model
+
+
+# ----------------------------------------------------------------- data --
+
+
+def _datasets(feature_converter_cls, mixture_or_task_name: str,
+              task_feature_lengths: Mapping[str, int], batch_size: int,
+              eval_steps: int):
+  """(train dataset, eval dataset or None), this host's share of batches."""
+  if batch_size % jax.process_count():
+    raise ValueError(f'batch size {batch_size} does not split over '
+                     f'{jax.process_count()} processes')
+  host_batch = batch_size // jax.process_count()
+  converter = feature_converter_cls(pack=True)
+  train_ds = pipeline.get_dataset(mixture_or_task_name, task_feature_lengths,
+                                  converter, host_batch, split='train')
+  eval_ds = None
+  if eval_steps:
+    # Repeated and cut, so every host reads the same number of batches, and
+    # unshuffled, so every evaluation sees the same ones.
+    eval_ds = pipeline.get_dataset(
+        mixture_or_task_name, task_feature_lengths, converter, host_batch,
+        split='validation', shuffle=False, num_epochs=None).take(eval_steps)
+  return train_ds, eval_ds
+
+
+def _global_shapes(dataset, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  return {k: jax.ShapeDtypeStruct((batch_size, *spec.shape[1:]),
+                                  spec.dtype.as_numpy_dtype)
+          for k, spec in dataset.element_spec.items()}
+
+
+def _tokens_per_step(batch_shapes) -> int:
+  """Every position of a global batch, encoder and decoder."""
+  return sum(int(np.prod(batch_shapes[k].shape)) for k in
+             ('encoder_input_tokens', 'decoder_target_tokens')
+             if k in batch_shapes)
+
+
+# ---------------------------------------------------------------- state --
+
+
+def initial_state(trainer, manager: checkpointing.CheckpointManager,
+                  input_shapes, iterator: pipeline.InputIterator,
+                  init_checkpoint: Optional[str]):
+  """Latest checkpoint in MODEL_DIR -> init checkpoint -> from scratch."""
+  step = manager.latest_step()
+  if step is not None:
+    _say(f'Resuming from {manager.directory / str(step)}')
+    target = checkpointing.abstract_state(
+        trainer.state_shapes(input_shapes),
+        trainer.state_shardings(input_shapes))
+    return manager.restore(step, target, iterator)
+  if init_checkpoint:
+    _say(f'Initialising parameters from {init_checkpoint}')
+    shardings = trainer.state_shardings(input_shapes).params
+    params = checkpoints.restore_params(init_checkpoint, trainer.model,
+                                        shardings=shardings)
+    return trainer.init_state(input_shapes, params=params)
+  _say('Training from scratch')
+  return trainer.init_state(input_shapes)
+
+
+# -------------------------------------------------------------- metrics --
+
+
+class _ScalarSummaries:
+  """TensorBoard scalars in one log directory.
+
+  Writes the events `tf.summary.scalar` writes (a float tensor with the
+  `scalars` plugin's metadata) through TensorFlow's own summary writer, so
+  it needs no `tensorboard` package (only to view them).
+  """
+
+  def __init__(self, logdir: pathlib.Path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(str(logdir))
+    self._metadata = tf.compat.v1.SummaryMetadata()
+    self._metadata.plugin_data.plugin_name = 'scalars'
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    tf = self._tf
+    with self._writer.as_default():
+      for name, value in values.items():
+        tf.summary.write(name, tf.constant(float(value), tf.float32),
+                         step=step, metadata=self._metadata)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class MetricsWriter:
+  """metrics.jsonl lines and TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, model_dir: pathlib.Path):
+    self._enabled = jax.process_index() == 0
+    if not self._enabled:
+      return
+    self._jsonl = open(model_dir / METRICS_FILE, 'a', encoding='utf-8')
+    self._summaries = {kind: _ScalarSummaries(model_dir / kind)
+                       for kind in ('train', 'eval')}
+
+  def write(self, kind: str, step: int, scalars: Mapping[str, float]) -> None:
+    """One JSON line (eval keys prefixed `eval_`) and TensorBoard scalars."""
+    if not self._enabled:
+      return
+    prefix = '' if kind == 'train' else f'{kind}_'
+    line = {'step': step, **{prefix + k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(line) + '\n')
+    self._jsonl.flush()
+    self._summaries[kind].scalars(step, scalars)
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      for summaries in self._summaries.values():
+        summaries.close()
+
+
+class Throughput:
+  """Tokens/s and MFU of a step time."""
+
+  def __init__(self, model, batch_shapes, peak_flops: Optional[float]):
+    self.tokens = _tokens_per_step(batch_shapes)
+    shapes = {k: v.shape for k, v in batch_shapes.items()}
+    self.flops = flops.train_step_flops(model.config, shapes)
+    self.peak = flops.device_peak_flops(override=peak_flops) * (
+        jax.device_count())
+
+  def __call__(self, seconds: float) -> dict[str, float]:
+    seconds = max(seconds, 1e-9)
+    return {'tokens_per_second': self.tokens / seconds,
+            'mfu': self.flops / seconds / self.peak,
+            'step_time': seconds}
+
+
+# ----------------------------------------------------------------- eval --
+
+
+class Evaluator:
+  """Mean validation cross-entropy (nats per target token) of the params."""
+
+  def __init__(self, trainer, dataset, input_shapes):
+    self._dataset = dataset
+    partitioner = trainer.partitioner
+    model = trainer.model
+
+    def evaluate(params, batch):
+      _, metrics = model.loss_fn(params, batch, None)
+      tokens = metrics['num_tokens']
+      return {'loss': metrics['cross_entropy'] * tokens,
+              'accuracy': metrics['accuracy'] * tokens, 'tokens': tokens}
+
+    self._partitioner = partitioner
+    self._context = trainer.context
+    self._step = jax.jit(
+        evaluate,
+        in_shardings=(trainer.state_shardings(input_shapes).params,
+                      partitioner.batch_sharding),
+        out_shardings=partitioner.replicated)
+
+  def __call__(self, params) -> dict[str, float]:
+    totals = {'loss': 0.0, 'accuracy': 0.0, 'tokens': 0.0}
+    with self._context():
+      for batch in self._dataset.as_numpy_iterator():
+        sums = jax.device_get(
+            self._step(params, self._partitioner.shard_batch(batch)))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    tokens = max(totals['tokens'], 1.0)
+    return {'loss': totals['loss'] / tokens,
+            'accuracy': totals['accuracy'] / tokens,
+            'tokens': totals['tokens']}
+
+
+# ----------------------------------------------------------- preemption --
+
+
+class PreemptionHandler:
+  """Turns SIGTERM into a request to save and stop at the next step.
+
+  All processes stop at the same step: with several processes the request
+  is agreed on (any process's) every step.
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def reached(self) -> bool:
+    if jax.process_count() == 1:
+      return self._requested
+    flags_ = multihost_utils.process_allgather(np.int32(self._requested))
+    return bool(np.any(flags_))
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------- train --
+
+
+def _write_config(model_dir: pathlib.Path, model) -> None:
+  """The operative gin config, and the vocabulary `build_model` chose."""
+  if jax.process_index() == 0:
+    vocab = getattr(model.config, 'decoder', model.config).vocab_size
+    (model_dir / CONFIG_FILE).write_text(
+        gin.operative_config_str() +
+        f'\n# The model was built with vocab_size = {vocab} (train.vocab_size)'
+        '\n')
+
+
+def _format(metrics: Mapping[str, float]) -> dict[str, str]:
+  return {'loss': f'{metrics["loss"]:.3f}',
+          'tok/s': f'{metrics["tokens_per_second"]:,.0f}',
+          'mfu': f'{100 * metrics["mfu"]:.2f}%'}
+
+
+@gin.configurable
+def train(model_dir: str = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED,
+          init_checkpoint: Optional[str] = None,
+          vocab_size: Optional[int] = None,
+          log_every: int = 10,
+          eval_every: int = 0,
+          eval_steps: int = 10,
+          save_every: int = 1000,
+          keep: Optional[int] = 3,
+          keep_best: bool = True,
+          async_checkpointing: bool = True,
+          peak_flops: Optional[float] = None) -> trainer_lib.TrainState:
+  """Trains the gin-configured model; see the module docstring.
+
+  Args:
+    model_dir: Run directory: checkpoints, config.gin, metrics, summaries.
+    train_steps: Total number of optimizer steps (resumed runs count on).
+    mixture_or_task_name: seqio task or mixture to train on.
+    task_feature_lengths: e.g. {'targets': 128} (decoder-only) or
+      {'inputs': 128, 'targets': 128} (encoder-decoder).
+    batch_size: Global batch size (each host reads batch / process_count).
+    init_checkpoint: Parameters to start from when MODEL_DIR has no
+      checkpoint: a `checkpoints.save_params` directory or a training
+      checkpoint step directory (`.../checkpoints/<step>`).
+    vocab_size: Model vocabulary (None: see `build_model`).
+    log_every: Steps between metrics.jsonl lines and TensorBoard points.
+    eval_every: Steps between validation evaluations (0: never).
+    eval_steps: Validation batches per evaluation.
+    save_every: Steps between checkpoints.
+    keep: Number of recent checkpoints to keep (None: all).
+    keep_best: Also keep the checkpoint with the lowest validation loss.
+    async_checkpointing: Write checkpoints in the background.
+    peak_flops: Peak FLOP/s of one device for MFU (None: by device kind).
+
+  Returns:
+    The final TrainState.
+  """
+  model_dir = pathlib.Path(model_dir)
+  if jax.process_index() == 0:
+    model_dir.mkdir(parents=True, exist_ok=True)
+
+  # 1-3. Data first: preparing it makes the task's vocabulary readable.
+  converter_cls = gin_utils.model_from_config().FEATURE_CONVERTER_CLS
+  train_ds, eval_ds = _datasets(converter_cls, mixture_or_task_name,
+                                task_feature_lengths, batch_size,
+                                eval_steps if eval_every else 0)
+  model = build_model(mixture_or_task_name, vocab_size)
+  partitioner = partitioning.Partitioner()
+  learning_rate = optimizers.schedule()
+  trainer = trainer_lib.Trainer(
+      model, partitioner, optimizers.optimizer(learning_rate=learning_rate))
+  batch_shapes = _global_shapes(train_ds, batch_size)
+  input_shapes = {k: v.shape for k, v in batch_shapes.items()}
+  iterator = pipeline.InputIterator(train_ds)
+  evaluator = Evaluator(trainer, eval_ds, input_shapes) if eval_ds else None
+
+  # 4. State.
+  manager = checkpointing.CheckpointManager(
+      model_dir / CHECKPOINT_DIR, keep=keep, keep_best=keep_best,
+      async_save=async_checkpointing)
+  state = initial_state(trainer, manager, input_shapes, iterator,
+                        init_checkpoint)
+  start = int(jax.device_get(state.step))
+
+  # 5. Config, compiled step, memory.
+  _write_config(model_dir, model)
+  step_fn = trainer.compile_step(trainer.state_shardings(input_shapes),
+                                 batch_shapes, jax.eval_shape(lambda: state))
+  _say(f'Mesh {dict(partitioner.mesh.shape)}, '
+       f'{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} '
+       f'parameters; compiled step memory: '
+       f'{trainer_lib.memory_summary(step_fn)}')
+
+  # 6. Loop.
+  loop = Loop(step_fn=step_fn, iterator=iterator, partitioner=partitioner,
+              evaluator=evaluator, manager=manager,
+              writer=MetricsWriter(model_dir),
+              throughput=Throughput(model, batch_shapes, peak_flops),
+              preemption=PreemptionHandler(), learning_rate=learning_rate,
+              log_every=log_every, eval_every=eval_every,
+              save_every=save_every)
+  try:
+    return loop.run(state, start, train_steps)
+  finally:
+    loop.close()
+
+
+@dataclasses.dataclass
+class Loop:
+  """The training loop and everything it touches (built by `train`)."""
+
+  step_fn: Callable
+  iterator: pipeline.InputIterator
+  partitioner: partitioning.Partitioner
+  evaluator: Optional[Evaluator]
+  manager: checkpointing.CheckpointManager
+  writer: MetricsWriter
+  throughput: Throughput
+  preemption: PreemptionHandler
+  learning_rate: Callable[[int], float]
+  log_every: int
+  eval_every: int
+  save_every: int
+  _window: tuple[float, int] = dataclasses.field(init=False, default=(0., 0))
+  _best: float = dataclasses.field(init=False, default=float('inf'))
+
+  def run(self, state, start: int, train_steps: int):
+    """Steps from `start` to `train_steps` (or a SIGTERM); the final state."""
+    progress = tqdm.tqdm(total=train_steps, initial=start, unit='step',
+                         disable=jax.process_index() != 0, dynamic_ncols=True)
+    self._window = (time.perf_counter(), 0)  # (start, steps) since last log
+    self._best = self.manager.best_loss()
+    for step in range(start + 1, train_steps + 1):
+      state, metrics, seconds = self._step(state)
+      progress.set_postfix(_format({'loss': metrics['loss'],
+                                    **self.throughput(seconds)}),
+                           refresh=False)
+      progress.update(1)
+      last = step == train_steps
+      if step % self.log_every == 0 or last:
+        self._log(step, metrics)
+      eval_metrics = None
+      if self.evaluator and (step % self.eval_every == 0 or last):
+        eval_metrics = self._evaluate(step, state.params)
+      preempted = self.preemption.reached()
+      if step % self.save_every == 0 or last or preempted:
+        self.manager.save(step, state, self.iterator, metrics=eval_metrics and
+                          {checkpointing.BEST_METRIC: eval_metrics['loss']})
+      if preempted:
+        _say(f'SIGTERM: saved step {step}, stopping')
+        break
+    progress.close()
+    return state
+
+  def _step(self, state):
+    """One train step; (state, host metrics, seconds it took)."""
+    started = time.perf_counter()
+    batch = self.partitioner.shard_batch(next(self.iterator))
+    state, metrics = self.step_fn(state, batch)
+    metrics = jax.device_get(metrics)
+    window_start, window_steps = self._window
+    self._window = (window_start, window_steps + 1)
+    return state, metrics, time.perf_counter() - started
+
+  def _log(self, step: int, metrics) -> None:
+    """Train metrics, throughput averaged since the last log line."""
+    window_start, window_steps = self._window
+    seconds = (time.perf_counter() - window_start) / max(window_steps, 1)
+    self.writer.write('train', step, {
+        **{k: metrics[k] for k in ('loss', 'accuracy', 'grad_norm',
+                                   'param_norm')},
+        'learning_rate': float(self.learning_rate(step - 1)),
+        **self.throughput(seconds)})
+    self._window = (time.perf_counter(), 0)
+
+  def _evaluate(self, step: int, params) -> dict[str, float]:
+    started = time.perf_counter()
+    metrics = self.evaluator(params)
+    self._best = min(self._best, metrics['loss'])
+    self.writer.write('eval', step, {**metrics, 'best_loss': self._best})
+    _say(f'step {step}: validation loss {metrics["loss"]:.4f} '
+         f'(best {self._best:.4f})')
+    # Evaluation time is not training time.
+    window_start, window_steps = self._window
+    self._window = (window_start + time.perf_counter() - started,
+                    window_steps)
+    return metrics
+
+  def close(self) -> None:
+    self.preemption.close()
+    self.manager.close()
+    self.writer.close()
+
+
+# ------------------------------------------------------------------ CLI --
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (T5X's shorthand)."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep:
+        raise app.UsageError(f'{arg}: expected --gin.NAME=VALUE')
+      arg = f'--gin_bindings={name} = {value}'
+    out.append(arg)
+  return out
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  return bool(env.get('JAX_COORDINATOR_ADDRESS')
+              or int(env.get('SLURM_NTASKS', '1')) > 1
+              or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` as the flags and environment ask."""
+  explicit = _COORDINATOR.value or _NUM_PROCESSES.value is not None
+  if _DISTRIBUTED.value == 'no' or (_DISTRIBUTED.value == 'auto' and not (
+      explicit or _cluster_detected())):
+    return
+  # CPU devices of several processes talk over gloo (no effect elsewhere).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value,
+                             process_id=_PROCESS_ID.value)
+
+
+def _main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+  initialize_distributed()
+  gin_utils.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, finalize=True)
+  train()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Command-line entry point (argv defaults to sys.argv)."""
+  app.run(_main, argv=rewrite_gin_args(sys.argv if argv is None else argv))
+
