@@ -34,28 +34,9 @@ cd "$REPO_DIR"
 if [[ -x .venv/bin/python ]]; then default_python=$REPO_DIR/.venv/bin/python
 else default_python=python3; fi
 PYTHON=${PYTHON:-$default_python}
+source launch/common.sh
 MODEL_DIR=${MODEL_DIR:?set MODEL_DIR to a directory on a shared file system}
-PRESET=${PRESET:-gemma2_tiny}
-if [[ $PRESET == t5gemma* ]]; then
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain_encdec.gin}
-  TASK=${TASK:-corpus_prefix_lm_spm8k}
-else
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain.gin}
-  TASK=${TASK:-corpus_lm_spm8k}
-fi
-TRAIN_STEPS=${TRAIN_STEPS:-100}
-DATA_PARALLELISM=${DATA_PARALLELISM:--1}
-FSDP_PARALLELISM=${FSDP_PARALLELISM:-1}
-TENSOR_PARALLELISM=${TENSOR_PARALLELISM:-1}
 
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
-srun --kill-on-bad-exit=1 "$PYTHON" -m t5x_adapt.train \
-  --gin_file="$RUN_GIN" \
-  --gin_file="gin/models/$PRESET.gin" \
-  --gin.MODEL_DIR="'$MODEL_DIR'" \
-  --gin.TRAIN_STEPS="$TRAIN_STEPS" \
-  --gin.MIXTURE_OR_TASK_NAME="'$TASK'" \
-  --gin.DATA_PARALLELISM="$DATA_PARALLELISM" \
-  --gin.FSDP_PARALLELISM="$FSDP_PARALLELISM" \
-  --gin.TENSOR_PARALLELISM="$TENSOR_PARALLELISM" \
-  "$@"
+train_command "$@"
+srun --kill-on-bad-exit=1 "${TRAIN_CMD[@]}"

@@ -26,19 +26,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -x .venv/bin/python ]]; then default_python=.venv/bin/python
 else default_python=python3; fi
 PYTHON=${PYTHON:-$default_python}
-PRESET=${PRESET:-gemma2_tiny}
-if [[ $PRESET == t5gemma* ]]; then
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain_encdec.gin}
-  TASK=${TASK:-corpus_prefix_lm_spm8k}
-else
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain.gin}
-  TASK=${TASK:-corpus_lm_spm8k}
-fi
+source launch/common.sh
 MODEL_DIR=${MODEL_DIR:-/tmp/t5x_adapt/${PRESET}_multiprocess}
-TRAIN_STEPS=${TRAIN_STEPS:-100}
-DATA_PARALLELISM=${DATA_PARALLELISM:--1}
-FSDP_PARALLELISM=${FSDP_PARALLELISM:-1}
-TENSOR_PARALLELISM=${TENSOR_PARALLELISM:-1}
 NUM_PROCESSES=${NUM_PROCESSES:-2}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-4}
 PORT=${PORT:-12355}
@@ -66,19 +55,9 @@ trap 'stop_all; exit 130' INT
 trap 'stop_all; exit 143' TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
-  cmd=("$PYTHON" -m t5x_adapt.train
-       --gin_file="$RUN_GIN"
-       --gin_file="gin/models/$PRESET.gin"
-       --gin.MODEL_DIR="'$MODEL_DIR'"
-       --gin.TRAIN_STEPS="$TRAIN_STEPS"
-       --gin.MIXTURE_OR_TASK_NAME="'$TASK'"
-       --gin.DATA_PARALLELISM="$DATA_PARALLELISM"
-       --gin.FSDP_PARALLELISM="$FSDP_PARALLELISM"
-       --gin.TENSOR_PARALLELISM="$TENSOR_PARALLELISM"
-       --coordinator_address="$COORDINATOR_ADDRESS"
-       --num_processes="$NUM_PROCESSES"
-       --process_id="$i"
-       "$@")
+  train_command --coordinator_address="$COORDINATOR_ADDRESS" \
+    --num_processes="$NUM_PROCESSES" --process_id="$i" "$@"
+  cmd=("${TRAIN_CMD[@]}")
   if ((i == 0)); then
     "${cmd[@]}" > >(tee "$LOG_DIR/process_0.log") 2>&1 &
   else

@@ -29,34 +29,13 @@ PROJECT=${PROJECT:-}
 MODEL_DIR=${MODEL_DIR:?set MODEL_DIR to a directory all workers reach (gs://)}
 REMOTE_DIR=${REMOTE_DIR:-'~/t5x_adapt'}
 PYTHON=${PYTHON:-python3}
-PRESET=${PRESET:-gemma2_tiny}
-if [[ $PRESET == t5gemma* ]]; then
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain_encdec.gin}
-  TASK=${TASK:-corpus_prefix_lm_spm8k}
-else
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain.gin}
-  TASK=${TASK:-corpus_lm_spm8k}
-fi
-TRAIN_STEPS=${TRAIN_STEPS:-100}
-DATA_PARALLELISM=${DATA_PARALLELISM:--1}
-FSDP_PARALLELISM=${FSDP_PARALLELISM:-1}
-TENSOR_PARALLELISM=${TENSOR_PARALLELISM:-1}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-train=("$PYTHON" -m t5x_adapt.train
-       --gin_file="$RUN_GIN"
-       --gin_file="gin/models/$PRESET.gin"
-       --gin.MODEL_DIR="'$MODEL_DIR'"
-       --gin.TRAIN_STEPS="$TRAIN_STEPS"
-       --gin.MIXTURE_OR_TASK_NAME="'$TASK'"
-       --gin.DATA_PARALLELISM="$DATA_PARALLELISM"
-       --gin.FSDP_PARALLELISM="$FSDP_PARALLELISM"
-       --gin.TENSOR_PARALLELISM="$TENSOR_PARALLELISM"
-       --distributed=yes
-       "$@")
+train_command --distributed=yes "$@"
 # REMOTE_DIR stays unquoted so that ~ expands on the workers; every argument
 # of the train command is quoted for the remote shell.
 remote_command="cd $REMOTE_DIR && TF_CPP_MIN_LOG_LEVEL=3"
-remote_command+=" $(printf '%q ' "${train[@]}")"
+remote_command+=" $(printf '%q ' "${TRAIN_CMD[@]}")"
 
 project=()
 if [[ -n $PROJECT ]]; then project=(--project "$PROJECT"); fi
