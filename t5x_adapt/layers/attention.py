@@ -162,14 +162,20 @@ class Attention(nn.Module):
     batch, q_len, _, _ = query.shape
     groups = self.num_heads // self.num_kv_heads
     # Query head n reads key/value head n // groups, as transformers does.
+    # Heads move in front of the sequence once, on the small q/k/v tensors,
+    # so that neither score einsum needs a transpose of the large
+    # [b, k, g, t, s] score tensor (or of its gradient).
     query = query.reshape(batch, q_len, self.num_kv_heads, groups,
-                          self.head_dim)
-    scores = jnp.einsum('btkgh,bskh->bkgts', query, key) * self.query_scale
+                          self.head_dim).transpose(0, 2, 3, 1, 4)
+    key = key.transpose(0, 2, 1, 3)  # [b, k, s, h]
+    value = value.transpose(0, 2, 1, 3)  # [b, k, s, h]
+    scores = jnp.einsum('bkgth,bksh->bkgts', query, key) * self.query_scale
     scores = softcap(scores, self.attn_logit_softcap)
     scores = jnp.where(mask[:, :, None], scores,
                        jnp.finfo(scores.dtype).min)  # mask: [b, 1, 1, t, s]
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-    out = jnp.einsum('bkgts,bskh->btkgh', probs.astype(self.dtype), value)
+    out = jnp.einsum('bkgts,bksh->bkgth', probs.astype(self.dtype), value)
+    out = out.transpose(0, 3, 1, 2, 4)  # [b, t, k, g, h]
     return out.reshape(batch, q_len, self.num_heads, self.head_dim)
 
   def _cached_cross_kv(self, inputs_kv, key_positions, key_segment_ids):
