@@ -73,23 +73,29 @@ class Trainer:
   def state_shardings(self, input_shapes) -> TrainState:
     """Shardings of every leaf of the TrainState.
 
-    Optimizer-state leaves shaped like a parameter take that parameter's
-    sharding; everything else (step counts, scalars, factored statistics) is
-    replicated.
+    Each copy of the parameter tree inside the optimizer state (Adam's
+    moments, say) takes the parameters' shardings, leaf by leaf. Leaves in a
+    parameter's place but of another shape (Adafactor's factored statistics)
+    and everything else (step counts) are replicated; the empty placeholders
+    of frozen parameters stay empty. (Matching by shape alone would mix up
+    equal-shaped parameters with different shardings, e.g. query and key
+    kernels of multi-head models.)
     """
     param_shardings = self.partitioner.shardings(
         self.model.logical_axes(input_shapes))
+    replicated = self.partitioner.replicated
     shapes = self.state_shapes(input_shapes)
-    by_shape = {}
-    for leaf, sharding in zip(jax.tree_util.tree_leaves(shapes.params),
-                              jax.tree_util.tree_leaves(param_shardings)):
-      by_shape.setdefault(leaf.shape, sharding)
-    # Moments mirror parameter shapes; pick the sharding by path when the
-    # optimizer keeps a params-shaped tree, by shape otherwise.
-    opt_shardings = jax.tree_util.tree_map(
-        lambda leaf: by_shape.get(leaf.shape, self.partitioner.replicated)
-        if leaf.ndim else self.partitioner.replicated, shapes.opt_state)
-    return TrainState(step=self.partitioner.replicated,
+
+    def like_param(leaf, param, sharding):
+      if isinstance(leaf, optax.MaskedNode):
+        return leaf
+      return sharding if leaf.shape == param.shape else replicated
+
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, like_param, shapes.opt_state, shapes.params,
+        param_shardings, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return TrainState(step=replicated,
                       params=param_shardings, opt_state=opt_shardings)
 
   # ---------------------------------------------------------------- init --

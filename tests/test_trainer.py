@@ -27,9 +27,13 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 
+from t5x_adapt import gin_utils
+from t5x_adapt import optimizers
 from t5x_adapt import partitioning
+from t5x_adapt import trainer as trainer_lib
 import train_steps_worker as worker
 
 ENC_DEC, DEC_ONLY = worker.MODELS
@@ -130,6 +134,30 @@ def test_partitioner_too_many_devices_is_a_clear_error():
   with pytest.raises(ValueError,
                      match=f'needs {2 * count} devices, {count} available'):
     partitioning.Partitioner(data=count, fsdp=2, tensor=1)
+
+
+
+
+def test_adam_moments_take_their_own_parameter_sharding():
+  """Moments are sharded like their own parameter, matched by path.
+
+  t5gemma_s_s is multi-head (heads == kv_heads): its query and key kernels
+  share a shape but not a sharding, so a match by shape would mix them up.
+  Only eval_shape runs; nothing is allocated.
+  """
+  model = gin_utils.load_model('t5gemma_s_s')
+  state_trainer = trainer_lib.Trainer(model, partitioning.Partitioner(),
+                                      optimizers.optimizer('adamw', 1e-3))
+  shardings = state_trainer.state_shardings({})
+  attention = shardings.params['decoder']['layers']['block_0'][
+      'self_attention']
+  assert attention['query']['kernel'].spec != attention['key']['kernel'].spec
+  param_specs = jax.tree_util.tree_map(lambda s: s.spec, shardings.params)
+  for moment in ('mu', 'nu'):
+    moment_specs = jax.tree_util.tree_map(
+        lambda s: s.spec, optax.tree_utils.tree_get(shardings.opt_state,
+                                                    moment))
+    assert moment_specs == param_specs, moment
 
 
 # ------------------------------------------------ acceptance 1: mesh-free --
