@@ -1,10 +1,15 @@
 # Defaults and the training command shared by the launch scripts (sourced).
 #
+# Sourced from the repository root. PYTHON defaults to the project's .venv
+# when there is one, else python3.
 # Reads (all optional): PYTHON, PRESET, RUN_GIN, TASK, MODEL_DIR, TRAIN_STEPS,
 # DATA_PARALLELISM, FSDP_PARALLELISM, TENSOR_PARALLELISM.
 # `train_command ARGS...` sets the array TRAIN_CMD to the
 # `python -m t5x_adapt.train ...` command line, with ARGS appended.
 
+if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then
+  PYTHON=$PWD/.venv/bin/python
+fi
 PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-gemma2_tiny}
 if [[ $PRESET == t5gemma* ]]; then

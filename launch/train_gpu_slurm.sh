@@ -31,9 +31,6 @@ set -euo pipefail
 # submission directory, not by the script's path.
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$REPO_DIR"
-if [[ -x .venv/bin/python ]]; then default_python=$REPO_DIR/.venv/bin/python
-else default_python=python3; fi
-PYTHON=${PYTHON:-$default_python}
 source launch/common.sh
 MODEL_DIR=${MODEL_DIR:?set MODEL_DIR to a directory on a shared file system}
 

@@ -21,9 +21,6 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [[ -x .venv/bin/python ]]; then default_python=.venv/bin/python
-else default_python=python3; fi
-PYTHON=${PYTHON:-$default_python}
 source launch/common.sh
 MODEL_DIR=${MODEL_DIR:-/tmp/t5x_adapt/$PRESET}
 

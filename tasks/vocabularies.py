@@ -10,9 +10,7 @@ def _corpus():
 
 
 def _gemma3():
-  from t5x_adapt import assets  # pylint: disable=g-import-not-at-top
-  path = assets.cache_dir() / 'gemma-3-270m' / 'gemma3_tokenizer.model'
-  return seqio.SentencePieceVocabulary(str(path))
+  return seqio.SentencePieceVocabulary(str(vocab.gemma3_model_path()))
 
 
 # name -> (vocabulary (loaded lazily by seqio), function that makes its file)

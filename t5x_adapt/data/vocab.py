@@ -69,15 +69,24 @@ def sentinel_ids(vocabulary: seqio.Vocabulary, count: int) -> list[int]:
   return [vocabulary.vocab_size - 1 - i for i in range(count)]
 
 
+def gemma3_model_path() -> pathlib.Path:
+  """Where Gemma 3's SentencePiece model is cached (it may not exist yet)."""
+  return assets.gemma3_270m_dir() / assets.GEMMA3_TOKENIZER_FILENAME
+
+
+def gemma3_model_file() -> pathlib.Path:
+  """Gemma 3's SentencePiece model, rebuilt from the real 270M GGUF once."""
+  from t5x_adapt.convert import gguf_tokenizer  # pylint: disable=g-import-not-at-top
+  path = gemma3_model_path()
+  if not path.exists():
+    gguf_tokenizer(assets.gemma3_270m_gguf(), path)
+  return path
+
+
 @functools.cache
 def gemma3_vocabulary() -> seqio.SentencePieceVocabulary:
-  """Gemma 3's tokenizer, rebuilt from the real 270M GGUF (cached)."""
-  from t5x_adapt.convert import gguf_tokenizer  # pylint: disable=g-import-not-at-top
-  gguf = assets.gemma3_270m_gguf()
-  path = gguf.with_name('gemma3_tokenizer.model')
-  if not path.exists():
-    gguf_tokenizer(gguf, path)
-  return seqio.SentencePieceVocabulary(str(path))
+  """Gemma 3's tokenizer as a seqio vocabulary (built on first use)."""
+  return seqio.SentencePieceVocabulary(str(gemma3_model_file()))
 
 
 def train_corpus_model(texts: Iterable[str], out: pathlib.Path,
