@@ -16,6 +16,7 @@ features (token 0 is padding):
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -70,10 +71,13 @@ class BaseModel(abc.ABC):
   FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
 
   def __init__(self, module: nn.Module, *, z_loss: float = 0.0,
-               eos_id: int = EOS_ID):
+               eos_id: int = EOS_ID,
+               decode_options: Optional[decoding.DecodeOptions] = None):
     self.module = module
     self.z_loss = z_loss
     self.eos_id = eos_id
+    # None: `DecodeOptions()` at each call, i.e. its gin bindings.
+    self.decode_options = decode_options
 
   @property
   def config(self):
@@ -127,9 +131,60 @@ class BaseModel(abc.ABC):
     return jnp.sum(token_log_probs(logits, targets) * weights, axis=-1)
 
   @abc.abstractmethod
+  def _prefill(self, params: Params, batch: Batch,
+               max_decode_length: Optional[int],
+               beams: int) -> decoding.Prefill:
+    """Runs the prompt (or encoder and start token) through the cache.
+
+    Args:
+      params: Model parameters.
+      batch: Model features.
+      max_decode_length: Tokens to generate (None: a model default).
+      beams: Hypotheses per row; the step function runs on batch * beams
+        rows (beam r * beams + j of row r), the prefill on batch rows.
+    """
+
   def predict_batch(self, params: Params, batch: Batch,
-                    max_decode_length: Optional[int] = None) -> jax.Array:
-    """Greedy continuation tokens [batch, max_decode_length]."""
+                    max_decode_length: Optional[int] = None,
+                    options: Optional[decoding.DecodeOptions] = None,
+                    rng: Optional[jax.Array] = None) -> jax.Array:
+    """Continuation tokens [batch, max_decode_length] (the best beam).
+
+    Greedy unless `options` (or the model's `decode_options`, or the gin
+    bindings of `DecodeOptions`) say otherwise; 0 after EOS.
+    """
+    return self.predict_batch_with_aux(params, batch, max_decode_length,
+                                       options, rng)[0]
+
+  def predict_batch_with_aux(
+      self, params: Params, batch: Batch,
+      max_decode_length: Optional[int] = None,
+      options: Optional[decoding.DecodeOptions] = None,
+      rng: Optional[jax.Array] = None,
+      return_all_decodes: bool = False) -> tuple[jax.Array, dict]:
+    """Continuation tokens and their scores.
+
+    Args:
+      params: Model parameters.
+      batch: Model features (the prompts / encoder inputs).
+      max_decode_length: Tokens to generate.
+      options: Decoding method and its settings.
+      rng: Key of sampling (required there, unused otherwise).
+      return_all_decodes: Beam search returns every beam.
+
+    Returns:
+      (tokens [batch, length], {'scores': [batch]}): log-probabilities of
+      the tokens up to EOS for greedy and sampling, the length-normalised
+      score (see `DecodeOptions.length_penalty`) for beam search. With
+      `return_all_decodes`, beam search gives tokens [batch, beams, length]
+      and scores [batch, beams], best first.
+    """
+    options = options or self.decode_options or decoding.DecodeOptions()
+    prefill = self._prefill(params, batch, max_decode_length, options.beams)
+    tokens, scores = decoding.decode(prefill, options, self.eos_id, rng)
+    if options.method == 'beam' and not return_all_decodes:
+      tokens, scores = tokens[:, 0], scores[:, 0]
+    return tokens, {'scores': scores}
 
   def _rngs(self, dropout_rng):
     return None if dropout_rng is None else {'dropout': dropout_rng}
@@ -164,14 +219,16 @@ class DecoderOnlyModel(BaseModel):
                              deterministic=dropout_rng is None,
                              rngs=self._rngs(dropout_rng))
 
-  def predict_batch(self, params, batch, max_decode_length=None):
-    """Greedy continuation of each prompt.
+  def _prefill(self, params, batch, max_decode_length, beams):
+    """Prefills the cache with each row's prompt.
 
     The prompt of a row is its non-pad `decoder_input_tokens` (restricted to
     `decoder_causal_attention` when given). Prompts are left-aligned against
     the cache so all rows decode in lock step, then the cache is extended
-    one token at a time.
+    one token at a time. The step function does not depend on the batch, so
+    it serves any number of beams.
     """
+    del beams
     tokens = batch['decoder_input_tokens']
     prompt_mask = tokens > 0
     prefix = batch.get('decoder_causal_attention')
@@ -199,8 +256,7 @@ class DecoderOnlyModel(BaseModel):
     logits, cache = run(prompt, padding_aware_positions(prompt_valid),
                         prompt_valid, None, prompt_prefix)
     lengths = jnp.sum(prompt_valid, axis=-1)
-    return decoding.greedy_loop(step, logits, cache, lengths,
-                                max_decode_length, self.eos_id)
+    return decoding.Prefill(step, logits, cache, lengths, max_decode_length)
 
 
 @gin.configurable
@@ -242,29 +298,37 @@ class EncoderDecoderModel(BaseModel):
     return self.module.apply({'params': params}, *self._encoder_inputs(batch),
                              method=EncoderDecoderTransformer.encode)
 
-  def predict_batch(self, params, batch, max_decode_length=None):
-    """Greedy decoding: the encoder runs once, cross-attention K/V are cached."""
-    _, enc_positions, enc_segments = self._encoder_inputs(batch)
+  def _prefill(self, params, batch, max_decode_length, beams):
+    """Encodes once and decodes the start token, caching cross-attention K/V.
+
+    The start token runs on the batch; the step function sees each row's
+    encoder output (positions, segments) repeated per beam, matching the
+    cache that `decoding.beam_search` repeats.
+    """
+    encoder = self._encoder_inputs(batch)[1:]
     encoded = self.encode(params, batch)
     if max_decode_length is None:
       max_decode_length = batch['decoder_target_tokens'].shape[1]
     batch_size = encoded.shape[0]
 
-    def step(tokens, positions, cache):
+    def run(encoder_side, tokens, positions, cache):
       variables = {'params': params}
       if cache is not None:
         variables['cache'] = cache
       logits, mutated = self.module.apply(
-          variables, encoded, enc_positions, enc_segments, tokens, positions,
-          jnp.ones_like(tokens), decode=True, cache_length=max_decode_length,
-          mutable=['cache'], method=EncoderDecoderTransformer.decode)
+          variables, *encoder_side, tokens, positions, jnp.ones_like(tokens),
+          decode=True, cache_length=max_decode_length, mutable=['cache'],
+          method=EncoderDecoderTransformer.decode)
       return logits[:, -1], mutated['cache']
 
+    repeated = tuple(jnp.repeat(x, beams, axis=0)
+                     for x in (encoded, *encoder))
     start = jnp.full((batch_size, 1), self.decoder_start_id, jnp.int32)
-    logits, cache = step(start, jnp.zeros_like(start), None)
+    logits, cache = run((encoded, *encoder), start, jnp.zeros_like(start),
+                        None)
     lengths = jnp.ones((batch_size,), jnp.int32)
-    return decoding.greedy_loop(step, logits, cache, lengths,
-                                max_decode_length, self.eos_id)
+    return decoding.Prefill(functools.partial(run, repeated), logits, cache,
+                            lengths, max_decode_length)
 
 
 def model_for_config(config: StackConfig | EncoderDecoderConfig,
