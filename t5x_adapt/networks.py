@@ -35,11 +35,16 @@ class DecoderOnlyTransformer(nn.Module):
                deterministic: bool = True,
                decode: bool = False,
                cache_length: Optional[int] = None,
-               return_hidden: bool = False) -> jax.Array:
-    """[batch, length] tokens -> float32 logits [batch, length, vocab]."""
+               return_hidden: bool = False,
+               first_logit: int = 0) -> jax.Array:
+    """[batch, length] tokens -> float32 logits [batch, length, vocab].
+
+    With `first_logit`, only positions from it on get logits.
+    """
     return self.decoder(tokens, positions, segment_ids, prefix,
                         deterministic=deterministic, decode=decode,
-                        cache_length=cache_length, return_hidden=return_hidden)
+                        cache_length=cache_length, return_hidden=return_hidden,
+                        first_logit=first_logit)
 
 
 class EncoderDecoderTransformer(nn.Module):

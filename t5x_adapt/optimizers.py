@@ -1,14 +1,14 @@
 """Learning-rate schedules and optax optimizers, configurable from gin.
 
-Parameter selection (weight-decay exclusion, freezing) is by regular
-expression over '/'-joined parameter paths such as
+Parameter selection (weight-decay exclusion, freezing, the adaptation
+warm-up) is by regular expression over '/'-joined parameter paths such as
 `decoder/layers/block_0/cross_attention/query/kernel`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import gin
 import jax
@@ -28,6 +28,40 @@ def match_tree(params, patterns: Sequence[str]) -> Any:
   compiled = [re.compile(p) for p in patterns]
   return jax.tree_util.tree_map(
       lambda path: any(c.search(path) for c in compiled), param_paths(params))
+
+
+class _HoldState(NamedTuple):
+  count: jax.Array
+
+
+def hold_until(steps: int, held: Sequence[str]) -> optax.GradientTransformation:
+  """Zeroes the updates of parameters matching `held` for the first `steps` steps.
+
+  Placed before gradient clipping it keeps the held parameters' gradients out
+  of the global norm; placed last it zeroes their updates, weight decay
+  included, so they stay bitwise unchanged. Adam's moments of held
+  parameters see only zero gradients, so they start from zero afterwards
+  (the shared bias correction then acts as a short implicit warm-up).
+  """
+  def init(params):
+    del params
+    return _HoldState(count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    holding = state.count < steps
+    mask = match_tree(updates, held)
+    updates = jax.tree_util.tree_map(
+        lambda u, m: jnp.where(holding, jnp.zeros_like(u), u) if m else u,
+        updates, mask)
+    return updates, _HoldState(count=jnp.minimum(state.count + 1, steps))
+
+  return optax.GradientTransformation(init, update)
+
+
+def _complement(patterns: Sequence[str]) -> str:
+  """One regex matching every path that matches none of `patterns`."""
+  return '^(?!.*(?:' + '|'.join(f'(?:{p})' for p in patterns) + '))'
 
 
 @gin.configurable
@@ -62,7 +96,10 @@ def optimizer(name: str = 'adamw',
               weight_decay: float = 0.0,
               no_decay: Sequence[str] = (r'norm/scale$',),
               clip_norm: float | None = 1.0,
-              frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+              frozen: Sequence[str] = (),
+              warmup_trainable: Sequence[str] = (r'cross_attention',),
+              warmup_trainable_steps: int = 0
+              ) -> optax.GradientTransformation:
   """AdamW or Adafactor with clipping, decay masks and frozen parameters.
 
   Args:
@@ -74,8 +111,12 @@ def optimizer(name: str = 'adamw',
     weight_decay: Decoupled weight decay.
     no_decay: Parameter-path regexes exempt from weight decay.
     clip_norm: Global gradient-norm clip (None: no clipping).
-    frozen: Parameter-path regexes whose updates are zero (e.g. everything
-      but cross-attention during the adaptation warm-up).
+    frozen: Parameter-path regexes whose updates are always zero.
+    warmup_trainable: Parameter-path regexes that alone train during the
+      first `warmup_trainable_steps` steps (the unbalanced adaptation
+      warm-up: cross-attention and its norms); every other parameter is held
+      bitwise unchanged until then, and out of the clipping norm.
+    warmup_trainable_steps: Length of that warm-up (0: none).
 
   Returns:
     The optax transformation.
@@ -95,7 +136,12 @@ def optimizer(name: str = 'adamw',
   else:
     raise ValueError(f'unknown optimizer {name!r} (adamw, adafactor)')
   steps = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  tx = optax.chain(*steps, base)
+  if warmup_trainable_steps:
+    held = [_complement(warmup_trainable)]
+    hold = lambda: hold_until(warmup_trainable_steps, held)
+    tx = optax.chain(hold(), *steps, base, hold())
+  else:
+    tx = optax.chain(*steps, base)
   if frozen:
     labels = lambda params: jax.tree_util.tree_map(
         lambda m: 'frozen' if m else 'trained', match_tree(params, frozen))

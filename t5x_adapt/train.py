@@ -10,7 +10,9 @@ r"""Training entry point, configured with gin in T5X's idioms.
   2. partitioner (mesh), optimizer (with its schedule) and trainer
   3. input pipelines: the task's train split, and its validation split
   4. state: resume from MODEL_DIR's latest checkpoint (with the input
-     position), else an init checkpoint (params only), else from scratch
+     position), else an init checkpoint (params only), else an adaptation
+     of decoder-only checkpoints (`t5x_adapt.adapt`), else from scratch;
+     a distillation teacher's parameters (`t5x_adapt.distillation`)
   5. the operative gin config to MODEL_DIR/config.gin; compile the step and
      print its memory use
   6. the loop: step; progress bar (loss, tokens/s, MFU, ETA); every
@@ -53,6 +55,7 @@ import numpy as np
 import seqio
 import tqdm
 
+from t5x_adapt import adapt
 from t5x_adapt import checkpointing
 from t5x_adapt import checkpoints
 from t5x_adapt import flops
@@ -164,8 +167,9 @@ def _tokens_per_step(batch_shapes) -> int:
 
 def initial_state(trainer, manager: checkpointing.CheckpointManager,
                   input_shapes, iterator: pipeline.InputIterator,
-                  init_checkpoint: Optional[str]):
-  """Latest checkpoint in MODEL_DIR -> init checkpoint -> from scratch."""
+                  init_checkpoint: Optional[str],
+                  adaptation: Optional[adapt.Adaptation] = None):
+  """Latest checkpoint in MODEL_DIR -> init checkpoint -> adaptation -> scratch."""
   step = manager.latest_step()
   if step is not None:
     _say(f'Resuming from {manager.directory / str(step)}')
@@ -179,8 +183,33 @@ def initial_state(trainer, manager: checkpointing.CheckpointManager,
     params = checkpoints.restore_params(init_checkpoint, trainer.model,
                                         shardings=shardings)
     return trainer.init_state(input_shapes, params=params)
+  if adaptation is not None:
+    _say(f'Adapting {adaptation.checkpoint}'
+         + (f' and {adaptation.decoder_checkpoint}'
+            if adaptation.decoder_checkpoint else '')
+         + ' into an encoder-decoder')
+    params = adaptation.init_params(
+        trainer.model, trainer.state_shardings(input_shapes).params)
+    return trainer.init_state(input_shapes, params=params)
   _say('Training from scratch')
   return trainer.init_state(input_shapes)
+
+
+def _teacher_params(trainer, teacher_checkpoint: Optional[str],
+                    adaptation: Optional[adapt.Adaptation]):
+  """The distillation teacher's sharded parameters, or None without one."""
+  if not trainer.has_teacher:
+    if teacher_checkpoint:
+      raise ValueError(f'teacher_checkpoint={teacher_checkpoint!r} given, but '
+                       f'{type(trainer.model).__name__} has no teacher')
+    return None
+  path = teacher_checkpoint or (adaptation and adaptation.checkpoint)
+  if not path:
+    raise ValueError('a distillation model needs train.teacher_checkpoint '
+                     '(or train.adaptation, whose checkpoint is the teacher)')
+  _say(f'Teacher: {path}')
+  return adapt.load_decoder_only(path, trainer.model.teacher.config,
+                                 shardings=trainer.teacher_shardings())
 
 
 # -------------------------------------------------------------- metrics --
@@ -353,6 +382,8 @@ def train(model_dir: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
           batch_size: int = gin.REQUIRED,
           init_checkpoint: Optional[str] = None,
+          adaptation: Optional[adapt.Adaptation] = None,
+          teacher_checkpoint: Optional[str] = None,
           vocab_size: Optional[int] = None,
           log_every: int = 10,
           eval_every: int = 0,
@@ -374,6 +405,12 @@ def train(model_dir: str = gin.REQUIRED,
     init_checkpoint: Parameters to start from when MODEL_DIR has no
       checkpoint: a `checkpoints.save_params` directory or a training
       checkpoint step directory (`.../checkpoints/<step>`).
+    adaptation: Builds the initial encoder-decoder parameters from
+      decoder-only checkpoints when there is no checkpoint to resume and no
+      `init_checkpoint`.
+    teacher_checkpoint: The teacher of a distillation model (default: the
+      adaptation's checkpoint): a GGUF file, transformers directory or one of
+      our checkpoints.
     vocab_size: Model vocabulary (None: see `build_model`).
     log_every: Steps between metrics.jsonl lines and TensorBoard points.
     eval_every: Steps between validation evaluations (0: never).
@@ -411,8 +448,9 @@ def train(model_dir: str = gin.REQUIRED,
       model_dir / CHECKPOINT_DIR, keep=keep, keep_best=keep_best,
       async_save=async_checkpointing)
   state = initial_state(trainer, manager, input_shapes, iterator,
-                        init_checkpoint)
+                        init_checkpoint, adaptation)
   start = int(jax.device_get(state.step))
+  teacher = _teacher_params(trainer, teacher_checkpoint, adaptation)
 
   # 5. Config, compiled step, memory.
   _write_config(model_dir, model)
@@ -424,6 +462,9 @@ def train(model_dir: str = gin.REQUIRED,
        f'{trainer_lib.memory_summary(step_fn)}')
 
   # 6. Loop.
+  if teacher is not None:
+    compiled_step = step_fn
+    step_fn = lambda state, batch: compiled_step(state, batch, teacher)
   loop = Loop(step_fn=step_fn, iterator=iterator, partitioner=partitioner,
               evaluator=evaluator, manager=manager,
               writer=MetricsWriter(model_dir),

@@ -5,6 +5,11 @@ The trainer knows a model only through its interface (`loss_fn`,
 `Partitioner`. One step: split the global batch into microbatches, accumulate
 token-weighted gradients with `lax.scan`, apply the optax update. The step is
 jitted once with explicit input/output shardings and donates the old state.
+
+Models with a teacher (`t5x_adapt.distillation.DistillationModel`) get its
+parameters as a further argument of the step: sharded by the teacher's own
+logical axes, never differentiated, never part of the TrainState (so never
+checkpointed).
 """
 
 from __future__ import annotations
@@ -127,10 +132,13 @@ class Trainer:
 
   # ---------------------------------------------------------------- step --
 
-  def _grads(self, params, batch, rng):
+  def _grads(self, params, batch, rng, teacher_params=None):
     """Token-weighted gradient sum over microbatches, and summed metrics."""
+    teacher = {} if teacher_params is None else {
+        'teacher_params': teacher_params}
+
     def microbatch_loss(p, mb, mb_rng):
-      loss, metrics = self.model.loss_fn(p, mb, mb_rng)
+      loss, metrics = self.model.loss_fn(p, mb, mb_rng, **teacher)
       # Undo the per-microbatch mean so microbatches weigh by their tokens.
       return loss * metrics['num_tokens'], metrics
 
@@ -155,9 +163,9 @@ class Trainer:
                'accuracy': jnp.sum(correct) / denominator}
     return grads, metrics
 
-  def _step(self, state: TrainState, batch: Batch):
+  def _step(self, state: TrainState, batch: Batch, teacher_params=None):
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
-    grads, metrics = self._grads(state.params, batch, rng)
+    grads, metrics = self._grads(state.params, batch, rng, teacher_params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state,
                                                state.params)
     params = optax.apply_updates(state.params, updates)
@@ -166,21 +174,37 @@ class Trainer:
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
 
+  @property
+  def has_teacher(self) -> bool:
+    return getattr(self.model, 'teacher', None) is not None
+
+  def teacher_shardings(self):
+    """Shardings of the teacher's parameters (by its logical axes)."""
+    return self.partitioner.shardings(self.model.teacher.logical_axes({}))
+
   def compile_step(self, state_shardings: TrainState,
                    batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
                    state_shapes: TrainState):
-    """Ahead-of-time compiled train step for these shapes."""
+    """Ahead-of-time compiled train step for these shapes.
+
+    The compiled step is `step(state, batch)`, or `step(state, batch,
+    teacher_params)` for models with a teacher.
+    """
     batch_shardings = {k: self.partitioner.batch_sharding
                        for k in batch_shapes}
-    step = jax.jit(self._step,
-                   in_shardings=(state_shardings, batch_shardings),
+    in_shardings = (state_shardings, batch_shardings)
+    args = (state_shapes, batch_shapes)
+    if self.has_teacher:
+      in_shardings += (self.teacher_shardings(),)
+      args += (self.model.teacher.param_shapes({}),)
+    step = jax.jit(self._step, in_shardings=in_shardings,
                    out_shardings=(state_shardings,
                                   self.partitioner.replicated),
                    donate_argnums=(0,))
     with self.context():
-      return step.lower(state_shapes, batch_shapes).compile()
+      return step.lower(*args).compile()
 
-  def train_step(self, state: TrainState, batch: Batch):
+  def train_step(self, state: TrainState, batch: Batch, *teacher_params):
     """One optimizer step on a global batch (compiled once per shape)."""
     key = tuple(sorted((k, v.shape) for k, v in batch.items()))
     if key not in self._compiled:
@@ -190,7 +214,7 @@ class Trainer:
           self.state_shardings(input_shapes),
           {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
            batch.items()}, shapes)
-    return self._compiled[key](state, batch)
+    return self._compiled[key](state, batch, *teacher_params)
 
 
 def memory_summary(compiled) -> str:

@@ -93,7 +93,8 @@ class Stack(nn.Module):
                deterministic: bool = True,
                decode: bool = False,
                cache_length: Optional[int] = None,
-               return_hidden: bool = False) -> jax.Array:
+               return_hidden: bool = False,
+               first_logit: int = 0) -> jax.Array:
     """Runs the stack.
 
     Args:
@@ -108,9 +109,11 @@ class Stack(nn.Module):
       decode: Use and update the decoding cache.
       cache_length: Total decoding length (cache slots of global layers).
       return_hidden: Return final-normed hidden states instead of logits.
+      first_logit: Compute logits only from this position on (a distillation
+        teacher needs them for the targets only).
 
     Returns:
-      float32 logits [batch, length, vocab], or hidden states
+      float32 logits [batch, length - first_logit, vocab], or hidden states
       [batch, length, embed].
     """
     cfg = self.config
@@ -146,6 +149,6 @@ class Stack(nn.Module):
                 name='final_norm')(x)
     if return_hidden or not self.produce_logits:
       return x
-    logits = embedder.attend(x).astype(jnp.float32)
+    logits = embedder.attend(x[:, first_logit:]).astype(jnp.float32)
     logits = softcap(logits, cfg.final_logit_softcap)
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
