@@ -2,8 +2,12 @@
 #
 # Sourced from the repository root. PYTHON defaults to the project's .venv
 # when there is one, else python3.
-# Reads (all optional): PYTHON, PRESET, RUN_GIN, TASK, MODEL_DIR, TRAIN_STEPS,
-# DATA_PARALLELISM, FSDP_PARALLELISM, TENSOR_PARALLELISM.
+# Reads (all optional): PYTHON, RECIPE, PRESET, RUN_GIN, TASK, MODEL_DIR,
+# TRAIN_STEPS, DATA_PARALLELISM, FSDP_PARALLELISM, TENSOR_PARALLELISM.
+# RECIPE is one gin file that includes its model and run settings (e.g.
+# gin/adapt/t5gemma_2b_2b_prefixlm_kd.gin); without it, RUN_GIN + PRESET.
+# The mesh sizes and TASK are passed only when set (a recipe's own values
+# stand otherwise; the run files default to data=-1, fsdp=1, tensor=1).
 # `train_command ARGS...` sets the array TRAIN_CMD to the
 # `python -m t5x_adapt.train ...` command line, with ARGS appended.
 
@@ -12,27 +16,28 @@ if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then
 fi
 PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-gemma2_tiny}
-if [[ $PRESET == t5gemma* ]]; then
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain_encdec.gin}
-  TASK=${TASK:-corpus_prefix_lm_spm8k}
+if [[ -n ${RECIPE:-} ]]; then
+  GIN_FILES=(--gin_file="$RECIPE")
 else
-  RUN_GIN=${RUN_GIN:-gin/runs/pretrain.gin}
-  TASK=${TASK:-corpus_lm_spm8k}
+  if [[ $PRESET == t5gemma* ]]; then
+    RUN_GIN=${RUN_GIN:-gin/runs/pretrain_encdec.gin}
+    TASK=${TASK:-corpus_prefix_lm_spm8k}
+  else
+    RUN_GIN=${RUN_GIN:-gin/runs/pretrain.gin}
+    TASK=${TASK:-corpus_lm_spm8k}
+  fi
+  GIN_FILES=(--gin_file="$RUN_GIN" --gin_file="gin/models/$PRESET.gin")
 fi
 TRAIN_STEPS=${TRAIN_STEPS:-100}
-DATA_PARALLELISM=${DATA_PARALLELISM:--1}
-FSDP_PARALLELISM=${FSDP_PARALLELISM:-1}
-TENSOR_PARALLELISM=${TENSOR_PARALLELISM:-1}
 
 train_command() {
-  TRAIN_CMD=("$PYTHON" -m t5x_adapt.train
-             --gin_file="$RUN_GIN"
-             --gin_file="gin/models/$PRESET.gin"
+  TRAIN_CMD=("$PYTHON" -m t5x_adapt.train "${GIN_FILES[@]}"
              --gin.MODEL_DIR="'$MODEL_DIR'"
-             --gin.TRAIN_STEPS="$TRAIN_STEPS"
-             --gin.MIXTURE_OR_TASK_NAME="'$TASK'"
-             --gin.DATA_PARALLELISM="$DATA_PARALLELISM"
-             --gin.FSDP_PARALLELISM="$FSDP_PARALLELISM"
-             --gin.TENSOR_PARALLELISM="$TENSOR_PARALLELISM"
-             "$@")
+             --gin.TRAIN_STEPS="$TRAIN_STEPS")
+  [[ -n ${TASK:-} ]] && TRAIN_CMD+=(--gin.MIXTURE_OR_TASK_NAME="'$TASK'")
+  local axis
+  for axis in DATA_PARALLELISM FSDP_PARALLELISM TENSOR_PARALLELISM; do
+    [[ -n ${!axis:-} ]] && TRAIN_CMD+=(--gin.$axis="${!axis}")
+  done
+  TRAIN_CMD+=("$@")
 }

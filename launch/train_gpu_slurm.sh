@@ -23,7 +23,7 @@
 #   PYTHON               interpreter [$REPO_DIR/.venv/bin/python if present,
 #                        else python3]
 #   MODEL_DIR            required: a directory on a shared file system
-#   PRESET, RUN_GIN, TASK, TRAIN_STEPS, DATA_PARALLELISM, FSDP_PARALLELISM,
+#   RECIPE, PRESET, RUN_GIN, TASK, TRAIN_STEPS, DATA_PARALLELISM, FSDP_PARALLELISM,
 #   TENSOR_PARALLELISM: as in launch/train_local.sh
 set -euo pipefail
 

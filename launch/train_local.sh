@@ -9,6 +9,9 @@
 #
 # Overridable variables (defaults in brackets):
 #   PYTHON             interpreter [.venv/bin/python if present, else python3]
+#   RECIPE             one gin file holding model and run settings, e.g.
+#                      gin/adapt/t5gemma_tiny_prefixlm_kd.gin (instead of
+#                      PRESET + RUN_GIN; its TASK and mesh stand unless set)
 #   PRESET             model preset, gin/models/<PRESET>.gin [gemma2_tiny]
 #   RUN_GIN            run file [gin/runs/pretrain_encdec.gin for t5gemma*
 #                      presets, else gin/runs/pretrain.gin]
@@ -16,8 +19,8 @@
 #                      t5gemma* presets, else corpus_lm_spm8k]
 #   MODEL_DIR          run directory [/tmp/t5x_adapt/<PRESET>]
 #   TRAIN_STEPS        [100]
-#   DATA_PARALLELISM   [-1: all devices], FSDP_PARALLELISM [1],
-#   TENSOR_PARALLELISM [1]
+#   DATA_PARALLELISM, FSDP_PARALLELISM, TENSOR_PARALLELISM
+#                      [the run file's: -1 (all devices), 1, 1]
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

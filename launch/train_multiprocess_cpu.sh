@@ -17,7 +17,7 @@
 #   PORT                 [12355]
 #   LOG_DIR              [$MODEL_DIR/process_logs]
 #   STOP_GRACE_SECONDS   SIGTERM -> SIGKILL delay when stopping [30]
-#   PYTHON, PRESET, RUN_GIN, TASK, MODEL_DIR, TRAIN_STEPS, DATA_PARALLELISM,
+#   PYTHON, RECIPE, PRESET, RUN_GIN, TASK, MODEL_DIR, TRAIN_STEPS, DATA_PARALLELISM,
 #   FSDP_PARALLELISM, TENSOR_PARALLELISM: as in launch/train_local.sh
 #   (MODEL_DIR defaults to /tmp/t5x_adapt/<PRESET>_multiprocess)
 set -euo pipefail

@@ -19,7 +19,7 @@
 #   MODEL_DIR            required (gs://...)
 #   REMOTE_DIR           repository on the workers [~/t5x_adapt]
 #   PYTHON               interpreter on the workers [python3]
-#   PRESET, RUN_GIN, TASK, TRAIN_STEPS, DATA_PARALLELISM, FSDP_PARALLELISM,
+#   RECIPE, PRESET, RUN_GIN, TASK, TRAIN_STEPS, DATA_PARALLELISM, FSDP_PARALLELISM,
 #   TENSOR_PARALLELISM: as in launch/train_local.sh
 set -euo pipefail
 

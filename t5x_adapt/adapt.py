@@ -28,6 +28,7 @@ cross-attention trains for the first K steps) is the optimizer's
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Any, Optional
 
@@ -64,13 +65,20 @@ def _architecture(cfg: StackConfig) -> dict:
   return fields
 
 
+def _same(a, b) -> bool:
+  # Checkpoints store floats such as rms_norm_eps in float32.
+  if isinstance(a, float) and isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-6)
+  return a == b
+
+
 def check_architecture(source: StackConfig, target: StackConfig,
                        where: str) -> None:
   """Raises ValueError naming every field in which `source` != `target`."""
   source_fields, target_fields = _architecture(source), _architecture(target)
   differing = [f'{name}: checkpoint {source_fields[name]!r}, model '
                f'{target_fields[name]!r}' for name in source_fields
-               if source_fields[name] != target_fields[name]]
+               if not _same(source_fields[name], target_fields[name])]
   if differing:
     raise ValueError(f'{where}: the checkpoint does not fit the model '
                      f'stack ({"; ".join(differing)})')
