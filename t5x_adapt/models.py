@@ -245,9 +245,12 @@ class DecoderOnlyModel(BaseModel):
       variables = {'params': params}
       if cache is not None:
         variables['cache'] = cache
+      # Prompts are right-aligned: only the last position's logits count
+      # (the LM head over a whole prompt would cost as much as its blocks).
       logits, mutated = self.module.apply(
           variables, tokens, positions, segment_ids, prefix, decode=True,
-          cache_length=cache_length, mutable=['cache'])
+          cache_length=cache_length, first_logit=tokens.shape[1] - 1,
+          mutable=['cache'])
       return logits[:, -1], mutated['cache']
 
     def step(tokens, positions, cache):
@@ -269,6 +272,28 @@ class EncoderDecoderModel(BaseModel):
                decoder_start_id: int = BOS_ID, **kwargs):
     super().__init__(EncoderDecoderTransformer(config), **kwargs)
     self.decoder_start_id = decoder_start_id
+
+  def get_initial_variables(self, rng, input_shapes):
+    """Initialises parameters; tied embeddings start as the decoder's."""
+    variables = super().get_initial_variables(rng, input_shapes)
+    if self.config.tie_embeddings:
+      params = variables['params']
+      table, _ = self._embeddings(params)
+      params['encoder']['token_embedder'] = {'embedding': table}
+    return variables
+
+  def _embeddings(self, tree):
+    """(decoder table, encoder table) entries of a params-shaped tree."""
+    return tuple(tree[stack]['token_embedder']['embedding']
+                 for stack in ('decoder', 'encoder'))
+
+  def tie_gradients(self, grads):
+    """With tied embeddings, both tables get the sum of their gradients."""
+    if not self.config.tie_embeddings:
+      return grads
+    total = sum(self._embeddings(grads))
+    return {stack: {**grads[stack], 'token_embedder': {'embedding': total}}
+            for stack in grads}
 
   def _init_args(self, input_shapes):
     enc = input_shapes.get('encoder_input_tokens', (1, 8))
