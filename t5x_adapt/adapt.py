@@ -12,6 +12,9 @@ The encoder-decoder's parameters are assembled from decoder-only ones:
                                         the identity, as the reference
                                         implementations do)
 
+With `EncoderDecoderConfig.tie_embeddings` the encoder's table is the
+decoder's (they then train as one; see `EncoderDecoderModel.tie_gradients`).
+
 Balanced models (2B-2B) take both stacks from one checkpoint; unbalanced ones
 (9B-2B) take the encoder from the large checkpoint and the decoder from the
 small one, and their cross-attention is random (its key/value projections
@@ -231,8 +234,12 @@ def adapt_params(model: EncoderDecoderModel, encoder_source: Params,
   fresh = model.get_initial_variables(jax.random.PRNGKey(seed), {})['params']
   if decoder_source is None:
     decoder_source = encoder_source
-  return assemble(fresh, encoder_source, decoder_source,
-                  copy_cross_attention=mode == SELF_ATTENTION)
+  params = assemble(fresh, encoder_source, decoder_source,
+                    copy_cross_attention=mode == SELF_ATTENTION)
+  if model.config.tie_embeddings:  # One table: the decoder's (the LM head).
+    params['encoder']['token_embedder'] = dict(
+        params['decoder']['token_embedder'])
+  return params
 
 
 @gin.configurable

@@ -135,12 +135,26 @@ class EncoderDecoderConfig:
   The decoder's cross-attention reads the final-normed encoder output; its key
   and value projections take the encoder width as input, so an unbalanced
   model (e.g. 9B encoder, 2B decoder) needs nothing else.
+
+  Attributes:
+    encoder: The encoder stack.
+    decoder: The decoder stack (its embedding is tied to the LM head).
+    tie_embeddings: Tie the encoder's embedding table to the decoder's
+      (T5Gemma 2 ties them). Both tables stay in the parameter tree (so
+      checkpoints and converters see one layout); they start equal and
+      every step gives both the sum of their gradients, so they stay
+      bitwise equal (`EncoderDecoderModel.tie_gradients`).
   """
 
   encoder: StackConfig = dataclasses.field(default_factory=StackConfig)
   decoder: StackConfig = dataclasses.field(default_factory=StackConfig)
+  tie_embeddings: bool = False
 
   def __post_init__(self):
+    if self.tie_embeddings and (self.encoder.embed_dim !=
+                                self.decoder.embed_dim):
+      raise ValueError('tie_embeddings needs equal encoder and decoder widths:'
+                       f' {self.encoder.embed_dim} != {self.decoder.embed_dim}')
     if self.encoder.vocab_size != self.decoder.vocab_size:
       raise ValueError('encoder and decoder must share a vocabulary: '
                        f'{self.encoder.vocab_size} != '
@@ -155,24 +169,26 @@ class EncoderDecoderConfig:
 
   def map_stacks(self, **changes) -> 'EncoderDecoderConfig':
     """The same model with `changes` applied to both stacks."""
-    return EncoderDecoderConfig(self.encoder.replace(**changes),
-                                self.decoder.replace(**changes))
+    return self.replace(encoder=self.encoder.replace(**changes),
+                        decoder=self.decoder.replace(**changes))
 
 
 def config_to_dict(config: StackConfig | EncoderDecoderConfig) -> dict:
   """JSON-ready dict of a config (stored beside checkpoints)."""
   if isinstance(config, EncoderDecoderConfig):
     return {'encoder': config_to_dict(config.encoder),
-            'decoder': config_to_dict(config.decoder)}
+            'decoder': config_to_dict(config.decoder),
+            'tie_embeddings': config.tie_embeddings}
   return dict(dataclasses.asdict(config),
               attention_pattern=list(config.attention_pattern))
 
 
 def config_from_dict(data: dict) -> StackConfig | EncoderDecoderConfig:
   """Inverse of `config_to_dict`; unknown fields are an error."""
-  if set(data) == {'encoder', 'decoder'}:
+  if {'encoder', 'decoder'} <= set(data):
     return EncoderDecoderConfig(config_from_dict(data['encoder']),
-                                config_from_dict(data['decoder']))
+                                config_from_dict(data['decoder']),
+                                data.get('tie_embeddings', False))
   known = {f.name for f in dataclasses.fields(StackConfig)}
   unknown = set(data) - known
   if unknown:

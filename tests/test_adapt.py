@@ -220,3 +220,29 @@ def test_held_parameters_stay_out_of_the_clipping_norm():
   updates, _ = tx.update(grads, tx.init(grads))
   np.testing.assert_allclose(updates['decoder']['cross_attention'], 0.5)
   assert not np.asarray(updates['decoder']['mlp']).any()
+
+
+def test_tied_embeddings_start_equal_and_stay_equal():
+  model = gin_utils.load_model('t5gemma_tiny', [
+      'EncoderDecoderConfig.tie_embeddings = True'])
+  assert model.config.tie_embeddings
+  source = _source(model.config.encoder, seed=11)
+  params = adapt.adapt_params(model, source)
+  trainer = trainer_lib.Trainer(
+      model, partitioning.Partitioner(),
+      optimizers.optimizer(learning_rate=1e-2, weight_decay=0.1))
+  batch = _batch(0)
+  state = trainer.init_state({k: v.shape for k, v in batch.items()},
+                             params=params)
+  table = lambda s, stack: np.asarray(
+      s.params[stack]['token_embedder']['embedding'])
+  before = table(state, 'decoder')
+  for step in range(3):
+    state, _ = trainer.train_step(state, _batch(step))
+  np.testing.assert_array_equal(table(state, 'encoder'),
+                                table(state, 'decoder'))
+  assert not np.array_equal(table(state, 'decoder'), before)
+  # A fresh tied model starts with one table too.
+  fresh = model.get_initial_variables(jax.random.PRNGKey(3), {})['params']
+  np.testing.assert_array_equal(fresh['encoder']['token_embedder']['embedding'],
+                                fresh['decoder']['token_embedder']['embedding'])
