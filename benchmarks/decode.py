@@ -1,0 +1,291 @@
+"""Greedy decoding speed: encoder-decoder vs decoder-only, ours vs transformers.
+
+Prints a markdown table. Each pair is an encoder-decoder and the decoder-only
+model of its decoder stack (the pairing of the T5Gemma adaptation, e.g. a
+2B decoder-only model into 2B-2B):
+
+  tiny   t5gemma_tiny and gemma2_tiny (the test presets);
+  s      the T5Gemma S-S stacks (8 layers, d_model 512, MLP 1024, 8 heads)
+         with a 50,257-token vocabulary, as in benchmarks/train_step.py:
+         101.8M parameters encoder-decoder, ~47M decoder-only.
+
+Each row is one model at one batch size, prompts (or encoder inputs) of 256
+random tokens without padding, 64 new tokens (`--quick`: 64 and 16).
+
+  ours          `predict_batch` (greedy, KV caches, float32, scanned layers),
+                jitted; the compile is timed apart.
+  transformers  `generate(do_sample=False, num_beams=1)` of
+                T5GemmaForConditionalGeneration / Gemma2ForCausalLM built
+                from the same configuration: eager attention, float32,
+                `torch.set_num_threads(2)`, `min_new_tokens` so that EOS
+                does not end a row early.
+
+Both generate 1 new token (the prefill: the prompt or encoder, and the first
+token) and all of them; after a warm-up call each, `--repeats` rounds time
+every call once, ours and transformers' interleaved, and the shortest time
+counts. So
+
+  decode tokens/s     = batch x (new - 1) / (time(new) - time(1)),
+  end-to-end tokens/s = batch x new / time(new).
+
+  .venv/bin/python benchmarks/decode.py            # a few minutes
+  .venv/bin/python benchmarks/decode.py --quick    # about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import pathlib
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# pylint: disable=g-import-not-at-top
+import train_step as ts  # puts the repository on sys.path
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_adapt import gin_utils
+from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.models import BOS_ID, model_for_config
+
+
+@dataclasses.dataclass
+class Runner:
+  """One implementation's blocking generate calls for one model and batch.
+
+  Attributes:
+    name: Row name.
+    params: Parameter count.
+    batch: Batch size.
+    compile_s: Compile seconds of all calls (None: eager).
+    calls: New tokens -> a call that generates them and blocks.
+  """
+  name: str
+  params: int
+  batch: int
+  compile_s: float | None
+  calls: dict[int, Callable[[], object]]
+
+
+@dataclasses.dataclass
+class Timing:
+  """Seconds of one model at one batch: prefill (1 new token) and full."""
+  runner: Runner
+  new_tokens: int
+  prefill_s: float
+  total_s: float
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    """NaN where timing noise exceeds the decoding time."""
+    decode_s = self.total_s - self.prefill_s
+    if decode_s <= 0:
+      return float('nan')
+    return self.runner.batch * (self.new_tokens - 1) / decode_s
+
+  @property
+  def end_to_end_tokens_per_s(self) -> float:
+    return self.runner.batch * self.new_tokens / self.total_s
+
+
+def measure(runners: list[Runner], new_tokens: int,
+            repeats: int) -> list[Timing]:
+  """Best wall time of each call, after one warm-up call each.
+
+  The rounds interleave the runners, so that load from other processes on
+  a shared machine falls on all of them alike; the shortest time counts
+  since such load only ever adds time.
+  """
+  for runner in runners:
+    for call in runner.calls.values():
+      call()
+  best = [dict.fromkeys(r.calls, float('inf')) for r in runners]
+  for round_index in range(repeats):
+    ts.log(f'{", ".join(r.name for r in runners)}: round {round_index + 1}')
+    for runner, seconds in zip(runners, best):
+      for n, call in runner.calls.items():
+        seconds[n] = min(seconds[n], ts.timed(call)[1].wall)
+  return [Timing(r, new_tokens, s[1], s[new_tokens])
+          for r, s in zip(runners, best)]
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+  """[batch, length] random ids behind BOS, no padding."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab, (batch, length), dtype=np.int32)
+  tokens[:, 0] = BOS_ID
+  return tokens
+
+
+def pairs() -> dict[str, EncoderDecoderConfig]:
+  """The encoder-decoder configuration of each pair (float32, scanned)."""
+  tiny = gin_utils.load_model('t5gemma_tiny').config
+  return {'tiny': tiny.map_stacks(dtype='float32', param_dtype='float32',
+                                  scan_layers=True, remat_policy='none'),
+          's': ts.s_s_config()}
+
+
+def cpu_pressure() -> str:
+  """The kernel's CPU pressure (share of time some task waited for a CPU,
+  last minute), or '?' where /proc/pressure is missing."""
+  try:
+    with open('/proc/pressure/cpu') as f:
+      return f.readline().split()[2].split('=')[1] + '%'
+  except (OSError, IndexError):
+    return '?'
+
+
+# --------------------------------------------------------------------- ours --
+
+
+def ours_runner(name: str, config: StackConfig | EncoderDecoderConfig,
+                batch: int, length: int, new_tokens: int) -> Runner:
+  """Our greedy `predict_batch`, compiled for 1 and `new_tokens` tokens."""
+  model = model_for_config(config)
+  is_encdec = isinstance(config, EncoderDecoderConfig)
+  vocab = (config.decoder if is_encdec else config).vocab_size
+  key = 'encoder_input_tokens' if is_encdec else 'decoder_input_tokens'
+  features = {key: jnp.asarray(prompts(batch, length, vocab))}
+  # Parameters do not depend on the batch shape: init on the default one.
+  params = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
+  calls, compile_s = {}, 0.0
+  for n in (1, new_tokens):
+    ts.log(f'ours {name} batch {batch}: compile {n} new tokens')
+    compiled, sample = ts.timed(lambda n=n: jax.jit(
+        model.predict_batch, static_argnums=2).lower(
+            params, features, n).compile())
+    compile_s += sample.wall
+    calls[n] = lambda c=compiled: jax.block_until_ready(c(params, features))
+  return Runner(name, ts.count_params(params), batch, compile_s, calls)
+
+
+# ------------------------------------------------------------ transformers --
+
+
+def hf_model(config: StackConfig | EncoderDecoderConfig):
+  """transformers' model of `config`, randomly initialised, eager, float32."""
+  import torch
+  import transformers
+  from t5x_adapt.convert.hf import stack_config_to_hf
+  if isinstance(config, EncoderDecoderConfig):
+    cls, hf_config = (transformers.T5GemmaForConditionalGeneration,
+                      ts.hf_config(config))
+  else:
+    cls, hf_config = (transformers.Gemma2ForCausalLM,
+                      transformers.Gemma2Config(**stack_config_to_hf(config)))
+  torch.manual_seed(0)
+  return cls._from_config(  # pylint: disable=protected-access
+      hf_config, attn_implementation='eager', dtype=torch.float32).eval()
+
+
+def hf_runner(name: str, config: StackConfig | EncoderDecoderConfig,
+              batch: int, length: int, new_tokens: int) -> Runner:
+  """transformers' greedy `generate` on the same shapes."""
+  import torch
+  torch.set_num_threads(2)
+  model = hf_model(config)
+  ids = torch.tensor(prompts(batch, length, model.config.vocab_size),
+                     dtype=torch.long)
+
+  def generate(n):
+    with torch.no_grad():
+      return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            do_sample=False, num_beams=1, max_new_tokens=n,
+                            min_new_tokens=n)
+
+  params = sum(p.numel() for p in model.parameters())
+  return Runner(f'HF {name}', params, batch, None,
+                {n: functools.partial(generate, n) for n in (1, new_tokens)})
+
+
+# ------------------------------------------------------------------- table --
+
+
+def print_table(rows: list[tuple[Timing, Timing | None]], length: int) -> None:
+  print('| model | params | batch | prompt + new | compile s | prefill s | '
+        'total s | decode tok/s | end-to-end tok/s | HF prefill s | '
+        'HF total s | HF decode tok/s | HF end-to-end tok/s | decode vs HF |')
+  print('|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+        '---:|')
+  for ours, hf in rows:
+    runner = ours.runner
+    cells = [runner.name, f'{runner.params / 1e6:.1f}M', str(runner.batch),
+             f'{length} + {ours.new_tokens}', f'{runner.compile_s:.1f}',
+             f'{ours.prefill_s:.3f}', f'{ours.total_s:.3f}',
+             f'{ours.decode_tokens_per_s:,.0f}',
+             f'{ours.end_to_end_tokens_per_s:,.0f}']
+    if hf is None:
+      cells += ['-'] * 5
+    else:
+      cells += [f'{hf.prefill_s:.3f}', f'{hf.total_s:.3f}',
+                f'{hf.decode_tokens_per_s:,.0f}',
+                f'{hf.end_to_end_tokens_per_s:,.0f}',
+                f'{ours.decode_tokens_per_s / hf.decode_tokens_per_s:.2f}x']
+    print('| ' + ' | '.join(cells) + ' |')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n', 1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--quick', action='store_true',
+                      help='prompts of 64, 16 new tokens, 2 timed calls')
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timed calls per measurement (default 3, 2 with '
+                      '--quick)')
+  parser.add_argument('--pairs', default='tiny,s',
+                      help='comma-separated pairs to run: tiny, s')
+  parser.add_argument('--batches', default='1,8')
+  parser.add_argument('--skip_hf', action='store_true')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  length, new_tokens = (64, 16) if args.quick else (256, 64)
+  repeats = args.repeats or (2 if args.quick else 3)
+  batches = [int(b) for b in args.batches.split(',')]
+  load_start, pressure_start = os.getloadavg()[0], cpu_pressure()
+  configs = pairs()
+  rows = []
+  for pair in args.pairs.split(','):
+    encdec = configs[pair]
+    for name, config in ((f'{pair} encoder-decoder', encdec),
+                         (f'{pair} decoder-only', encdec.decoder)):
+      for batch in batches:
+        runners = [ours_runner(name, config, batch, length, new_tokens)]
+        if not args.skip_hf:
+          runners.append(hf_runner(name, config, batch, length, new_tokens))
+        timings = measure(runners, new_tokens, repeats)
+        rows.append((timings[0], timings[1] if len(timings) > 1 else None))
+
+  versions = [f'jax {jax.__version__}']
+  if not args.skip_hf:
+    import torch
+    import transformers
+    versions += [f'torch {torch.__version__}',
+                 f'transformers {transformers.__version__}']
+  device = jax.devices()[0]
+  print(f'\n## Greedy decoding on {device.platform} ({device.device_kind}), '
+        f'{ts.num_cores()} cores\n')
+  print(f'{", ".join(versions)}; float32; best of {repeats} interleaved '
+        'timed calls after a warm-up. Load average at start '
+        f'{load_start:.2f}, at end {os.getloadavg()[0]:.2f}; CPU pressure '
+        f'(time some task waited for a CPU, last minute) at start '
+        f'{pressure_start}, at end {cpu_pressure()}: torch (OpenMP) slows '
+        'down far more than XLA when another process holds a core. prefill = '
+        '1 new token (the prompt or encoder and the first token); decode '
+        'tok/s = batch x (new - 1) / (total - prefill).\n')
+  print_table(rows, length)
+
+
+if __name__ == '__main__':
+  main()
