@@ -275,3 +275,61 @@ class Adaptation:
                           cross_attention_init=self.cross_attention_init,
                           seed=self.seed)
     return params if shardings is None else jax.device_put(params, shardings)
+
+
+# -------------------------------------------------------------------- CLI --
+
+
+def main(argv=None) -> int:
+  """`python -m t5x_adapt.adapt PRESET SOURCE OUT`: adapted params to Orbax.
+
+  The checkpoint carries the model config (so `python -m t5x_adapt.convert
+  orbax-to-hf` exports it) and starts training through
+  `--gin.INIT_CHECKPOINT`.
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from t5x_adapt import gin_utils  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m t5x_adapt.adapt',
+      description='Build encoder-decoder parameters from decoder-only ones.')
+  parser.add_argument('preset', help='encoder-decoder preset, e.g. '
+                      't5gemma_270m_270m, or a gin file binding MODEL')
+  parser.add_argument('source', help='decoder-only checkpoint (GGUF, '
+                      'transformers directory or ours)')
+  parser.add_argument('out', help='Orbax checkpoint directory to write')
+  parser.add_argument('--decoder_source', help='decoder checkpoint '
+                      '(unbalanced models)')
+  parser.add_argument('--cross_attention_init', default=AUTO,
+                      choices=CROSS_ATTENTION_INITS)
+  parser.add_argument('--tie_embeddings', action='store_true')
+  parser.add_argument('--vocab_size', type=int,
+                      help="the sources' vocabulary, when not the preset's")
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  overrides = {'vocab_size': args.vocab_size} if args.vocab_size else {}
+  model = gin_utils.load_model(args.preset, **overrides)
+  if not isinstance(model, EncoderDecoderModel):
+    print(f'error: {args.preset} is not an encoder-decoder preset',
+          file=sys.stderr)
+    return 1
+  if args.tie_embeddings:
+    model = EncoderDecoderModel(model.config.replace(tie_embeddings=True))
+  adaptation = Adaptation(args.source, args.decoder_source,
+                          args.cross_attention_init, args.seed)
+  try:
+    params = adaptation.init_params(model)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  path = checkpoints.save_params(
+      args.out, params, metadata={'config': config_to_dict(model.config),
+                                  'adapted_from': dataclasses.asdict(
+                                      adaptation)})
+  print(f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.exit(main())

@@ -29,6 +29,7 @@ import pathlib
 import time
 from typing import Optional, Sequence
 
+from absl import logging
 import gin
 import jax
 import numpy as np
@@ -40,12 +41,14 @@ from t5x_adapt import gin_utils
 from t5x_adapt import train as train_lib
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data import pipeline
+import tasks  # pylint: disable=unused-import  # registers the seqio tasks
 
 PRETRAIN_TASK = 'corpus_lm_spm8k'
 PREFIX_LM_TASK = 'corpus_prefix_lm_spm8k'
 DECODER_ONLY_FILES = ('gin/runs/pretrain.gin', 'gin/models/gemma2_tiny.gin')
 ADAPT_FILES = ('gin/adapt/t5gemma_tiny_prefixlm_kd.gin',)
 SCRATCH_FILES = ('gin/runs/pretrain_encdec.gin', 'gin/models/t5gemma_tiny.gin')
+TEACHER = 'teacher (decoder-only)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +135,9 @@ def _eval_curve(model_dir: pathlib.Path) -> list[tuple[int, float]]:
 
 
 def generations(model, params, batches, vocabulary, count: int):
-  """Greedy continuations of the first validation prefixes."""
-  batch = {k: v[:count] for k, v in batches[0].items()}
+  """Greedy continuations of validation prefixes spread over `batches`."""
+  picks = [batches[i * len(batches) // count] for i in range(count)]
+  batch = {k: np.stack([b[k][0] for b in picks]) for k in picks[0]}
   predict = jax.jit(model.predict_batch, static_argnums=2)
   tokens = np.asarray(predict(params, batch, batch[
       'decoder_target_tokens'].shape[1]))
@@ -143,16 +147,21 @@ def generations(model, params, batches, vocabulary, count: int):
            'generated': text(tokens[i])} for i in range(count)]
 
 
-def plot_curves(path: pathlib.Path, curves: dict, teacher_loss: float) -> None:
-  """Validation loss against steps, the teacher's as a line."""
+def plot_curves(path: pathlib.Path, curves: dict, losses: dict) -> None:
+  """Validation loss against steps; the teacher's as a line, step 0 as stars."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name, points in curves.items():
-    steps, losses = zip(*points)
-    ax.plot(steps, losses, marker='o', markersize=3, label=name)
-  ax.axhline(teacher_loss, color='gray', linestyle='--',
+    steps, values = zip(*points)
+    ax.plot(steps, values, marker='o', markersize=3, label=name)
+  for (name, loss), color in zip(
+      [(k, v) for k, v in losses.items() if k.endswith('step 0')],
+      ('C0', 'C1')):
+    ax.plot([0], [loss], marker='*', markersize=12, color=color,
+            linestyle='none', label=name)
+  ax.axhline(losses[TEACHER], color='gray', linestyle='--',
              label='decoder-only teacher')
   ax.set_xlabel('training step')
   ax.set_ylabel('validation loss on PrefixLM targets (nats/token)')
@@ -207,11 +216,14 @@ def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
   teacher_params = adapt.load_decoder_only(source, student.teacher.config)
   step0 = adapt.Adaptation(str(source)).init_params(student)
   scratch_model = _model_of(SCRATCH_FILES)
+  fresh = scratch_model.get_initial_variables(
+      jax.random.PRNGKey(0), {})['params']  # the scratch run's seed
   losses = {
-      'teacher (decoder-only)': mean_loss(student.teacher_loss,
-                                          teacher_params, batches),
+      TEACHER: mean_loss(student.teacher_loss, teacher_params, batches),
       'adapted, step 0': mean_loss(
           lambda p, b: student.loss_fn(p, b, None), step0, batches),
+      'from scratch, step 0': mean_loss(
+          lambda p, b: scratch_model.loss_fn(p, b, None), fresh, batches),
       f'adapted, step {cfg.adapt_steps}': mean_loss(
           lambda p, b: student.loss_fn(p, b, None),
           checkpoints.restore_params(adapted, student), batches),
@@ -229,8 +241,7 @@ def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
   }
   curves = {'adapted (PrefixLM + KD)': _eval_curve(root / 'adapted'),
             'from scratch (PrefixLM)': _eval_curve(root / 'scratch')}
-  plot_curves(root / 'loss_curves.png', curves,
-              losses['teacher (decoder-only)'])
+  plot_curves(root / 'loss_curves.png', curves, losses)
   results = {'config': dataclasses.asdict(cfg), 'validation_loss': losses,
              'eval_curves': curves, 'generations': samples,
              'stage_seconds': timings}
@@ -266,6 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                             field.name)),
                         default=getattr(defaults, field.name))
   args = parser.parse_args(argv)
+  logging.set_verbosity(logging.ERROR)  # orbax's notes on training checkpoints
   run(DemoConfig(**vars(args)))
 
 

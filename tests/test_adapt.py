@@ -246,3 +246,19 @@ def test_tied_embeddings_start_equal_and_stay_equal():
   fresh = model.get_initial_variables(jax.random.PRNGKey(3), {})['params']
   np.testing.assert_array_equal(fresh['encoder']['token_embedder']['embedding'],
                                 fresh['decoder']['token_embedder']['embedding'])
+
+
+def test_adapt_cli_writes_an_exportable_checkpoint(pretrained, tmp_path):
+  from t5x_adapt import checkpoints  # pylint: disable=g-import-not-at-top
+  from t5x_adapt.config import config_from_dict  # pylint: disable=g-import-not-at-top
+  from t5x_adapt.models import model_for_config  # pylint: disable=g-import-not-at-top
+  source, _ = pretrained
+  out = tmp_path / 'adapted'
+  assert adapt.main(['t5gemma_tiny', str(source), str(out),
+                     '--vocab_size', '8192']) == 0
+  metadata = checkpoints.read_info(out)['metadata']
+  model = model_for_config(config_from_dict(metadata['config']))
+  written = checkpoints.restore_params(out, model)
+  expected = adapt.Adaptation(str(source)).init_params(model)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, written, expected)
+  assert adapt.main(['gemma2_tiny', str(source), str(tmp_path / 'x')]) == 1
