@@ -244,7 +244,9 @@ def sample_loop(step: StepFn, first_logits: jax.Array, cache: Any,
 def _cache_batch_axis(path, leaf) -> Optional[int]:
   """The batch axis of a cache leaf, or None for a leaf shared by all rows."""
   keys = [getattr(entry, 'key', None) for entry in path]
-  axis = 1 if 'layers' in keys else 0  # scanned: [periods, batch, ...]
+  # `layers` is the layer scan of `t5x_adapt.layers.stack.Stack`: its caches
+  # are [periods, batch, ...].
+  axis = 1 if 'layers' in keys else 0
   return axis if leaf.ndim > axis else None
 
 
@@ -284,9 +286,11 @@ class BeamState(NamedTuple):
   """Beam search hypotheses of b rows and k beams, n tokens long.
 
   Attributes:
-    alive_tokens: [b, k, n] hypotheses without EOS, the newest token last.
+    alive_tokens: [b, k, n] hypotheses without EOS (0 after the last token
+      so far).
     alive_log_probs: [b, k] their log-probabilities (-inf: empty beam).
-    finished_tokens: [b, k, n] hypotheses that ended with EOS, best first.
+    finished_tokens: [b, k, n] hypotheses that ended with EOS (0 after it),
+      best first.
     finished_scores: [b, k] their length-normalised scores (-inf: none).
     done: [b] the row has `k` finished hypotheses.
   """
