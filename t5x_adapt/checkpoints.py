@@ -8,6 +8,7 @@ records the layout of each stack ('scanned' or 'unrolled', see
   save_params(path, params, metadata=model.config)
   params = restore_params(path, model)            # in the model's layout
   params = restore_params(path, model, shardings=tree_of_shardings)
+  encoder = restore_params(path, model, subtrees=('encoder',))  # only these
   read_info(path)['metadata']
 
 Saving never leaves a half-written checkpoint at `path`: orbax writes into a
@@ -32,7 +33,7 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -259,20 +260,23 @@ def _saved_shapes(checkpointer, path: pathlib.Path,
 
 
 def _restore_tree(checkpointer, path: pathlib.Path, subtree: Optional[str],
-                  abstract):
-  """Reads the params tree, or only the `subtree` of a training state."""
-  if subtree is None:
+                  abstract, partial: bool = False):
+  """Reads the params tree, or only the `subtree` of a training state.
+
+  `partial`: `abstract` holds only some of the saved parameters.
+  """
+  if subtree is None and not partial:
     return checkpointer.restore(path,
                                 args=ocp.args.StandardRestore(abstract))
-  item = {subtree: abstract}
-  partial = ocp.PyTreeCheckpointer()
+  item = abstract if subtree is None else {subtree: abstract}
+  reader = ocp.PyTreeCheckpointer()
   try:
-    restored = partial.restore(path, args=ocp.args.PyTreeRestore(
+    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
         item=item, partial_restore=True,
         restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
   finally:
-    partial.close()
-  return restored[subtree]
+    reader.close()
+  return restored if subtree is None else restored[subtree]
 
 
 def _mismatch_error(path, saved: dict, expected: dict):
@@ -333,8 +337,31 @@ def _saved_layout_shardings(shardings, same_layout, to_saved, model_shapes,
   return _propagated_shardings(to_saved, model_shapes, shardings)
 
 
+def saved_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+  """Flat {parameter path: shape} of a checkpoint, from its metadata.
+
+  `path` is a `save_params` checkpoint or a training step directory; nothing
+  but metadata is read.
+  """
+  path = pathlib.Path(path).absolute()
+  _check_exists(path)
+  checkpointer = _checkpointer()
+  try:
+    return _saved_shapes(checkpointer, *_params_item(path))
+  finally:
+    checkpointer.close()
+
+
+def _only(tree, subtrees: Optional[Sequence[str]]):
+  """The top-level `subtrees` of a parameter tree (all of it for None)."""
+  if tree is None or subtrees is None:
+    return tree
+  return {name: tree[name] for name in subtrees}
+
+
 def restore_params(path: str | os.PathLike, model, *,
-                   shardings: Optional[Any] = None) -> Params:
+                   shardings: Optional[Any] = None,
+                   subtrees: Optional[Sequence[str]] = None) -> Params:
   """Restores a `save_params` checkpoint into `model`'s parameter layout.
 
   The checkpoint may be in either layout; it is read in the layout it was
@@ -344,14 +371,19 @@ def restore_params(path: str | os.PathLike, model, *,
   Args:
     path: Checkpoint directory, or a training checkpoint's step directory
       (`MODEL_DIR/checkpoints/<step>`), whose parameters are read.
-    model: A DecoderOnlyModel or EncoderDecoderModel; its config gives the
-      expected tree, shapes, dtypes and layout.
+    model: A DecoderOnlyModel or EncoderDecoderModel (or any model with
+      `param_shapes` and a config); its config gives the expected tree,
+      shapes, dtypes and layout.
     shardings: Optional tree of `jax.sharding.Sharding`s with the structure of
       the model's params; arrays are restored directly onto them. By default
       everything lands on the first local device.
+    subtrees: Restore only these top-level subtrees of the model's tree
+      (e.g. `('encoder',)`: an encoder-decoder checkpoint's encoder, its
+      decoder unread). They must match the checkpoint's exactly; other
+      subtrees, of the model or of the checkpoint, are ignored.
 
   Returns:
-    The parameter tree, in the model's layout.
+    The parameter tree (only `subtrees`, when given), in the model's layout.
 
   Raises:
     FileNotFoundError: nothing at `path`.
@@ -362,11 +394,15 @@ def restore_params(path: str | os.PathLike, model, *,
   """
   path = pathlib.Path(path).absolute()
   _check_exists(path)
-  model_shapes = model.param_shapes({})
+  model_shapes = _only(model.param_shapes({}), subtrees)
+  shardings = _only(shardings, subtrees)
   item_path, subtree = _params_item(path)
   checkpointer = _checkpointer()
   try:
     saved = _saved_shapes(checkpointer, item_path, subtree)
+    if subtrees is not None:
+      saved = {k: v for k, v in saved.items()
+               if k.partition('/')[0] in subtrees}
     saved_layouts = _stack_layouts(saved)
     to_saved = functools.partial(
         layout.to_model_layout,
@@ -379,7 +415,8 @@ def restore_params(path: str | os.PathLike, model, *,
     target_shardings = _saved_layout_shardings(
         shardings, same_layout, to_saved, model_shapes, target)
     restored = _restore_tree(checkpointer, item_path, subtree,
-                             _abstract(target, target_shardings))
+                             _abstract(target, target_shardings),
+                             partial=subtrees is not None)
   finally:
     checkpointer.close()
   if same_layout:

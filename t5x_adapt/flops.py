@@ -83,8 +83,25 @@ def encoder_decoder_flops(config: EncoderDecoderConfig, inputs: int,
   return encoder + decoder + cross + head
 
 
+def stack_flops(cfg: StackConfig, length: int, causal: bool) -> int:
+  """Forward FLOPs of one stack's blocks over `length` tokens, no LM head."""
+  return (cfg.num_layers * _layer_weight_flops(cfg) * length
+          + _attention_flops(cfg, length, length, causal))
+
+
+def _classifier_flops(config, batch_shapes) -> int:
+  """Forward FLOPs of a batch through a classifier's one stack."""
+  if 'encoder_input_tokens' in batch_shapes:
+    batch, length = batch_shapes['encoder_input_tokens']
+    return batch * stack_flops(config.encoder, length, causal=False)
+  batch, length = batch_shapes['decoder_input_tokens']
+  return batch * stack_flops(config, length, causal=True)
+
+
 def train_step_flops(config, batch_shapes) -> int:
   """FLOPs of one train step on a batch of these feature shapes."""
+  if 'decoder_target_tokens' not in batch_shapes:  # a classifier's batch
+    return 3 * _classifier_flops(config, batch_shapes)
   if isinstance(config, EncoderDecoderConfig):
     batch, inputs = batch_shapes['encoder_input_tokens']
     targets = batch_shapes['decoder_target_tokens'][1]

@@ -102,7 +102,9 @@ class Partitioner:
 
   @property
   def batch_sharding(self) -> NamedSharding:
-    return self.sharding(PartitionSpec('batch', 'length'))
+    """Splits a batch feature's first axis; fits any rank (a [batch] label
+    as well as [batch, length] tokens)."""
+    return self.sharding(PartitionSpec('batch'))
 
   @property
   def replicated(self) -> NamedSharding:

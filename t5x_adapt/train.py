@@ -158,7 +158,7 @@ def _global_shapes(dataset, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
 def _tokens_per_step(batch_shapes) -> int:
   """Every position of a global batch, encoder and decoder."""
   return sum(int(np.prod(batch_shapes[k].shape)) for k in
-             ('encoder_input_tokens', 'decoder_target_tokens')
+             ('encoder_input_tokens', 'decoder_input_tokens')
              if k in batch_shapes)
 
 
@@ -180,8 +180,14 @@ def initial_state(trainer, manager: checkpointing.CheckpointManager,
   if init_checkpoint:
     _say(f'Initialising parameters from {init_checkpoint}')
     shardings = trainer.state_shardings(input_shapes).params
-    params = checkpoints.restore_params(init_checkpoint, trainer.model,
-                                        shardings=shardings)
+    # A model whose tree differs from its checkpoints' (a classifier: a
+    # backbone's stack plus a fresh head) says how to start from them.
+    init_from = getattr(trainer.model, 'init_from_checkpoint', None)
+    if init_from is not None:
+      params = init_from(init_checkpoint, shardings)
+    else:
+      params = checkpoints.restore_params(init_checkpoint, trainer.model,
+                                          shardings=shardings)
     return trainer.init_state(input_shapes, params=params)
   if adaptation is not None:
     _say(f'Adapting {adaptation.checkpoint}'
