@@ -32,6 +32,9 @@ class PreparedSource(seqio.TFExampleDataSource):
       sources.prepare()
       self._ensure_vocabulary()
       self._split_to_filepattern = dict(self._split_to_pattern())
+      # The base class froze its split names at construction (none then);
+      # seqio.Evaluator skips a task whose split it does not list.
+      self._splits = tuple(self._split_to_filepattern)
       self._prepared = True
 
   @property
