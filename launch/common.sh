@@ -10,6 +10,9 @@
 # stand otherwise; the run files default to data=-1, fsdp=1, tensor=1).
 # `train_command ARGS...` sets the array TRAIN_CMD to the
 # `python -m t5x_adapt.train ...` command line, with ARGS appended.
+# `gin_command MODULE RUN_FILE ARGS...` sets the array GIN_CMD to
+# `python -m t5x_adapt.MODULE` with RUN_FILE, PRESET's model file, the mesh
+# sizes that are set, and ARGS (eval_local.sh, infer_local.sh).
 
 if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then
   PYTHON=$PWD/.venv/bin/python
@@ -35,9 +38,25 @@ train_command() {
              --gin.MODEL_DIR="'$MODEL_DIR'"
              --gin.TRAIN_STEPS="$TRAIN_STEPS")
   [[ -n ${TASK:-} ]] && TRAIN_CMD+=(--gin.MIXTURE_OR_TASK_NAME="'$TASK'")
+  mesh_flags TRAIN_CMD
+  TRAIN_CMD+=("$@")
+}
+
+# Appends --gin.<AXIS>=N to the array named $1 for each mesh size set.
+mesh_flags() {
+  local -n flags_array=$1
   local axis
   for axis in DATA_PARALLELISM FSDP_PARALLELISM TENSOR_PARALLELISM; do
-    [[ -n ${!axis:-} ]] && TRAIN_CMD+=(--gin.$axis="${!axis}")
+    [[ -n ${!axis:-} ]] && flags_array+=(--gin.$axis="${!axis}")
   done
-  TRAIN_CMD+=("$@")
+  return 0
+}
+
+gin_command() {
+  local module=$1 run_file=$2
+  shift 2
+  GIN_CMD=("$PYTHON" -m "t5x_adapt.$module" --gin_file="$run_file"
+           --gin_file="gin/models/$PRESET.gin")
+  mesh_flags GIN_CMD
+  GIN_CMD+=("$@")
 }

@@ -39,6 +39,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from t5x_adapt.checkpoints import TRAIN_STATE_ITEM
 from t5x_adapt.data.pipeline import InputIterator
 
+CHECKPOINT_DIR = 'checkpoints'  # MODEL_DIR/checkpoints/<step>
 STATE = TRAIN_STATE_ITEM
 INPUT = 'input'
 BEST_METRIC = 'eval_loss'  # Lower is better.
@@ -107,6 +108,20 @@ def is_complete(step_dir: epath.PathLike) -> bool:
     return False
   return bool(metadata.get('commit_timestamp_nsecs')) and all(
       (step_dir / item).is_dir() for item in (STATE, INPUT))
+
+
+def complete_steps(directory: epath.PathLike) -> list[int]:
+  """Steps of the complete checkpoints in `directory`, ascending.
+
+  Only reads: unlike opening a `CheckpointManager`, it neither creates the
+  directory nor removes the temporary directory of a save in progress, so
+  an evaluator may list the checkpoints of a run that is still training.
+  """
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(path.name) for path in directory.iterdir()
+                if path.name.isdigit() and is_complete(path))
 
 
 class CheckpointManager:

@@ -14,6 +14,7 @@ asks it for shardings and never reasons about devices itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Optional, Sequence
 
@@ -118,3 +119,11 @@ class Partitioner:
   def activation_rules(self):
     """Context manager applying the rules to `nn.with_logical_constraint`."""
     return nn.logical_axis_rules(self.rules)
+
+  def context(self) -> contextlib.ExitStack:
+    """Mesh + logical rules, for tracing model code."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.sharding.use_mesh(self.mesh)
+                        if hasattr(jax.sharding, 'use_mesh') else self.mesh)
+    stack.enter_context(self.activation_rules())
+    return stack

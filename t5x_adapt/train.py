@@ -18,8 +18,9 @@ r"""Training entry point, configured with gin in T5X's idioms.
   6. the loop: step; progress bar (loss, tokens/s, MFU, ETA); every
      `log_every` steps a JSON line in MODEL_DIR/metrics.jsonl and TensorBoard
      scalars in MODEL_DIR/train; every `eval_every` steps the validation loss
-     (MODEL_DIR/eval); every `save_every` steps, on SIGTERM and at the end a
-     checkpoint in MODEL_DIR/checkpoints (`t5x_adapt.checkpointing`).
+     and perplexity (MODEL_DIR/eval; with `eval_metrics`, also the task's own
+     metrics: `t5x_adapt.eval`); every `save_every` steps, on SIGTERM and at
+     the end a checkpoint in MODEL_DIR/checkpoints (`t5x_adapt.checkpointing`).
 
 Only process 0 writes logs, summaries and the config. Multi-host runs call
 `jax.distributed.initialize` first: from --coordinator_address,
@@ -37,92 +38,37 @@ if __name__ == '__main__':
 
 import dataclasses
 import json
-import os
 import pathlib
 import signal
-import sys
 import threading
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
 import gin
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
-import seqio
 import tqdm
 
 from t5x_adapt import adapt
 from t5x_adapt import checkpointing
 from t5x_adapt import checkpoints
+from t5x_adapt import cli
+from t5x_adapt import eval as eval_lib
 from t5x_adapt import flops
 from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
+from t5x_adapt import summaries
 from t5x_adapt import trainer as trainer_lib
 from t5x_adapt.data import pipeline
 
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.gin'
 
-_GIN_FILES = flags.DEFINE_multi_string(
-    'gin_file', [], 'Gin files, parsed in order (relative to the working '
-    'directory or the repository root).')
-_GIN_BINDINGS = flags.DEFINE_multi_string(
-    'gin_bindings', [], 'Gin bindings, parsed after the files; '
-    '--gin.NAME=VALUE is shorthand for --gin_bindings="NAME = VALUE".')
-_DISTRIBUTED = flags.DEFINE_enum(
-    'distributed', 'auto', ['auto', 'yes', 'no'],
-    'Call jax.distributed.initialize: auto = when a coordinator is given or '
-    'a multi-process cluster environment is detected.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 (multi-host).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Number of processes (multi-host).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'This process\'s index (multi-host).')
-
-
-def _say(message: str) -> None:
-  """Prints on process 0, without breaking the progress bar."""
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(message, file=sys.stderr)
-
-
-# ---------------------------------------------------------------- model --
-
-
-def _task_vocab_size(mixture_or_task_name: str) -> int:
-  features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
-  return max(f.vocabulary.vocab_size for f in features.values())
-
-
-def build_model(mixture_or_task_name: str, vocab_size: Optional[int]):
-  """The model bound to `MODEL`, with a vocabulary that fits the task.
-
-  Args:
-    mixture_or_task_name: The task; its data must be prepared (the task's
-      vocabulary is read when `vocab_size` is None).
-    vocab_size: Model vocabulary size; None keeps the preset's unless the
-      task's vocabulary is larger (e.g. a tiny test preset on an 8k task),
-      in which case the task's size is used.
-
-  Returns:
-    The model.
-  """
-  model = gin_utils.model_from_config()
-  config = model.config
-  current = getattr(config, 'decoder', config).vocab_size
-  if vocab_size is None:
-    vocab_size = max(current, _task_vocab_size(mixture_or_task_name))
-  if vocab_size != current:
-    _say(f'Model vocabulary: {current} -> {vocab_size}')
-    model = gin_utils.model_from_config(vocab_size=vocab_size)
-  return model
+_say = cli.say
+build_model = cli.build_model  # Also the demo's.
 
 
 # ----------------------------------------------------------------- data --
@@ -221,33 +167,6 @@ def _teacher_params(trainer, teacher_checkpoint: Optional[str],
 # -------------------------------------------------------------- metrics --
 
 
-class _ScalarSummaries:
-  """TensorBoard scalars in one log directory.
-
-  Writes the events `tf.summary.scalar` writes (a float tensor with the
-  `scalars` plugin's metadata) through TensorFlow's own summary writer, so
-  it needs no `tensorboard` package (only to view them).
-  """
-
-  def __init__(self, logdir: pathlib.Path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    self._tf = tf
-    self._writer = tf.summary.create_file_writer(str(logdir))
-    self._metadata = tf.compat.v1.SummaryMetadata()
-    self._metadata.plugin_data.plugin_name = 'scalars'
-
-  def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    tf = self._tf
-    with self._writer.as_default():
-      for name, value in values.items():
-        tf.summary.write(name, tf.constant(float(value), tf.float32),
-                         step=step, metadata=self._metadata)
-    self._writer.flush()
-
-  def close(self) -> None:
-    self._writer.close()
-
-
 class MetricsWriter:
   """metrics.jsonl lines and TensorBoard scalars (process 0 only)."""
 
@@ -256,7 +175,7 @@ class MetricsWriter:
     if not self._enabled:
       return
     self._jsonl = open(model_dir / METRICS_FILE, 'a', encoding='utf-8')
-    self._summaries = {kind: _ScalarSummaries(model_dir / kind)
+    self._summaries = {kind: summaries.ScalarSummaries(model_dir / kind)
                        for kind in ('train', 'eval')}
 
   def write(self, kind: str, step: int, scalars: Mapping[str, float]) -> None:
@@ -296,39 +215,25 @@ class Throughput:
 # ----------------------------------------------------------------- eval --
 
 
-class Evaluator:
-  """Mean validation cross-entropy (nats per target token) of the params."""
+def _evaluators(trainer, eval_ds, input_shapes, metrics_task: Optional[str],
+                task_feature_lengths: Mapping[str, int], batch_size: int,
+                eval_steps: int):
+  """(validation loss evaluator or None, task metric evaluator or None).
 
-  def __init__(self, trainer, dataset, input_shapes):
-    self._dataset = dataset
-    partitioner = trainer.partitioner
-    model = trainer.model
-
-    def evaluate(params, batch):
-      _, metrics = model.loss_fn(params, batch, None)
-      tokens = metrics['num_tokens']
-      return {'loss': metrics['cross_entropy'] * tokens,
-              'accuracy': metrics['accuracy'] * tokens, 'tokens': tokens}
-
-    self._partitioner = partitioner
-    self._context = trainer.context
-    self._step = jax.jit(
-        evaluate,
-        in_shardings=(trainer.state_shardings(input_shapes).params,
-                      partitioner.batch_sharding),
-        out_shardings=partitioner.replicated)
-
-  def __call__(self, params) -> dict[str, float]:
-    totals = {'loss': 0.0, 'accuracy': 0.0, 'tokens': 0.0}
-    with self._context():
-      for batch in self._dataset.as_numpy_iterator():
-        sums = jax.device_get(
-            self._step(params, self._partitioner.shard_batch(batch)))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
-    tokens = max(totals['tokens'], 1.0)
-    return {'loss': totals['loss'] / tokens,
-            'accuracy': totals['accuracy'] / tokens,
-            'tokens': totals['tokens']}
+  The loss runs on the packed validation batches; the task's own metrics
+  (`metrics_task`) on its first `eval_steps * batch_size` examples.
+  """
+  if eval_ds is None:
+    return None, None
+  sharded = eval_lib.ShardedModel(
+      trainer.model, trainer.partitioner,
+      trainer.state_shardings(input_shapes).params)
+  loss = eval_lib.LossEvaluator(sharded, eval_ds.as_numpy_iterator)
+  if not metrics_task:
+    return loss, None
+  return loss, eval_lib.MetricEvaluator(
+      sharded, metrics_task, task_feature_lengths, batch_size,
+      num_examples=eval_steps * batch_size)
 
 
 # ----------------------------------------------------------- preemption --
@@ -394,6 +299,7 @@ def train(model_dir: str = gin.REQUIRED,
           log_every: int = 10,
           eval_every: int = 0,
           eval_steps: int = 10,
+          eval_metrics: bool = False,
           save_every: int = 1000,
           keep: Optional[int] = 3,
           keep_best: bool = True,
@@ -421,6 +327,10 @@ def train(model_dir: str = gin.REQUIRED,
     log_every: Steps between metrics.jsonl lines and TensorBoard points.
     eval_every: Steps between validation evaluations (0: never).
     eval_steps: Validation batches per evaluation.
+    eval_metrics: Also evaluate the task's own metrics (seqio metric_fns,
+      e.g. accuracy of generated labels; `t5x_adapt.eval.MetricEvaluator`)
+      every `eval_every` steps, on `eval_steps * batch_size` validation
+      examples.
     save_every: Steps between checkpoints.
     keep: Number of recent checkpoints to keep (None: all).
     keep_best: Also keep the checkpoint with the lowest validation loss.
@@ -447,7 +357,10 @@ def train(model_dir: str = gin.REQUIRED,
   batch_shapes = _global_shapes(train_ds, batch_size)
   input_shapes = {k: v.shape for k, v in batch_shapes.items()}
   iterator = pipeline.InputIterator(train_ds)
-  evaluator = Evaluator(trainer, eval_ds, input_shapes) if eval_ds else None
+  evaluator, metric_evaluator = _evaluators(
+      trainer, eval_ds, input_shapes,
+      mixture_or_task_name if eval_metrics else None, task_feature_lengths,
+      batch_size, eval_steps)
 
   # 4. State.
   manager = checkpointing.CheckpointManager(
@@ -472,7 +385,8 @@ def train(model_dir: str = gin.REQUIRED,
     compiled_step = step_fn
     step_fn = lambda state, batch: compiled_step(state, batch, teacher)
   loop = Loop(step_fn=step_fn, iterator=iterator, partitioner=partitioner,
-              evaluator=evaluator, manager=manager,
+              evaluator=evaluator, metric_evaluator=metric_evaluator,
+              manager=manager,
               writer=MetricsWriter(model_dir),
               throughput=Throughput(model, batch_shapes, peak_flops),
               preemption=PreemptionHandler(), learning_rate=learning_rate,
@@ -491,7 +405,8 @@ class Loop:
   step_fn: Callable
   iterator: pipeline.InputIterator
   partitioner: partitioning.Partitioner
-  evaluator: Optional[Evaluator]
+  evaluator: Optional[eval_lib.LossEvaluator]
+  metric_evaluator: Optional[eval_lib.MetricEvaluator]
   manager: checkpointing.CheckpointManager
   writer: MetricsWriter
   throughput: Throughput
@@ -521,6 +436,7 @@ class Loop:
       eval_metrics = None
       if self.evaluator and (step % self.eval_every == 0 or last):
         eval_metrics = self._evaluate(step, state.params)
+        self._evaluate_task_metrics(step, state.params)
       preempted = self.preemption.reached()
       if step % self.save_every == 0 or last or preempted:
         self.manager.save(step, state, self.iterator, metrics=eval_metrics and
@@ -559,11 +475,28 @@ class Loop:
     self.writer.write('eval', step, {**metrics, 'best_loss': self._best})
     _say(f'step {step}: validation loss {metrics["loss"]:.4f} '
          f'(best {self._best:.4f})')
-    # Evaluation time is not training time.
+    self._exclude_from_window(started)
+    return metrics
+
+  def _evaluate_task_metrics(self, step: int, params) -> None:
+    """The task's own metrics, as `eval` scalars named `<task>/<metric>`."""
+    if self.metric_evaluator is None:
+      return
+    started = time.perf_counter()
+    results = self.metric_evaluator(params, step)
+    scalars = {f'{task}/{name}': value for task, metrics in results.items()
+               for name, value in metrics.items()}
+    if scalars:
+      self.writer.write('eval', step, scalars)
+      _say(f'step {step}: ' + ', '.join(f'{k} {v:.4g}'
+                                        for k, v in scalars.items()))
+    self._exclude_from_window(started)
+
+  def _exclude_from_window(self, started: float) -> None:
+    """Evaluation time since `started` is not training time."""
     window_start, window_steps = self._window
     self._window = (window_start + time.perf_counter() - started,
                     window_steps)
-    return metrics
 
   def close(self) -> None:
     self.preemption.close()
@@ -574,50 +507,6 @@ class Loop:
 # ------------------------------------------------------------------ CLI --
 
 
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (T5X's shorthand)."""
-  out = []
-  for arg in argv:
-    if arg.startswith('--gin.'):
-      name, sep, value = arg[len('--gin.'):].partition('=')
-      if not sep:
-        raise app.UsageError(f'{arg}: expected --gin.NAME=VALUE')
-      arg = f'--gin_bindings={name} = {value}'
-    out.append(arg)
-  return out
-
-
-def _cluster_detected() -> bool:
-  env = os.environ
-  return bool(env.get('JAX_COORDINATOR_ADDRESS')
-              or int(env.get('SLURM_NTASKS', '1')) > 1
-              or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
-
-
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize` as the flags and environment ask."""
-  explicit = _COORDINATOR.value or _NUM_PROCESSES.value is not None
-  if _DISTRIBUTED.value == 'no' or (_DISTRIBUTED.value == 'auto' and not (
-      explicit or _cluster_detected())):
-    return
-  # CPU devices of several processes talk over gloo (no effect elsewhere).
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value,
-                             process_id=_PROCESS_ID.value)
-
-
-def _main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
-  initialize_distributed()
-  gin_utils.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, finalize=True)
-  train()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """Command-line entry point (argv defaults to sys.argv)."""
-  app.run(_main, argv=rewrite_gin_args(sys.argv if argv is None else argv))
-
+  cli.run(train, argv)

@@ -14,7 +14,6 @@ checkpointed).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Mapping
 
 import flax
@@ -123,12 +122,7 @@ class Trainer:
 
   def context(self):
     """Mesh + logical rules, for tracing model code."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.sharding.use_mesh(self.partitioner.mesh)
-                        if hasattr(jax.sharding, 'use_mesh') else
-                        self.partitioner.mesh)
-    stack.enter_context(self.partitioner.activation_rules())
-    return stack
+    return self.partitioner.context()
 
   # ---------------------------------------------------------------- step --
 

@@ -1,0 +1,142 @@
+"""What the gin-configured entry points (train, eval, infer) share.
+
+  python -m t5x_adapt.<train|eval|infer> --gin_file=RUN.gin \
+    --gin_file=gin/models/PRESET.gin --gin.NAME=VALUE ...
+
+Flags (`--gin_file`, `--gin_bindings` and T5X's `--gin.NAME=VALUE`
+shorthand; the multi-host flags), `jax.distributed` start-up, printing on
+process 0, and the run's model with its vocabulary fitted to the task.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import seqio
+import tqdm
+
+from t5x_adapt import gin_utils
+
+_GIN_FILES = flags.DEFINE_multi_string(
+    'gin_file', [], 'Gin files, parsed in order (relative to the working '
+    'directory or the repository root).')
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+    'gin_bindings', [], 'Gin bindings, parsed after the files; '
+    '--gin.NAME=VALUE is shorthand for --gin_bindings="NAME = VALUE".')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'yes', 'no'],
+    'Call jax.distributed.initialize: auto = when a coordinator is given or '
+    'a multi-process cluster environment is detected.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 (multi-host).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Number of processes (multi-host).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process\'s index (multi-host).')
+
+
+def say(message: str) -> None:
+  """Prints on process 0, without breaking a progress bar."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- model --
+
+
+def _task_vocab_size(mixture_or_task_name: str) -> int:
+  features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
+  return max(f.vocabulary.vocab_size for f in features.values())
+
+
+def build_model(mixture_or_task_name: Optional[str],
+                vocab_size: Optional[int],
+                vocabulary: Optional[seqio.Vocabulary] = None):
+  """The model bound to `MODEL`, with a vocabulary that fits the task.
+
+  Args:
+    mixture_or_task_name: The task; its data must be prepared (the task's
+      vocabulary is read when `vocab_size` and `vocabulary` are None).
+    vocab_size: Model vocabulary size; None keeps the preset's unless the
+      task's vocabulary is larger (e.g. a tiny test preset on an 8k task),
+      in which case the task's size is used.
+    vocabulary: Fit this vocabulary instead of the task's.
+
+  Returns:
+    The model.
+  """
+  model = gin_utils.model_from_config()
+  config = model.config
+  current = getattr(config, 'decoder', config).vocab_size
+  if vocab_size is None:
+    needed = (vocabulary.vocab_size if vocabulary is not None else
+              _task_vocab_size(mixture_or_task_name))
+    vocab_size = max(current, needed)
+  if vocab_size != current:
+    say(f'Model vocabulary: {current} -> {vocab_size}')
+    model = gin_utils.model_from_config(vocab_size=vocab_size)
+  return model
+
+
+# ------------------------------------------------------------ arguments --
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (T5X's shorthand)."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep:
+        raise app.UsageError(f'{arg}: expected --gin.NAME=VALUE')
+      arg = f'--gin_bindings={name} = {value}'
+    out.append(arg)
+  return out
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  return bool(env.get('JAX_COORDINATOR_ADDRESS')
+              or int(env.get('SLURM_NTASKS', '1')) > 1
+              or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` as the flags and environment ask."""
+  explicit = _COORDINATOR.value or _NUM_PROCESSES.value is not None
+  if _DISTRIBUTED.value == 'no' or (_DISTRIBUTED.value == 'auto' and not (
+      explicit or _cluster_detected())):
+    return
+  # CPU devices of several processes talk over gloo (no effect elsewhere).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value,
+                             process_id=_PROCESS_ID.value)
+
+
+def run(entry: Callable[[], object],
+        argv: Optional[Sequence[str]] = None) -> None:
+  """Parses flags and gin (locked), joins a multi-host job, calls `entry()`.
+
+  Args:
+    entry: The gin-configurable function the command runs, called without
+      arguments (gin supplies them).
+    argv: Command line (default sys.argv), `--gin.NAME=VALUE` allowed.
+  """
+
+  def main(args: Sequence[str]) -> None:
+    if len(args) > 1:
+      raise app.UsageError(f'unexpected arguments: {args[1:]}')
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+    initialize_distributed()
+    gin_utils.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, finalize=True)
+    entry()
+
+  app.run(main, argv=rewrite_gin_args(sys.argv if argv is None else argv))
