@@ -8,10 +8,13 @@ Task names say what they hold and which vocabulary they use:
   sentiment_cls_{spm8k,gemma3}     classification (inputs + integer label)
   super_glue_{boolq,cb,copa,rte,wic,wsc,multirc}_cls_{spm8k,gemma3}
       TFDS super_glue (needs a download), cast as classification.
+  sft_{sentiment,continuation}_{spm8k,gemma3}
+      instruction tuning in Gemma's turn template (tasks/sft.py).
 
 `spm8k` is the corpus-trained SentencePiece model, `gemma3` Gemma 3's.
 """
 
 from tasks import corpus  # pylint: disable=unused-import
 from tasks import sentiment  # pylint: disable=unused-import
+from tasks import sft  # pylint: disable=unused-import
 from tasks import super_glue  # pylint: disable=unused-import

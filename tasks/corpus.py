@@ -11,7 +11,8 @@ from t5x_adapt.data.sources_seqio import PreparedSource, TEXT
 from tasks.vocabularies import VOCABULARIES
 
 
-def _source(ensure_vocabulary):
+def source(ensure_vocabulary):
+  """The corpus documents (text, id), prepared on first use."""
   return PreparedSource(
       lambda: {split: sources.corpus_pattern(split)
                for split in ('train', 'validation')},
@@ -40,11 +41,11 @@ def _register(vocab_name, vocabulary, ensure):
   }
   for objective, (steps, features) in tasks.items():
     seqio.TaskRegistry.add(
-        f'corpus_{objective}_{vocab_name}', source=_source(ensure),
+        f'corpus_{objective}_{vocab_name}', source=source(ensure),
         preprocessors=_tokenize_and_chunk(objective) + steps,
         output_features=features, metric_fns=[])
   seqio.TaskRegistry.add(
-      f'corpus_span_corruption_{vocab_name}', source=_source(ensure),
+      f'corpus_span_corruption_{vocab_name}', source=source(ensure),
       preprocessors=[
           functools.partial(seqio.preprocessors.rekey,
                             key_map={'targets': 'text'}),

@@ -14,7 +14,8 @@ from tasks.vocabularies import VOCABULARIES
 LABELS = ('negative', 'positive')
 
 
-def _source(ensure_vocabulary):
+def source(ensure_vocabulary):
+  """The sentiment reviews (text, integer label, id), prepared on first use."""
   return PreparedSource(
       lambda: {split: sources.sentiment_pattern(split)
                for split in ('train', 'validation', 'test')},
@@ -38,13 +39,13 @@ def _register(vocab_name, vocabulary, ensure):
   postprocess = functools.partial(t5_postprocessors.string_label_to_class_id,
                                   label_classes=LABELS)
   seqio.TaskRegistry.add(
-      f'sentiment_{vocab_name}', source=_source(ensure),
+      f'sentiment_{vocab_name}', source=source(ensure),
       preprocessors=[_to_text, seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
       output_features=features, postprocess_fn=postprocess,
       metric_fns=[t5_metrics.accuracy])
   seqio.TaskRegistry.add(
-      f'sentiment_cls_{vocab_name}', source=_source(ensure),
+      f'sentiment_cls_{vocab_name}', source=source(ensure),
       preprocessors=[functools.partial(_to_text, prefix=''),
                      seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
