@@ -10,7 +10,6 @@ The template and how each vocabulary spells its markers:
 `t5x_adapt.data.sft`. Splits are the sources' (train, validation).
 """
 
-import functools
 
 import seqio
 from t5.data import postprocessors as t5_postprocessors
