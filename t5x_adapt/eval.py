@@ -91,7 +91,8 @@ def _fill(indices: np.ndarray, features: HostBatch,
   """A short last batch, filled with copies of its first row.
 
   Copies rather than zeros: an all-padding row has no token to attend to.
-  The copies get index PADDING_INDEX and no loss weight.
+  The copies get index PADDING_INDEX and no loss weight (classification
+  batches: label -1, which their loss ignores).
   """
   missing = batch_size - len(indices)
   if not missing:
@@ -99,8 +100,11 @@ def _fill(indices: np.ndarray, features: HostBatch,
   features = {k: np.concatenate([v, np.repeat(v[:1], missing, axis=0)])
               for k, v in features.items()}
   indices = np.concatenate([indices, np.full(missing, PADDING_INDEX)])
+  filler = indices == PADDING_INDEX
   if 'decoder_loss_weights' in features:
-    features['decoder_loss_weights'][indices == PADDING_INDEX] = 0
+    features['decoder_loss_weights'][filler] = 0
+  if 'label' in features:
+    features['label'][filler] = -1
   return indices, features
 
 
