@@ -13,9 +13,34 @@ import transformers
 
 from t5x_adapt import assets
 from t5x_adapt import convert
-from t5x_adapt import demo
 
 PASSAGE_TOKENS = 256
+
+# Charles Dickens, A Tale of Two Cities (1859), public domain.
+PASSAGE = (
+    'It was the best of times, it was the worst of times, it was the age of '
+    'wisdom, it was the age of foolishness, it was the epoch of belief, it was '
+    'the epoch of incredulity, it was the season of Light, it was the season '
+    'of Darkness, it was the spring of hope, it was the winter of despair, we '
+    'had everything before us, we had nothing before us, we were all going '
+    'direct to Heaven, we were all going direct the other way--in short, the '
+    'period was so far like the present period, that some of its noisiest '
+    'authorities insisted on its being received, for good or for evil, in the '
+    'superlative degree of comparison only.\n\n'
+    'There were a king with a large jaw and a queen with a plain face, on the '
+    'throne of England; there were a king with a large jaw and a queen with a '
+    'fair face, on the throne of France. In both countries it was clearer than '
+    'crystal to the lords of the State preserves of loaves and fishes, that '
+    'things in general were settled for ever.')
+
+
+def passage_loss(model, params, ids) -> float:
+  """Mean next-token loss (nats/token) of `ids`, which start with BOS."""
+  tokens = jnp.asarray([ids + [0]], jnp.int32)
+  batch = {'decoder_input_tokens': tokens[:, :-1],
+           'decoder_target_tokens': tokens[:, 1:]}
+  loss, _ = jax.jit(model.loss_fn)(params, batch, None)
+  return float(loss)
 
 
 @pytest.fixture(scope='module')
@@ -80,10 +105,9 @@ def test_greedy_matches_transformers_generate(ours, reference, tokenizer):
 
 def test_loss_on_public_domain_passage(ours, tokenizer):
   model, params = ours
-  loss = demo.passage_loss(model, params,
-                           [2] + tokenizer.encode(demo.PASSAGE))
+  loss = passage_loss(model, params, [2] + tokenizer.encode(PASSAGE))
   botchan = [2] + tokenizer.encode(assets.botchan_text()[20000:22000])
-  prose_loss = demo.passage_loss(model, params, botchan)
+  prose_loss = passage_loss(model, params, botchan)
   print(f'loss: A Tale of Two Cities {loss:.3f}, Botchan {prose_loss:.3f} '
         'nats/token')
   # A broken import (norm offsets, RoPE bases, QK norms) lands above 5.
