@@ -208,6 +208,22 @@ class Attention(nn.Module):
     index = self.variable('cache', 'cache_index', jnp.zeros, (), jnp.int32)
 
     new_pos = jnp.where(key_segment_ids > 0, key_positions, -1)
+    if new_len == 1:
+      # One decoding step: write the token into its slot, then attend over
+      # the cache in place. The slot's previous token is out of the window
+      # (local layers) or the slot is empty (global layers), so nothing the
+      # query may see is lost, and no copy of the cache is made.
+      slot = index.value % slots
+      write_one = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+          cache, new, slot, axis=1)
+      cached_key.value = write_one(cached_key.value, key)
+      cached_value.value = write_one(cached_value.value, value)
+      cached_pos.value = write_one(cached_pos.value, new_pos)
+      index.value = index.value + 1
+      # A single query's prefix flag shows it nothing causality does not.
+      return (cached_key.value, cached_value.value, cached_pos.value,
+              (cached_pos.value >= 0).astype(jnp.int32), None)
+
     all_key = jnp.concatenate([cached_key.value, key], axis=1)
     all_value = jnp.concatenate([cached_value.value, value], axis=1)
     all_pos = jnp.concatenate([cached_pos.value, new_pos], axis=1)
