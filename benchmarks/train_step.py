@@ -171,16 +171,6 @@ def count_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def matmul_gflops() -> float:
-  """Measured jnp float32 2048^3 matmul rate, for context."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = min(timed(lambda: f(a).block_until_ready())[1].wall
-             for _ in range(5))
-  return 2 * 2048**3 / best / 1e9
-
-
 # ---------------------------------------------------------------- our step --
 
 
@@ -595,7 +585,7 @@ def main(argv=None) -> None:
     versions += [f'torch {torch.__version__}',
                  f'transformers {transformers.__version__}']
   log('measuring matmul rate')
-  measured = matmul_gflops()
+  measured = flops_lib.measured_matmul_flops() / 1e9
 
   tiny = gin_utils.load_model('t5gemma_tiny').config
   s_s = s_s_config()

@@ -8,11 +8,15 @@ train step costs three forward passes (forward + 2x backward).
 
 from __future__ import annotations
 
+import functools
+import time
+
 import jax
+import jax.numpy as jnp
 
 from t5x_adapt.config import EncoderDecoderConfig, LOCAL, StackConfig
 
-# bf16/fp32 dense matmul peaks, FLOP/s per device, by `device_kind` prefix.
+# bf16 dense matmul peaks, FLOP/s per device, by `device_kind` prefix.
 PEAK_FLOPS = {
     'TPU v4': 275e12,
     'TPU v5 lite': 197e12,
@@ -22,19 +26,43 @@ PEAK_FLOPS = {
     'NVIDIA H100': 989e12,
     'NVIDIA H200': 989e12,
     'NVIDIA A100': 312e12,
-    'cpu': 90e9,  # measured jnp float32 matmul on the 2-core CI machine
 }
+_MATMUL_SIZE = 2048
+
+
+@functools.cache
+def measured_matmul_flops() -> float:
+  """FLOP/s of a float32 2048^3 matmul on the default device (best of 5).
+
+  CPUs have no datasheet peak worth quoting (it depends on the cores, their
+  vector units and XLA's kernels), so their MFU is taken against this.
+  """
+  x = jax.random.normal(jax.random.PRNGKey(0), (_MATMUL_SIZE,) * 2,
+                        jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float('inf')
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * _MATMUL_SIZE**3 / best
 
 
 def device_peak_flops(device=None, override: float | None = None) -> float:
-  """Peak FLOP/s of one device (configurable with `override`)."""
+  """Peak FLOP/s of one device (configurable with `override`).
+
+  Accelerators: the datasheet figure by device kind. Other devices (CPU):
+  the measured matmul rate, shared among this process's devices (simulated
+  CPU devices share the same cores).
+  """
   if override:
     return override
   kind = (device or jax.devices()[0]).device_kind
   for prefix, peak in PEAK_FLOPS.items():
     if kind.lower().startswith(prefix.lower()):
       return peak
-  return PEAK_FLOPS['cpu']
+  return measured_matmul_flops() / jax.local_device_count()
 
 
 def _layer_weight_flops(cfg: StackConfig, kv_width: int | None = None) -> int:
