@@ -34,10 +34,7 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+from common import REPO_ROOT, argument_parser, elapsed, log  # pylint: disable=g-bad-import-order
 
 # Heavy modules (tensorflow, seqio, jax) are imported inside the functions
 # that need them: the data-preparation subprocess times its own imports.
@@ -46,7 +43,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 TOKEN_FEATURES = ('encoder_input_tokens', 'decoder_target_tokens')
 ACCEPTANCE_S = 120.0
 LEARNING_RATE = 1e-3
-_START = time.perf_counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +61,8 @@ ROWS = (
 )
 
 
-def log(message: str) -> None:
-  """Progress line on stderr, with the time since start."""
-  print(f'[{time.perf_counter() - _START:6.1f}s] {message}', file=sys.stderr,
-        flush=True)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n', 1)[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argument_parser(__doc__)
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--inputs_length', type=int, default=512,
                       help='encoder-decoder inputs length')
@@ -459,7 +447,7 @@ def main(argv=None) -> None:
   tables += [pipeline_table(results, args),
              model_table(results, args, vocab_size),
              environment_line(args, load_before),
-             f'Total runtime: {time.perf_counter() - _START:.0f} s.']
+             f'Total runtime: {elapsed():.0f} s.']
   print('\n\n'.join(tables), flush=True)
 
 

@@ -233,9 +233,7 @@ def print_table(rows: list[tuple[Timing, Timing | None]], length: int) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n', 1)[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ts.argument_parser(__doc__)
   parser.add_argument('--quick', action='store_true',
                       help='prompts of 64, 16 new tokens, 2 timed calls')
   parser.add_argument('--repeats', type=int, default=None,

@@ -27,27 +27,16 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+from common import REPO_ROOT, argument_parser, elapsed, log  # pylint: disable=g-bad-import-order
 
 # pylint: disable=g-import-not-at-top
 
 TASK = 'corpus_lm_spm8k'
 PRESET = 'gemma2_tiny'
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-  print(f'[{time.perf_counter() - _START:6.1f}s] {message}', file=sys.stderr,
-        flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n', 1)[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argument_parser(__doc__)
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--length', type=int, default=128)

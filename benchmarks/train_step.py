@@ -63,10 +63,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+from common import REPO_ROOT, argument_parser, elapsed, log  # pylint: disable=g-bad-import-order
 
 # pylint: disable=g-import-not-at-top
 import jax
@@ -84,12 +81,6 @@ from t5x_adapt.partitioning import Partitioner
 LEARNING_RATE = 1e-4
 # A GPT-2-sized vocabulary brings the S-S stacks (50.4M parameters) to 102M.
 S_S_VOCAB = 50_257
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-  print(f'[{time.perf_counter() - _START:6.1f}s] {message}', file=sys.stderr,
-        flush=True)
 
 
 def num_cores() -> int:
@@ -149,6 +140,22 @@ class Result:
 
   def mean(self, field: str) -> float:
     return statistics.mean(getattr(s, field) for s in self.steps)
+
+
+def timed_steps(name: str, one_step: Callable[[], float], steps: int):
+  """A first (compiling / warm-up) step, then `steps` timed ones.
+
+  Returns:
+    (losses of every step, the first step's Sample, the timed Samples).
+  """
+  loss, first = timed(one_step)
+  losses, samples = [loss], []
+  for i in range(steps):
+    log(f'{name}: step {i + 1}/{steps}')
+    loss, sample = timed(one_step)
+    losses.append(loss)
+    samples.append(sample)
+  return losses, first, samples
 
 
 def make_batch(batch: int, inputs: int, targets: int, vocab: int,
@@ -261,13 +268,7 @@ def run_ours(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
     return float(jax.block_until_ready(metrics)['loss'])
 
   log(f'{name}: first step ({params / 1e6:.1f}M params)')
-  loss, first = timed(one_step)
-  losses, samples = [loss], []
-  for i in range(steps):
-    log(f'{name}: step {i + 1}/{steps}')
-    loss, sample = timed(one_step)
-    losses.append(loss)
-    samples.append(sample)
+  losses, first, samples = timed_steps(name, one_step, steps)
   if not all(np.isfinite(losses)):
     raise RuntimeError(f'{name}: non-finite loss {losses}')
   result = Result(name, params, batch, inputs, targets, step_flops,
@@ -327,13 +328,7 @@ def run_hf(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
     return out.loss.item()
 
   log(f'{name}: warm-up step ({params / 1e6:.1f}M params)')
-  loss, first = timed(one_step)
-  losses, samples = [loss], []
-  for i in range(steps):
-    log(f'{name}: step {i + 1}/{steps}')
-    loss, sample = timed(one_step)
-    losses.append(loss)
-    samples.append(sample)
+  losses, first, samples = timed_steps(name, one_step, steps)
   del model, optimizer
   gc.collect()
   return Result(name, params, batch, inputs, targets,
@@ -527,9 +522,7 @@ def print_table(results: list[Result], peak: float, measured: float,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n', 1)[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argument_parser(__doc__)
   parser.add_argument('--quick', action='store_true',
                       help='s_s and hf at 128 + 128, fewer timed steps')
   parser.add_argument('--steps', type=int, default=None,
@@ -640,7 +633,7 @@ def main(argv=None) -> None:
     print(profile_text)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f'\nPeak RSS of this process (transformers runs in a child) '
-        f'{peak_rss:.1f} GiB; total {time.perf_counter() - _START:.0f} s.')
+        f'{peak_rss:.1f} GiB; total {elapsed():.0f} s.')
 
 
 if __name__ == '__main__':
