@@ -179,9 +179,18 @@ def plot_curves(path: pathlib.Path, curves: dict, losses: dict) -> None:
 def _model_of(files: Sequence[str], bindings: Sequence[str] = ()):
   """The model a stage trained (with the task's vocabulary)."""
   gin.clear_config()
-  gin_utils.parse_gin(files, ['SOURCE_CHECKPOINT = None', *bindings]
-                      if files == ADAPT_FILES else bindings)
+  gin_utils.parse_gin(files, bindings)
   return train_lib.build_model(PREFIX_LM_TASK, None)
+
+
+def adapted_model():
+  """The adaptation stage's DistillationModel (no source needed to build it)."""
+  return _model_of(ADAPT_FILES, ['SOURCE_CHECKPOINT = None'])
+
+
+def _hard_loss(model):
+  """`(params, batch) -> (loss, metrics)`: ground-truth targets, no teacher."""
+  return lambda params, batch: model.loss_fn(params, batch, None)
 
 
 def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
@@ -212,33 +221,35 @@ def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
 
   _say('evaluating on PrefixLM validation targets ...', start)
   batches = validation_batches(cfg)
-  student = _model_of(ADAPT_FILES)
+  student = adapted_model()
   teacher_params = adapt.load_decoder_only(source, student.teacher.config)
-  step0 = adapt.Adaptation(str(source)).init_params(student)
   scratch_model = _model_of(SCRATCH_FILES)
-  fresh = scratch_model.get_initial_variables(
-      jax.random.PRNGKey(0), {})['params']  # the scratch run's seed
+  params = {
+      'adapted, step 0': adapt.Adaptation(str(source)).init_params(student),
+      # The scratch run's initialisation (Trainer seed 0).
+      'from scratch, step 0': scratch_model.get_initial_variables(
+          jax.random.PRNGKey(0), {})['params'],
+      'adapted': checkpoints.restore_params(adapted, student),
+      'scratch': checkpoints.restore_params(scratch, scratch_model),
+  }
   losses = {
       TEACHER: mean_loss(student.teacher_loss, teacher_params, batches),
-      'adapted, step 0': mean_loss(
-          lambda p, b: student.loss_fn(p, b, None), step0, batches),
-      'from scratch, step 0': mean_loss(
-          lambda p, b: scratch_model.loss_fn(p, b, None), fresh, batches),
+      'adapted, step 0': mean_loss(_hard_loss(student),
+                                   params['adapted, step 0'], batches),
+      'from scratch, step 0': mean_loss(_hard_loss(scratch_model),
+                                        params['from scratch, step 0'],
+                                        batches),
       f'adapted, step {cfg.adapt_steps}': mean_loss(
-          lambda p, b: student.loss_fn(p, b, None),
-          checkpoints.restore_params(adapted, student), batches),
+          _hard_loss(student), params['adapted'], batches),
       f'from scratch, step {cfg.adapt_steps}': mean_loss(
-          lambda p, b: scratch_model.loss_fn(p, b, None),
-          checkpoints.restore_params(scratch, scratch_model), batches),
+          _hard_loss(scratch_model), params['scratch'], batches),
   }
   vocabulary = seqio.get_mixture_or_task(
       PREFIX_LM_TASK).output_features['targets'].vocabulary
   samples = {
-      'adapted': generations(student, checkpoints.restore_params(
-          adapted, student), batches, vocabulary, cfg.num_generations),
-      'scratch': generations(scratch_model, checkpoints.restore_params(
-          scratch, scratch_model), batches, vocabulary, cfg.num_generations),
-  }
+      name: generations(model, params[name], batches, vocabulary,
+                        cfg.num_generations)
+      for name, model in (('adapted', student), ('scratch', scratch_model))}
   curves = {'adapted (PrefixLM + KD)': _eval_curve(root / 'adapted'),
             'from scratch (PrefixLM)': _eval_curve(root / 'scratch')}
   plot_curves(root / 'loss_curves.png', curves, losses)

@@ -155,7 +155,7 @@ def pretrained(tmp_path_factory):
 
 def test_adapted_step0_loss_is_far_below_random_init(pretrained):
   source, batches = pretrained
-  student = demo._model_of(demo.ADAPT_FILES)
+  student = demo.adapted_model()
   adapted = adapt.Adaptation(str(source)).init_params(student)
   random = student.get_initial_variables(jax.random.PRNGKey(0), {})['params']
   teacher = adapt.load_decoder_only(source, student.teacher.config)

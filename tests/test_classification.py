@@ -228,7 +228,7 @@ def backbones(tmp_path_factory):
       root / 'decoder_only', demo.DECODER_ONLY_FILES, 100,
       demo.PRETRAIN_TASK, demo._run_bindings(cfg, {'targets': 64}) +
       ['EVAL_EVERY = 0', 'SAVE_EVERY = 100', 'WARMUP_STEPS = 10'])
-  student = demo._model_of(demo.ADAPT_FILES)
+  student = demo.adapted_model()
   adapted = checkpoints.save_params(
       root / 'adapted', adapt.Adaptation(str(source)).init_params(student))
   return root, source, adapted
