@@ -55,7 +55,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5x_adapt import checkpointing
+
 from t5x_adapt import checkpoints
 from t5x_adapt import cli
 from t5x_adapt import decoding
@@ -436,7 +436,7 @@ def _step_of(checkpoint: pathlib.Path) -> int:
 def _run_dir_of(checkpoint: pathlib.Path) -> Optional[pathlib.Path]:
   """MODEL_DIR of a training step directory, None for other checkpoints."""
   if checkpoint.name.isdigit() and (
-      checkpoint.parent.name == checkpointing.CHECKPOINT_DIR):
+      checkpoint.parent.name == checkpoints.training.CHECKPOINT_DIR):
     return checkpoint.parent.parent
   return None
 
@@ -460,8 +460,8 @@ def checkpoints_to_evaluate(checkpoint_path: Optional[str],
   if checkpoint_path:
     path = pathlib.Path(checkpoint_path)
     return [(_step_of(path), path)]
-  directory = pathlib.Path(model_dir) / checkpointing.CHECKPOINT_DIR
-  steps = checkpointing.complete_steps(directory)
+  directory = pathlib.Path(model_dir) / checkpoints.training.CHECKPOINT_DIR
+  steps = checkpoints.training.complete_steps(directory)
   if not steps:
     raise FileNotFoundError(f'no complete checkpoint in {directory}')
   done = _evaluated(steps, output_dir, task_names)

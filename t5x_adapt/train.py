@@ -20,7 +20,7 @@ r"""Training entry point, configured with gin in T5X's idioms.
      scalars in MODEL_DIR/train; every `eval_every` steps the validation loss
      and perplexity (MODEL_DIR/eval; with `eval_metrics`, also the task's own
      metrics: `t5x_adapt.eval`); every `save_every` steps, on SIGTERM and at
-     the end a checkpoint in MODEL_DIR/checkpoints (`t5x_adapt.checkpointing`).
+     the end a checkpoint in MODEL_DIR/checkpoints (`t5x_adapt.checkpoints.training`).
 
 Only process 0 writes logs, summaries and the config. Multi-host runs call
 `jax.distributed.initialize` first: from --coordinator_address,
@@ -51,7 +51,7 @@ import numpy as np
 import tqdm
 
 from t5x_adapt import adapt
-from t5x_adapt import checkpointing
+
 from t5x_adapt import checkpoints
 from t5x_adapt import cli
 from t5x_adapt import eval as eval_lib
@@ -63,7 +63,7 @@ from t5x_adapt import summaries
 from t5x_adapt import trainer as trainer_lib
 from t5x_adapt.data import pipeline
 
-CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
+CHECKPOINT_DIR = checkpoints.training.CHECKPOINT_DIR
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.gin'
 
@@ -111,7 +111,7 @@ def _tokens_per_step(batch_shapes) -> int:
 # ---------------------------------------------------------------- state --
 
 
-def initial_state(trainer, manager: checkpointing.CheckpointManager,
+def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
                   input_shapes, iterator: pipeline.InputIterator,
                   init_checkpoint: Optional[str],
                   adaptation: Optional[adapt.Adaptation] = None):
@@ -119,7 +119,7 @@ def initial_state(trainer, manager: checkpointing.CheckpointManager,
   step = manager.latest_step()
   if step is not None:
     _say(f'Resuming from {manager.directory / str(step)}')
-    target = checkpointing.abstract_state(
+    target = checkpoints.training.abstract_tree(
         trainer.state_shapes(input_shapes),
         trainer.state_shardings(input_shapes))
     return manager.restore(step, target, iterator)
@@ -363,7 +363,7 @@ def train(model_dir: str = gin.REQUIRED,
       batch_size, eval_steps)
 
   # 4. State.
-  manager = checkpointing.CheckpointManager(
+  manager = checkpoints.training.CheckpointManager(
       model_dir / CHECKPOINT_DIR, keep=keep, keep_best=keep_best,
       async_save=async_checkpointing)
   state = initial_state(trainer, manager, input_shapes, iterator,
@@ -407,7 +407,7 @@ class Loop:
   partitioner: partitioning.Partitioner
   evaluator: Optional[eval_lib.LossEvaluator]
   metric_evaluator: Optional[eval_lib.MetricEvaluator]
-  manager: checkpointing.CheckpointManager
+  manager: checkpoints.training.CheckpointManager
   writer: MetricsWriter
   throughput: Throughput
   preemption: PreemptionHandler
@@ -440,7 +440,7 @@ class Loop:
       preempted = self.preemption.reached()
       if step % self.save_every == 0 or last or preempted:
         self.manager.save(step, state, self.iterator, metrics=eval_metrics and
-                          {checkpointing.BEST_METRIC: eval_metrics['loss']})
+                          {checkpoints.training.BEST_METRIC: eval_metrics['loss']})
       if preempted:
         _say(f'SIGTERM: saved step {step}, stopping')
         break

@@ -1,4 +1,4 @@
-"""Bad transformers and GGUF checkpoints raise the errors of convert/errors.py.
+"""Bad transformers and GGUF checkpoints raise the errors of checkpoints/errors.py.
 
 Each test damages a copy of a good checkpoint in one way and checks both the
 exception type and that the message names the file or tensor at fault.
@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 import hf_fixtures as hf
 from t5x_adapt import assets
 from t5x_adapt import convert
-from t5x_adapt.convert import errors
+from t5x_adapt.checkpoints import errors
 
 WEIGHTS = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'

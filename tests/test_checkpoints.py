@@ -16,7 +16,7 @@ from t5x_adapt import checkpoints
 from t5x_adapt import gin_utils
 from t5x_adapt import layout
 from t5x_adapt.config import EncoderDecoderConfig, config_from_dict
-from t5x_adapt.convert import errors
+from t5x_adapt.checkpoints import errors
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRESETS = ('gemma2_tiny', 't5gemma_tiny')

@@ -23,7 +23,7 @@ from t5x_adapt import classification
 from t5x_adapt import demo
 from t5x_adapt import gin_utils
 from t5x_adapt import train as train_lib
-from t5x_adapt.convert import errors
+from t5x_adapt.checkpoints import errors
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data import pipeline
 

@@ -1,9 +1,9 @@
 """The training entry point: CLI runs, checkpoints, exact resume, SIGTERM,
-resharding onto another mesh (t5x_adapt.train, t5x_adapt.checkpointing).
+resharding onto another mesh (t5x_adapt.train, t5x_adapt.checkpoints.training).
 
 Runs are real `python -m t5x_adapt.train` subprocesses on tiny presets. Kills
 are made deterministic by small driver programs that wrap one function of the
-checkpointing module and SIGKILL their own process at the chosen moment. All
+checkpoint modules and SIGKILL their own process at the chosen moment. All
 subprocesses share a persistent XLA compilation cache, so only the first run
 of each model and mesh pays for compiling.
 """
@@ -23,7 +23,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5x_adapt import checkpointing
 from t5x_adapt import checkpoints
 from t5x_adapt import gin_utils
 
@@ -87,7 +86,7 @@ def _train_losses(model_dir):
 
 def _steps(model_dir):
   """Complete checkpoint steps, as the manager sees them."""
-  manager = checkpointing.CheckpointManager(
+  manager = checkpoints.training.CheckpointManager(
       pathlib.Path(model_dir) / 'checkpoints')
   try:
     return manager.all_steps()
@@ -159,14 +158,14 @@ def test_cli_encoder_decoder(tmp_path, compile_cache):
 # Saves as usual, then SIGKILLs itself once step 5 is committed.
 _KILL_AFTER_SAVE = """
 import os, signal, sys
-from t5x_adapt import checkpointing, train
-save = checkpointing.CheckpointManager.save
+from t5x_adapt import checkpoints, train
+save = checkpoints.training.CheckpointManager.save
 def save_then_die(self, step, *args, **kwargs):
   save(self, step, *args, **kwargs)
   if step == 5:
     self.wait()
     os.kill(os.getpid(), signal.SIGKILL)
-checkpointing.CheckpointManager.save = save_then_die
+checkpoints.training.CheckpointManager.save = save_then_die
 train.main(['train'] + sys.argv[1:])
 """
 
@@ -174,13 +173,13 @@ train.main(['train'] + sys.argv[1:])
 # while the state may still be in flight).
 _KILL_DURING_SAVE = """
 import os, signal, sys
-from t5x_adapt import checkpointing, train
-save = checkpointing.InputStateHandler.save
+from t5x_adapt import checkpoints, train
+save = checkpoints.training.InputStateHandler.save
 def save_and_die(self, directory, args):
   save(self, directory, args)
   if '/10.orbax-checkpoint-tmp' in str(directory):
     os.kill(os.getpid(), signal.SIGKILL)
-checkpointing.InputStateHandler.save = save_and_die
+checkpoints.training.InputStateHandler.save = save_and_die
 train.main(['train'] + sys.argv[1:])
 """
 
@@ -252,13 +251,13 @@ class _FakeIterator:
 
 def test_restore_skips_incomplete_step_directories(tmp_path):
   state = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
-  manager = checkpointing.CheckpointManager(tmp_path, keep=2)
+  manager = checkpoints.training.CheckpointManager(tmp_path, keep=2)
   manager.save(4, state, _FakeIterator(4))
   manager.close()
   # A half-copied step directory, and an uncommitted orbax one.
   shutil.copytree(tmp_path / '4' / 'state', tmp_path / '9' / 'state')
   shutil.copytree(tmp_path / '4', tmp_path / '12.orbax-checkpoint-tmp-1')
-  manager = checkpointing.CheckpointManager(tmp_path, keep=2)
+  manager = checkpoints.training.CheckpointManager(tmp_path, keep=2)
   assert manager.latest_step() == 4
   iterator = _FakeIterator()
   target = jax.tree_util.tree_map(
@@ -270,7 +269,7 @@ def test_restore_skips_incomplete_step_directories(tmp_path):
 
 
 def test_keeps_latest_and_best(tmp_path):
-  manager = checkpointing.CheckpointManager(tmp_path, keep=2)
+  manager = checkpoints.training.CheckpointManager(tmp_path, keep=2)
   losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 2.5}
   for step, loss in losses.items():
     metrics = None if loss is None else {'eval_loss': loss}
@@ -316,8 +315,8 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path,
 _RESHARD = """
 import json, sys
 import jax
-from t5x_adapt import checkpointing, train
-restore = checkpointing.CheckpointManager.restore
+from t5x_adapt import checkpoints, train
+restore = checkpoints.training.CheckpointManager.restore
 shapes = {}
 def shard_shapes(state):
   emb = state.params['decoder']['token_embedder']['embedding']
@@ -329,7 +328,7 @@ def restore_and_record(self, *args, **kwargs):
   state = restore(self, *args, **kwargs)
   shapes['restored'] = shard_shapes(state)
   return state
-checkpointing.CheckpointManager.restore = restore_and_record
+checkpoints.training.CheckpointManager.restore = restore_and_record
 train_fn = train.train
 def train_and_record():
   state = train_fn()

@@ -6,12 +6,12 @@
   gguf_tokenizer(gguf_path, out_path) -> SentencePiece model path
 """
 
-from t5x_adapt.convert.errors import CheckpointError
-from t5x_adapt.convert.errors import CorruptCheckpointError
-from t5x_adapt.convert.errors import MissingTensorError
-from t5x_adapt.convert.errors import ShapeMismatchError
-from t5x_adapt.convert.errors import UnexpectedTensorError
-from t5x_adapt.convert.errors import UnsupportedArchitectureError
+from t5x_adapt.checkpoints.errors import CheckpointError
+from t5x_adapt.checkpoints.errors import CorruptCheckpointError
+from t5x_adapt.checkpoints.errors import MissingTensorError
+from t5x_adapt.checkpoints.errors import ShapeMismatchError
+from t5x_adapt.checkpoints.errors import UnexpectedTensorError
+from t5x_adapt.checkpoints.errors import UnsupportedArchitectureError
 from t5x_adapt.convert.gguf_tokenizer import gguf_tokenizer
 from t5x_adapt.convert.hf import load_hf
 from t5x_adapt.convert.hf import save_hf

@@ -14,7 +14,7 @@ import sys
 
 from t5x_adapt import checkpoints
 from t5x_adapt.config import config_from_dict, config_to_dict
-from t5x_adapt.convert import errors
+from t5x_adapt.checkpoints import errors
 from t5x_adapt.convert.gguf import load_gguf
 from t5x_adapt.convert.gguf_tokenizer import gguf_tokenizer
 from t5x_adapt.convert.hf import load_hf, save_hf

@@ -19,7 +19,7 @@ import numpy as np
 
 from t5x_adapt import layout
 from t5x_adapt.config import GLOBAL, LOCAL, StackConfig
-from t5x_adapt.convert import errors
+from t5x_adapt.checkpoints import errors
 from t5x_adapt.convert.tables import NameScheme, UnitOffset
 from t5x_adapt.convert.tables import load_tensors, stack_rules
 from t5x_adapt.models import DecoderOnlyModel

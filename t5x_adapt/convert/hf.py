@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from t5x_adapt import layout
 from t5x_adapt.config import GLOBAL, LOCAL, EncoderDecoderConfig, StackConfig
-from t5x_adapt.convert import errors
+from t5x_adapt.checkpoints import errors
 from t5x_adapt.convert.tables import NameScheme, export_tensors
 from t5x_adapt.convert.tables import load_tensors, stack_rules
 from t5x_adapt.models import DecoderOnlyModel, EncoderDecoderModel

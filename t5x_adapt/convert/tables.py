@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from t5x_adapt.config import StackConfig
-from t5x_adapt.convert import errors
+from t5x_adapt.checkpoints import errors
 
 
 class Transform:

@@ -1,8 +1,9 @@
 """Training checkpoints: the whole TrainState and the input position, by orbax.
 
-`t5x_adapt.checkpoints` holds parameter-only checkpoints (conversion,
-init checkpoints; its `restore_params` also reads the parameters of a step
-written here); this module holds what training needs to resume exactly.
+`checkpoints.params` holds parameter-only checkpoints (conversion, init
+checkpoints; its `restore_params` also reads the parameters of a step
+written here); this module holds what training needs to resume exactly,
+and the layout of a step directory.
 A `CheckpointManager` over `MODEL_DIR/checkpoints` writes one directory per
 step:
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from absl import logging
 from etils import epath
@@ -36,11 +37,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from t5x_adapt.checkpoints import TRAIN_STATE_ITEM
-from t5x_adapt.data.pipeline import InputIterator
+if TYPE_CHECKING:  # The handler only calls the iterator's save/restore.
+  from t5x_adapt.data.pipeline import InputIterator
 
 CHECKPOINT_DIR = 'checkpoints'  # MODEL_DIR/checkpoints/<step>
-STATE = TRAIN_STATE_ITEM
+STATE = 'state'    # <step>/state: the TrainState
+PARAMS = 'params'  # its parameters (what `restore_params` reads of a step)
 INPUT = 'input'
 BEST_METRIC = 'eval_loss'  # Lower is better.
 _STEP_METADATA = '_CHECKPOINT_METADATA'
@@ -91,8 +93,8 @@ def _loss(metrics: Mapping[str, float]) -> float:
   return float(metrics.get(BEST_METRIC, float('inf')))
 
 
-def abstract_state(shapes: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the target shardings: the restore target."""
+def abstract_tree(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings: a restore target."""
   return jax.tree_util.tree_map(
       lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                sharding=sharding),
@@ -205,7 +207,7 @@ class CheckpointManager:
 
     Args:
       step: A step of `all_steps()`.
-      target: Tree of ShapeDtypeStructs with shardings (`abstract_state`);
+      target: Tree of ShapeDtypeStructs with shardings (`abstract_tree`);
         the arrays are read (resharded as needed) onto those shardings.
       iterator: If given, moved to the input position saved with `step` (or
         left at its start, with a warning, if this host saved none there,

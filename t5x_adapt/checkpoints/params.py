@@ -40,15 +40,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from t5x_adapt import layout
+from t5x_adapt.checkpoints import errors
+from t5x_adapt.checkpoints import training
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.config import config_to_dict
-from t5x_adapt.convert import errors
 
 INFO_FILE = 't5x_adapt.json'
-# A training checkpoint's step directory holds the TrainState in this item
-# (`t5x_adapt.checkpointing`); `restore_params` reads its `params` subtree.
-TRAIN_STATE_ITEM = 'state'
-TRAIN_PARAMS_KEY = 'params'
 INFO_FORMAT = 't5x_adapt.params'
 INFO_VERSION = 1
 SCANNED = 'scanned'
@@ -234,9 +231,9 @@ def _params_item(path: pathlib.Path) -> tuple[pathlib.Path, Optional[str]]:
   A `save_params` checkpoint is the params tree itself; a training
   checkpoint's step directory holds a TrainState whose `params` we read.
   """
-  state = path / TRAIN_STATE_ITEM
+  state = path / training.STATE
   if not (path / '_METADATA').exists() and state.is_dir():
-    return state, TRAIN_PARAMS_KEY
+    return state, training.PARAMS
   return path, None
 
 
@@ -308,13 +305,6 @@ def _mismatch_error(path, saved: dict, expected: dict):
   return cls(message)
 
 
-def _abstract(shapes, shardings):
-  return jax.tree_util.tree_map(
-      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                               sharding=sharding),
-      shapes, shardings)
-
-
 def _propagated_shardings(convert, model_shapes, shardings):
   """Shardings of `convert`'s outputs given inputs sharded as `shardings`.
 
@@ -322,7 +312,8 @@ def _propagated_shardings(convert, model_shapes, shardings):
   stacked kernel gets its layers' sharding with the layer axis replicated,
   an unstacked one its stack's sharding without it.
   """
-  lowered = jax.jit(convert).lower(_abstract(model_shapes, shardings))
+  lowered = jax.jit(convert).lower(
+      training.abstract_tree(model_shapes, shardings))
   return lowered.compile().output_shardings
 
 
@@ -415,7 +406,7 @@ def restore_params(path: str | os.PathLike, model, *,
     target_shardings = _saved_layout_shardings(
         shardings, same_layout, to_saved, model_shapes, target)
     restored = _restore_tree(checkpointer, item_path, subtree,
-                             _abstract(target, target_shardings),
+                             training.abstract_tree(target, target_shardings),
                              partial=subtrees is not None)
   finally:
     checkpointer.close()
