@@ -54,7 +54,8 @@ import numpy as np
 
 from t5x_adapt import gin_utils
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
-from t5x_adapt.models import BOS_ID, model_for_config
+from t5x_adapt.data.vocab import BOS_ID
+from t5x_adapt.models import model_for_config
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Training-step throughput and MFU on CPU, against transformers' T5Gemma.
 
 Prints a markdown table with, per row: parameters, batch, analytic FLOPs per
-step (`t5x_adapt.flops.train_step_flops`: matmul FLOPs, forward + 2x
+step (`BaseModel.train_step_flops`: matmul FLOPs, forward + 2x
 backward), compile time, step time, tokens/s, achieved GFLOP/s and MFU
 (analytic FLOPs / step time / the device peak of `t5x_adapt.flops`, 90
 GFLOP/s on CPU) and against a 2048^3 matmul timed in the same run, the
@@ -75,7 +75,8 @@ from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import trainer as trainer_lib
 from t5x_adapt.config import EncoderDecoderConfig
-from t5x_adapt.models import BOS_ID, EOS_ID, EncoderDecoderModel
+from t5x_adapt.data.vocab import BOS_ID, EOS_ID
+from t5x_adapt.models import EncoderDecoderModel
 from t5x_adapt.partitioning import Partitioner
 
 LEARNING_RATE = 1e-4
@@ -260,7 +261,7 @@ def run_ours(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
   state = trainer.init_state(input_shapes)
   params = count_params(state.params)
   device_batch = trainer.partitioner.shard_batch(host_batch)
-  step_flops = flops_lib.train_step_flops(config, input_shapes)
+  step_flops = trainer.model.train_step_flops(input_shapes)
 
   def one_step():
     nonlocal state
@@ -332,7 +333,7 @@ def run_hf(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
   del model, optimizer
   gc.collect()
   return Result(name, params, batch, inputs, targets,
-                flops_lib.train_step_flops(config, {
+                EncoderDecoderModel(config).train_step_flops({
                     'encoder_input_tokens': (batch, inputs),
                     'decoder_target_tokens': (batch, targets)}),
                 None, first, samples, losses,

@@ -3,6 +3,9 @@
 # (gloo collectives): a multi-host job on one machine, for testing. Process 0
 # prints to the terminal; process i logs to $LOG_DIR/process_<i>.log. If one
 # process fails the others are stopped; Ctrl-C / SIGTERM reach all of them.
+# Every process reads the same global batches and feeds its rows of each, so
+# the run logs the losses of one process with the same mesh and its
+# checkpoints resume on any number of processes (tests/test_multihost.py).
 #
 # Usage:
 #   launch/train_multiprocess_cpu.sh [extra python -m t5x_adapt.train flags...]

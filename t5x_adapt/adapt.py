@@ -20,7 +20,11 @@ Balanced models (2B-2B) take both stacks from one checkpoint; unbalanced ones
 small one, and their cross-attention is random (its key/value projections
 read the encoder width). The decoder-only sources may be our checkpoints
 (`checkpoints.save_params` or a training step directory), transformers
-directories or GGUF files (`load_decoder_only`).
+directories or GGUF files, read by the one loader (`convert.load`) straight
+onto the shardings of the leaves they become. `assembly_plan` says where
+each leaf comes from (checked on shapes, before anything is read),
+`assemble` builds the tree from it, and the leaves that start fresh are
+initialised alone, under jit, on their shardings.
 
 In training (`train.py`), `train.adaptation = @Adaptation()` initialises a run
 that has no checkpoint of its own yet; the unbalanced warm-up (only
@@ -31,18 +35,16 @@ cross-attention trains for the first K steps) is the optimizer's
 from __future__ import annotations
 
 import dataclasses
-import math
-import pathlib
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.traverse_util
 import gin
 import jax
-import numpy as np
 
 from t5x_adapt import checkpoints
-from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.config import EncoderDecoderConfig
 from t5x_adapt.config import config_to_dict
+from t5x_adapt.convert import load
 from t5x_adapt.models import DecoderOnlyModel, EncoderDecoderModel
 
 Params = Any
@@ -52,84 +54,11 @@ RANDOM = 'random'
 AUTO = 'auto'
 CROSS_ATTENTION_INITS = (AUTO, SELF_ATTENTION, RANDOM)
 
-# StackConfig fields that describe how a model runs, not what it computes:
-# a source may differ from the target in these.
-_RUN_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy',
-               'dropout_rate')
+Key = tuple[str, ...]
+Origin = Optional[tuple[str, Key]]  # (source name, key in it) or None: fresh
 
 
-# ---------------------------------------------------------------- sources --
-
-
-def _architecture(cfg: StackConfig) -> dict:
-  fields = config_to_dict(cfg)
-  for name in _RUN_FIELDS:
-    fields.pop(name)
-  return fields
-
-
-def _same(a, b) -> bool:
-  # Checkpoints store floats such as rms_norm_eps in float32.
-  if isinstance(a, float) and isinstance(b, float):
-    return math.isclose(a, b, rel_tol=1e-6)
-  return a == b
-
-
-def check_architecture(source: StackConfig, target: StackConfig,
-                       where: str) -> None:
-  """Raises ValueError naming every field in which `source` != `target`."""
-  source_fields, target_fields = _architecture(source), _architecture(target)
-  differing = [f'{name}: checkpoint {source_fields[name]!r}, model '
-               f'{target_fields[name]!r}' for name in source_fields
-               if not _same(source_fields[name], target_fields[name])]
-  if differing:
-    raise ValueError(f'{where}: the checkpoint does not fit the model '
-                     f'stack ({"; ".join(differing)})')
-
-
-def load_decoder_only(path: str | pathlib.Path, stack: StackConfig,
-                      shardings: Optional[Any] = None) -> Params:
-  """Decoder-only parameters `{'decoder': stack}` for a stack config.
-
-  Args:
-    path: A `.gguf` file, a transformers directory (config.json +
-      safetensors), or one of our checkpoints (save_params directory or
-      `MODEL_DIR/checkpoints/<step>`).
-    stack: The architecture the checkpoint must have; its `scan_layers`
-      decides the returned layout.
-    shardings: Optional shardings of the returned tree (our checkpoints are
-      then restored straight onto them).
-
-  Returns:
-    The parameters, in `stack`'s layout.
-
-  Raises:
-    ValueError: the checkpoint's architecture differs from `stack` (every
-      differing field is named), or it is not a decoder-only model.
-    FileNotFoundError, CheckpointError: unreadable checkpoints.
-  """
-  from t5x_adapt import convert  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  model = DecoderOnlyModel(stack)
-  if path.suffix == '.gguf':
-    loaded, params = convert.load_gguf(path, scan_layers=stack.scan_layers)
-  elif (path / 'config.json').exists():
-    loaded, params = convert.load_hf(path, scan_layers=stack.scan_layers)
-  else:
-    return checkpoints.restore_params(path, model, shardings=shardings)
-  if not isinstance(loaded, DecoderOnlyModel):
-    raise ValueError(f'{path}: adaptation needs a decoder-only checkpoint, '
-                     f'found a {type(loaded).__name__}')
-  check_architecture(loaded.config, stack, str(path))
-  params = jax.tree_util.tree_map(
-      lambda x: np.asarray(x, stack.weight_dtype), params)
-  return params if shardings is None else jax.device_put(params, shardings)
-
-
-# ------------------------------------------------------------- assembling --
-
-
-def _flat(tree) -> dict[tuple[str, ...], Any]:
+def _flat(tree) -> dict[Key, Any]:
   return flax.traverse_util.flatten_dict(tree)
 
 
@@ -149,7 +78,7 @@ def resolve_cross_attention_init(config: EncoderDecoderConfig,
   return mode
 
 
-def _source_key(key: tuple[str, ...], copy_cross_attention: bool):
+def _source_key(key: Key, copy_cross_attention: bool) -> Origin:
   """Where an encoder-decoder parameter comes from: (source, source key).
 
   Returns None for parameters that keep their fresh initialisation.
@@ -166,32 +95,29 @@ def _source_key(key: tuple[str, ...], copy_cross_attention: bool):
   return 'decoder', ('decoder', *rest)
 
 
-def assemble(fresh: Params, encoder_source: Params, decoder_source: Params,
-             copy_cross_attention: bool) -> Params:
-  """Encoder-decoder params from two decoder-only trees (see module doc).
+def assembly_plan(target: Mapping[Key, Any],
+                  sources: Mapping[str, Mapping[Key, Any]],
+                  copy_cross_attention: bool) -> dict[Key, Origin]:
+  """Where each encoder-decoder leaf comes from, checked by path and shape.
 
   Args:
-    fresh: A freshly initialised encoder-decoder tree: the template, and the
-      values of everything no source provides.
-    encoder_source: `{'decoder': stack}` of the encoder's checkpoint.
-    decoder_source: `{'decoder': stack}` of the decoder's checkpoint.
-    copy_cross_attention: Copy each layer's self-attention into its
-      cross-attention (balanced models).
+    target: The encoder-decoder's flat leaves (arrays or ShapeDtypeStructs).
+    sources: {'encoder': flat leaves, 'decoder': flat leaves} of the
+      decoder-only sources (arrays or shapes).
+    copy_cross_attention: Cross-attention from self-attention (balanced).
 
   Returns:
-    The encoder-decoder parameter tree (same structure as `fresh`).
+    {target key: (source name, source key), or None for a fresh leaf}.
 
   Raises:
     ValueError: a source tensor is missing, has the wrong shape, or a source
       tensor was left unused; the parameter path and shapes are named.
   """
-  sources = {'encoder': _flat(encoder_source), 'decoder': _flat(decoder_source)}
   used = {name: set() for name in sources}
-  out = {}
-  for key, value in _flat(fresh).items():
-    origin = _source_key(key, copy_cross_attention)
+  plan = {}
+  for key, value in target.items():
+    origin = plan[key] = _source_key(key, copy_cross_attention)
     if origin is None:
-      out[key] = value
       continue
     name, source_key = origin
     path = '/'.join(key)
@@ -203,19 +129,56 @@ def assemble(fresh: Params, encoder_source: Params, decoder_source: Params,
       raise ValueError(f'{path}: source {"/".join(source_key)} has shape '
                        f'{tuple(tensor.shape)}, the model needs '
                        f'{tuple(value.shape)}')
-    out[key] = tensor
     used[name].add(source_key)
   for name, flat in sources.items():
     unused = sorted('/'.join(k) for k in set(flat) - used[name])
     if unused:
       raise ValueError(f'the {name} source has tensors the encoder-decoder '
                        f'does not use: {unused[:5]}')
+  return plan
+
+
+def _fresh_leaves(model: EncoderDecoderModel, keys, seed: int,
+                  shardings: Optional[Mapping[Key, Any]]) -> dict[Key, Any]:
+  """The leaves `keys` of a fresh init, computed alone, on their shardings.
+
+  Under jit, the initialisers of every other leaf are dead code: nothing
+  but these leaves is ever allocated.
+  """
+  keys = list(keys)
+
+  def init():
+    fresh = _flat(model.get_initial_variables(jax.random.PRNGKey(seed),
+                                              {})['params'])
+    return {'/'.join(k): fresh[k] for k in keys}
+
+  out_shardings = None if shardings is None else {
+      '/'.join(k): shardings[k] for k in keys}
+  leaves = jax.jit(init, out_shardings=out_shardings)()
+  return {k: leaves['/'.join(k)] for k in keys}
+
+
+def assemble(plan: Mapping[Key, Origin],
+             sources: Mapping[str, Mapping[Key, Any]],
+             fresh: Mapping[Key, Any],
+             shardings: Optional[Mapping[Key, Any]] = None) -> Params:
+  """The encoder-decoder tree the plan describes (no tensor is copied:
+  a source leaf that serves two targets is one array, resharded where the
+  second target's sharding differs)."""
+  out = {}
+  for key, origin in plan.items():
+    value = fresh[key] if origin is None else sources[origin[0]][origin[1]]
+    if shardings is not None and getattr(value, 'sharding',
+                                         None) != shardings[key]:
+      value = jax.device_put(value, shardings[key])
+    out[key] = value
   return flax.traverse_util.unflatten_dict(out)
 
 
 def adapt_params(model: EncoderDecoderModel, encoder_source: Params,
                  decoder_source: Optional[Params] = None, *,
-                 cross_attention_init: str = AUTO, seed: int = 0) -> Params:
+                 cross_attention_init: str = AUTO, seed: int = 0,
+                 shardings: Optional[Params] = None) -> Params:
   """Encoder-decoder parameters for `model` from decoder-only parameters.
 
   Args:
@@ -226,20 +189,38 @@ def adapt_params(model: EncoderDecoderModel, encoder_source: Params,
     cross_attention_init: 'self_attention', 'random' or 'auto' (the former
       for balanced models, the latter otherwise).
     seed: Seed of the freshly initialised parameters.
+    shardings: Optional tree of the model's parameter shardings; fresh
+      leaves are made on them, source leaves placed there if they are not.
 
   Returns:
     The parameter tree, in the model's layout.
   """
   mode = resolve_cross_attention_init(model.config, cross_attention_init)
-  fresh = model.get_initial_variables(jax.random.PRNGKey(seed), {})['params']
-  if decoder_source is None:
-    decoder_source = encoder_source
-  params = assemble(fresh, encoder_source, decoder_source,
-                    copy_cross_attention=mode == SELF_ATTENTION)
+  sources = {'encoder': _flat(encoder_source),
+             'decoder': _flat(decoder_source or encoder_source)}
+  plan = assembly_plan(_flat(model.param_shapes({})), sources,
+                       copy_cross_attention=mode == SELF_ATTENTION)
+  flat_shardings = None if shardings is None else _flat(shardings)
+  fresh = _fresh_leaves(model, [k for k, o in plan.items() if o is None],
+                        seed, flat_shardings)
+  params = assemble(plan, sources, fresh, flat_shardings)
   if model.config.tie_embeddings:  # One table: the decoder's (the LM head).
     params['encoder']['token_embedder'] = dict(
         params['decoder']['token_embedder'])
   return params
+
+
+def _source_shardings(plan: Mapping[Key, Origin], name: str,
+                      shardings: Optional[Params]) -> Optional[Params]:
+  """Shardings of a source's leaves: those of the first target each feeds."""
+  if shardings is None:
+    return None
+  flat = _flat(shardings)
+  out = {}
+  for key, origin in plan.items():
+    if origin is not None and origin[0] == name:
+      out.setdefault(origin[1], flat[key])
+  return flax.traverse_util.unflatten_dict(out)
 
 
 @gin.configurable
@@ -262,19 +243,35 @@ class Adaptation:
   seed: int = 0
 
   def init_params(self, model: EncoderDecoderModel,
-                  shardings: Optional[Any] = None) -> Params:
-    """The adapted parameters of `model` (placed on `shardings`)."""
+                  shardings: Optional[Params] = None) -> Params:
+    """The adapted parameters of `model`, each leaf read onto its sharding.
+
+    Sources are read through `convert.load` straight onto the shardings of
+    the encoder-decoder leaves they become (the same checkpoint once, when
+    both stacks come from it); fresh leaves are initialised on theirs.
+    """
     config = model.config
-    encoder = load_decoder_only(self.checkpoint, config.encoder)
-    decoder = encoder
-    if self.decoder_checkpoint or (_architecture(config.encoder) !=
-                                   _architecture(config.decoder)):
-      decoder = load_decoder_only(self.decoder_checkpoint or self.checkpoint,
-                                  config.decoder)
-    params = adapt_params(model, encoder, decoder,
-                          cross_attention_init=self.cross_attention_init,
-                          seed=self.seed)
-    return params if shardings is None else jax.device_put(params, shardings)
+    stacks = {'encoder': config.encoder, 'decoder': config.decoder}
+    paths = {'encoder': self.checkpoint,
+             'decoder': self.decoder_checkpoint or self.checkpoint}
+    mode = resolve_cross_attention_init(config, self.cross_attention_init)
+    plan = assembly_plan(
+        _flat(model.param_shapes({})),
+        {name: _flat(DecoderOnlyModel(stack).param_shapes({}))
+         for name, stack in stacks.items()},
+        copy_cross_attention=mode == SELF_ATTENTION)
+    sources = {}
+    for name in ('encoder', 'decoder'):
+      if name == 'decoder' and paths['decoder'] == paths['encoder'] and (
+          load.same_architecture(stacks['encoder'], stacks['decoder'])):
+        sources['decoder'] = sources['encoder']
+        continue
+      sources[name] = load.load_decoder_only(
+          paths[name], stacks[name],
+          _source_shardings(plan, name, shardings))
+    return adapt_params(model, sources['encoder'], sources['decoder'],
+                        cross_attention_init=mode, seed=self.seed,
+                        shardings=shardings)
 
 
 # -------------------------------------------------------------------- CLI --

@@ -14,9 +14,9 @@ Parameter trees (the backbone's stack under its usual name, plus the head):
 
 An encoder-decoder's decoder is left out, so no parameter trains without a
 gradient; `init_from_checkpoint` therefore reads only the backbone's stack of
-a pretrained or adapted checkpoint (`checkpoints.restore_params(...,
-subtrees=...)`) and starts the head fresh, and `t5x_adapt.train` calls it
-for `INIT_CHECKPOINT`.
+a pretrained or adapted checkpoint (ours, a transformers directory or a GGUF
+file: `convert.load.load_params(..., subtrees=...)`) and starts the head
+fresh, and `t5x_adapt.train` calls it for `INIT_CHECKPOINT`.
 
 Batches (`data.feature_converters.*ClassificationFeatureConverter`):
 `encoder_input_tokens` or `decoder_input_tokens` [batch, length] (token 0
@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from t5x_adapt import checkpoints
+from t5x_adapt import flops
 from t5x_adapt import models
-from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.config import StackConfig
+from t5x_adapt.convert import load
 from t5x_adapt.data import feature_converters
 from t5x_adapt.layers import Stack
 from t5x_adapt.losses import cross_entropy
@@ -205,6 +207,12 @@ class ClassificationModel(models.BaseModel):
     return jnp.argmax(log_probs, axis=-1), {
         'scores': jnp.max(log_probs, axis=-1), 'log_probs': log_probs}
 
+  def train_step_flops(self, batch_shapes):
+    """One stack's step (the head's matmul is negligible)."""
+    batch, length = batch_shapes[self.tokens_key]
+    return flops.TRAIN_PASSES * batch * flops.stack_flops(
+        self.stack_config, length, causal=self.CAUSAL)
+
   def _prefill(self, params, batch, max_decode_length, beams):
     raise NotImplementedError(f'{type(self).__name__} classifies; it has no '
                               'decoder to prefill')
@@ -238,15 +246,20 @@ class ClassificationModel(models.BaseModel):
       ValueError: the checkpoint has no `STACK` subtree, or it does not
         match this model's stack (the message names the first difference).
     """
-    saved = {name.partition('/')[0] for name in checkpoints.saved_shapes(path)}
-    if HEAD in saved:
-      return checkpoints.restore_params(path, self, shardings=shardings)
-    if self.STACK not in saved:
-      raise ValueError(f'{path}: no {self.STACK!r} parameters to start '
-                       f'{type(self).__name__} from (it has {sorted(saved)})')
-    params = checkpoints.restore_params(path, self, shardings=shardings,
-                                        subtrees=(self.STACK,))
-    params[HEAD] = self.fresh_head()
+    if load.checkpoint_kind(path) == load.ORBAX:
+      saved = {name.partition('/')[0]
+               for name in checkpoints.saved_shapes(path)}
+      if HEAD in saved:
+        return load.load_params(path, self, shardings=shardings)
+      if self.STACK not in saved:
+        raise ValueError(f'{path}: no {self.STACK!r} parameters to start '
+                         f'{type(self).__name__} from (it has '
+                         f'{sorted(saved)})')
+    params = load.load_params(path, self, shardings=shardings,
+                              subtrees=(self.STACK,))
+    head = self.fresh_head()
+    params[HEAD] = head if shardings is None else jax.device_put(
+        head, shardings[HEAD])
     return params
 
 
@@ -294,7 +307,6 @@ def classification_model(backbone: models.BaseModel = gin.REQUIRED,
     An EncoderClassificationModel or DecoderOnlyClassificationModel.
   """
   config = config or backbone.config
-  cls = (EncoderClassificationModel
-         if isinstance(config, EncoderDecoderConfig)
+  cls = (EncoderClassificationModel if 'encoder' in config.stacks()
          else DecoderOnlyClassificationModel)
   return cls(config, num_classes=num_classes, dropout_rate=dropout_rate)

@@ -4,23 +4,23 @@
     --gin_file=gin/models/PRESET.gin --gin.NAME=VALUE ...
 
 Flags (`--gin_file`, `--gin_bindings` and T5X's `--gin.NAME=VALUE`
-shorthand; the multi-host flags), `jax.distributed` start-up, printing on
-process 0, and the run's model with its vocabulary fitted to the task.
+shorthand; the multi-host flags), `jax.distributed` start-up (by
+`t5x_adapt.distributed.initialize`), printing on process 0, and the run's
+model with its vocabulary fitted to the task.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import seqio
 import tqdm
 
+from t5x_adapt import distributed
 from t5x_adapt import gin_utils
 
 _GIN_FILES = flags.DEFINE_multi_string(
@@ -31,8 +31,9 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
     '--gin.NAME=VALUE is shorthand for --gin_bindings="NAME = VALUE".')
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', ['auto', 'yes', 'no'],
-    'Call jax.distributed.initialize: auto = when a coordinator is given or '
-    'a multi-process cluster environment is detected.')
+    'Call jax.distributed.initialize (t5x_adapt.distributed.initialize): '
+    'auto = when a coordinator is given (flags or JAX_COORDINATOR_ADDRESS) '
+    'or a SLURM job step of several tasks or a Cloud TPU VM is detected.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 (multi-host).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
@@ -43,7 +44,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 
 def say(message: str) -> None:
   """Prints on process 0, without breaking a progress bar."""
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     tqdm.tqdm.write(message, file=sys.stderr)
 
 
@@ -72,8 +73,7 @@ def build_model(mixture_or_task_name: Optional[str],
     The model.
   """
   model = gin_utils.model_from_config()
-  config = model.config
-  current = getattr(config, 'decoder', config).vocab_size
+  current = model.config.vocab_size
   if vocab_size is None:
     needed = (vocabulary.vocab_size if vocabulary is not None else
               _task_vocab_size(mixture_or_task_name))
@@ -100,26 +100,6 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
-def _cluster_detected() -> bool:
-  env = os.environ
-  return bool(env.get('JAX_COORDINATOR_ADDRESS')
-              or int(env.get('SLURM_NTASKS', '1')) > 1
-              or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
-
-
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize` as the flags and environment ask."""
-  explicit = _COORDINATOR.value or _NUM_PROCESSES.value is not None
-  if _DISTRIBUTED.value == 'no' or (_DISTRIBUTED.value == 'auto' and not (
-      explicit or _cluster_detected())):
-    return
-  # CPU devices of several processes talk over gloo (no effect elsewhere).
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value,
-                             process_id=_PROCESS_ID.value)
-
-
 def run(entry: Callable[[], object],
         argv: Optional[Sequence[str]] = None) -> None:
   """Parses flags and gin (locked), joins a multi-host job, calls `entry()`.
@@ -135,7 +115,8 @@ def run(entry: Callable[[], object],
       raise app.UsageError(f'unexpected arguments: {args[1:]}')
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
-    initialize_distributed()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value, mode=_DISTRIBUTED.value)
     gin_utils.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, finalize=True)
     entry()
 

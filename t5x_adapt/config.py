@@ -126,6 +126,22 @@ class StackConfig:
   def replace(self, **changes) -> 'StackConfig':
     return dataclasses.replace(self, **changes)
 
+  # A model's config is a StackConfig (decoder-only) or an
+  # EncoderDecoderConfig; both answer these, so code that walks a model's
+  # stacks need not ask which it has.
+
+  def stacks(self) -> dict[str, 'StackConfig']:
+    """{parameter subtree name: stack}: the decoder-only model's one."""
+    return {'decoder': self}
+
+  def with_stacks(self, stacks: dict[str, 'StackConfig']) -> 'StackConfig':
+    """The config with its stacks replaced (the inverse of `stacks`)."""
+    return stacks['decoder']
+
+  def map_stacks(self, **changes) -> 'StackConfig':
+    """The same model with `changes` applied to every stack."""
+    return self.replace(**changes)
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +183,23 @@ class EncoderDecoderConfig:
   def replace(self, **changes) -> 'EncoderDecoderConfig':
     return dataclasses.replace(self, **changes)
 
+  @property
+  def vocab_size(self) -> int:
+    return self.decoder.vocab_size
+
+  def stacks(self) -> dict[str, StackConfig]:
+    """{parameter subtree name: stack}."""
+    return {'encoder': self.encoder, 'decoder': self.decoder}
+
+  def with_stacks(self, stacks: dict[str, StackConfig]
+                  ) -> 'EncoderDecoderConfig':
+    """The config with its stacks replaced (the inverse of `stacks`)."""
+    return self.replace(**stacks)
+
   def map_stacks(self, **changes) -> 'EncoderDecoderConfig':
     """The same model with `changes` applied to both stacks."""
-    return self.replace(encoder=self.encoder.replace(**changes),
-                        decoder=self.decoder.replace(**changes))
+    return self.with_stacks({name: stack.replace(**changes)
+                             for name, stack in self.stacks().items()})
 
 
 def config_to_dict(config: StackConfig | EncoderDecoderConfig) -> dict:

@@ -33,6 +33,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from t5x_adapt.losses import token_log_probs
+
 StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 # (logits [b, vocab], rng) -> tokens [b].
 SelectFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -164,12 +166,6 @@ def sample_select(logits: jax.Array, rng: jax.Array, temperature: float = 1.0,
   return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
 
 
-def _token_log_prob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """log softmax(logits)[tokens]: [b, vocab], [b] -> [b]."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-
-
 # ---------------------------------------------------- one token per row --
 
 
@@ -196,7 +192,7 @@ def token_loop(step: StepFn, first_logits: jax.Array, cache: Any,
 
   def choose(logits, i, done):
     token = jnp.where(done, 0, select(logits, jax.random.fold_in(rng, i)))
-    log_prob = jnp.where(done, 0.0, _token_log_prob(logits, token))
+    log_prob = jnp.where(done, 0.0, token_log_probs(logits, token))
     return token.astype(jnp.int32), log_prob, done | (token == eos_id)
 
   batch = first_logits.shape[0]

@@ -39,6 +39,7 @@ from t5x_adapt import adapt
 from t5x_adapt import checkpoints
 from t5x_adapt import gin_utils
 from t5x_adapt import train as train_lib
+from t5x_adapt.convert import load
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data import pipeline
 import tasks  # pylint: disable=unused-import  # registers the seqio tasks
@@ -222,7 +223,7 @@ def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
   _say('evaluating on PrefixLM validation targets ...', start)
   batches = validation_batches(cfg)
   student = adapted_model()
-  teacher_params = adapt.load_decoder_only(source, student.teacher.config)
+  teacher_params = load.load_decoder_only(source, student.teacher.config)
   scratch_model = _model_of(SCRATCH_FILES)
   params = {
       'adapted, step 0': adapt.Adaptation(str(source)).init_params(student),

@@ -34,9 +34,11 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from t5x_adapt import flops
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.losses import cross_entropy
-from t5x_adapt.models import BOS_ID, Batch, DecoderOnlyModel
+from t5x_adapt.data.vocab import BOS_ID
+from t5x_adapt.models import Batch, DecoderOnlyModel
 from t5x_adapt.models import EncoderDecoderModel, Params, stack_inputs
 
 
@@ -151,6 +153,13 @@ class DistillationModel(EncoderDecoderModel):
     self.temperature = temperature
     self.top_k = top_k
     self.label_weight = label_weight
+
+  def train_step_flops(self, batch_shapes):
+    """The student's step and the teacher's forward pass."""
+    batch, inputs = batch_shapes['encoder_input_tokens']
+    targets = batch_shapes['decoder_target_tokens'][1]
+    return super().train_step_flops(batch_shapes) + batch * (
+        flops.teacher_flops(self.teacher.config, inputs, targets))
 
   def teacher_logits(self, teacher_params: Params, batch: Batch) -> jax.Array:
     """The teacher's float32 logits for each target position [b, t, v]."""

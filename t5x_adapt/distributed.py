@@ -1,7 +1,10 @@
 """Multi-process (multi-host) start-up: `jax.distributed` from flags or env.
 
 Every process of a multi-host job calls `initialize()` once, before anything
-touches a device. Where the settings come from, first match wins:
+touches a device; the entry points (`python -m t5x_adapt.train`, `.eval`,
+`.infer`) do so in `t5x_adapt.cli.run`, from its `--distributed`,
+`--coordinator_address`, `--num_processes` and `--process_id` flags. Where
+the settings come from, first match wins:
 
   1. Arguments (the launcher's `--coordinator_address`, `--num_processes`,
      `--process_id` flags).
@@ -9,7 +12,9 @@ touches a device. Where the settings come from, first match wins:
      `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`.
   3. A SLURM job step with more than one task (`srun`): JAX reads
      `SLURM_JOB_ID`, `SLURM_NTASKS`, `SLURM_PROCID`, ... itself.
-  4. A Cloud TPU VM: JAX asks the TPU metadata server (all pod workers).
+  4. A Cloud TPU VM: JAX asks the TPU metadata server for the pod's workers
+     (or, on GKE, reads `TPU_WORKER_HOSTNAMES`; JAX reads that variable only
+     on a TPU VM, so it needs no rule of its own here).
 
 Otherwise the job is a single process and nothing is initialised
 (`mode='yes'` calls `jax.distributed.initialize` regardless, for clusters
@@ -22,6 +27,10 @@ hosts: see `launch/train_multiprocess_cpu.sh`.
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id, mode=FLAGS.distributed)
   rows = distributed.process_rows(partitioner.batch_sharding, batch_size)
+
+Input pipelines stay independent of the number of hosts: every process reads
+the same global batches and keeps its `process_rows` of each
+(`t5x_adapt.data.pipeline`).
 """
 
 from __future__ import annotations
@@ -149,7 +158,7 @@ def process_rows(batch_sharding: jax.sharding.Sharding,
   `jax.make_array_from_process_local_data` takes, on every process, the rows
   its devices hold, in order. Which rows those are follows from the mesh; on
   the usual meshes process i holds the i-th contiguous `1 / process_count`
-  (its input-pipeline shard is `index = rows.start // rows_per_process`).
+  of the rows.
 
   Args:
     batch_sharding: The sharding of batch arrays (rank >= 1, the batch dim

@@ -3,7 +3,9 @@
 Matmul FLOPs only (2 per multiply-add), as is customary for MFU: every
 projection and MLP weight once per token it touches, attention scores and
 values per (query, visible key) pair, the tied LM head per decoder token. A
-train step costs three forward passes (forward + 2x backward).
+train step costs three forward passes (forward + 2x backward); a
+distillation teacher adds one forward pass (no backward). Each model says
+which of these formulas its step costs (`BaseModel.train_step_flops`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ PEAK_FLOPS = {
     'NVIDIA A100': 312e12,
 }
 _MATMUL_SIZE = 2048
+TRAIN_PASSES = 3  # forward + backward (twice the forward's matmuls)
 
 
 @functools.cache
@@ -117,24 +120,11 @@ def stack_flops(cfg: StackConfig, length: int, causal: bool) -> int:
           + _attention_flops(cfg, length, length, causal))
 
 
-def _classifier_flops(config, batch_shapes) -> int:
-  """Forward FLOPs of a batch through a classifier's one stack."""
-  if 'encoder_input_tokens' in batch_shapes:
-    batch, length = batch_shapes['encoder_input_tokens']
-    return batch * stack_flops(config.encoder, length, causal=False)
-  batch, length = batch_shapes['decoder_input_tokens']
-  return batch * stack_flops(config, length, causal=True)
+def teacher_flops(cfg: StackConfig, inputs: int, targets: int) -> int:
+  """Forward FLOPs of a distillation teacher on one example.
 
-
-def train_step_flops(config, batch_shapes) -> int:
-  """FLOPs of one train step on a batch of these feature shapes."""
-  if 'decoder_target_tokens' not in batch_shapes:  # a classifier's batch
-    return 3 * _classifier_flops(config, batch_shapes)
-  if isinstance(config, EncoderDecoderConfig):
-    batch, inputs = batch_shapes['encoder_input_tokens']
-    targets = batch_shapes['decoder_target_tokens'][1]
-    forward = encoder_decoder_flops(config, inputs, targets)
-  else:
-    batch, length = batch_shapes['decoder_target_tokens']
-    forward = decoder_only_flops(config, length)
-  return 3 * batch * forward
+  It reads BOS + inputs + the decoder inputs (`inputs + targets` tokens,
+  causal) and computes logits for the `targets` positions only.
+  """
+  return (stack_flops(cfg, inputs + targets, causal=True)
+          + 2 * cfg.embed_dim * cfg.vocab_size * targets)

@@ -112,13 +112,8 @@ def model_from_config(macro: str = MODEL_MACRO, **overrides) -> Any:
   reference = gin.query_parameter(f'{macro}/gin.macro.value')
   model = _evaluate(reference)
   if overrides:
-    config = model.config
-    if hasattr(config, 'map_stacks'):  # EncoderDecoderConfig
-      config = config.map_stacks(**overrides)
-    else:
-      config = config.replace(**overrides)
     # The other arguments of the model keep their gin bindings.
-    model = _evaluate(reference, config=config)
+    model = _evaluate(reference, config=model.config.map_stacks(**overrides))
   return model
 
 

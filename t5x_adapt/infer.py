@@ -13,7 +13,7 @@ lines skipped), tokenized with `vocabulary` (a SentencePiece model file) or
 the task's `inputs` vocabulary, or else from each task's `split`. It decodes
 them with `predict_batch_with_aux`, as gin's `DecodeOptions` say (greedy by
 default; e.g. `--gin.DecodeOptions.method="'beam'"`), up to `targets`
-tokens, on the Partitioner's mesh (`t5x_adapt.eval.predict_indexed`), and
+tokens, on the Partitioner's mesh (`t5x_adapt.sharded.predict_indexed`), and
 process 0 writes a JSON line per example, in order:
 
   {"inputs": "...", "prediction": "...", "score": -1.9, "targets": "...",
@@ -38,15 +38,15 @@ import pathlib
 from typing import Mapping, Optional, Sequence
 
 import gin
-import jax
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from t5x_adapt import cli
 from t5x_adapt import decoding
-from t5x_adapt import eval as eval_lib
+from t5x_adapt import distributed
 from t5x_adapt.data.vocab import EOS_ID
+from t5x_adapt.sharded import ShardedModel, predict_indexed
 
 # A prompt's targets: one token, never read. The feature converters need a
 # `targets` feature, and the decoder-only one makes the prompt's last token
@@ -176,7 +176,7 @@ def _examples(mixture_or_task_name: Optional[str], split: str,
 
 def _write_lines(path: str, records: Sequence[Mapping[str, object]]) -> None:
   """JSON lines, written by process 0 only."""
-  if jax.process_index():
+  if not distributed.is_main_process():
     return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,12 +226,12 @@ def infer(output_file: str = gin.REQUIRED,
                        add_eos, task_feature_lengths, num_examples, seed)
   model = cli.build_model(mixture_or_task_name, vocab_size,
                           examples.vocabulary)
-  sharded = eval_lib.ShardedModel.on_gin_mesh(model, batch_size)
+  sharded = ShardedModel.on_gin_mesh(model, batch_size)
   params = sharded.restore(checkpoint_path)
   converter = model.FEATURE_CONVERTER_CLS(pack=False)
   dataset = converter(examples.features, task_feature_lengths).enumerate()
   options = model.decode_options or decoding.DecodeOptions()
-  predictions = eval_lib.predict_indexed(
+  predictions = predict_indexed(
       sharded, params, dataset, batch_size, task_feature_lengths['targets'],
       options, seed)
   records = [{**examples.texts[index],

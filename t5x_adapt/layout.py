@@ -2,25 +2,26 @@
 
 A stack's blocks live either under `layers/block_{j}` with a leading axis over
 periods (scanned) or under `layer_{i}` (unrolled); see `layers/stack.py`.
-Checkpoint converters work in the unrolled layout and call `to_model_layout`;
-orbax checkpoints restore into either layout through these functions.
+Checkpoint converters work in the unrolled layout and call `to_model_layout`
+(with `stack=` for trees of leaves not read yet, `convert.lazy`); orbax
+checkpoints restore into either layout through these functions, under jit
+with the target shardings.
 """
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.config import StackConfig
 
 STACK_NAMES = ('encoder', 'decoder')
+Stack = Callable[[Sequence[Any]], Any]  # a leaf of each period -> stacked
 
 
 def stack_configs(config) -> dict[str, StackConfig]:
   """{'decoder': cfg} for decoder-only, {'encoder': ..., 'decoder': ...}."""
-  if isinstance(config, EncoderDecoderConfig):
-    return {'encoder': config.encoder, 'decoder': config.decoder}
-  return {'decoder': config}
+  return config.stacks()
 
 
 def is_scanned(stack_params: Mapping[str, Any]) -> bool:
@@ -40,7 +41,8 @@ def unroll_stack(stack_params: Mapping[str, Any], cfg: StackConfig) -> dict:
   return out
 
 
-def scan_stack(stack_params: Mapping[str, Any], cfg: StackConfig) -> dict:
+def scan_stack(stack_params: Mapping[str, Any], cfg: StackConfig,
+               stack: Stack = jnp.stack) -> dict:
   """Unrolled -> scanned layout of one stack (no-op if already scanned)."""
   if is_scanned(stack_params) or cfg.num_periods == 0:
     return dict(stack_params)
@@ -50,7 +52,7 @@ def scan_stack(stack_params: Mapping[str, Any], cfg: StackConfig) -> dict:
                  int(k.removeprefix('layer_')) < scanned_layers)}
   out['layers'] = {
       f'block_{j}': jax.tree_util.tree_map(
-          lambda *xs: jnp.stack(xs),
+          lambda *xs: stack(xs),
           *[stack_params[f'layer_{p * cfg.period + j}']
             for p in range(cfg.num_periods)])
       for j in range(cfg.period)
@@ -65,7 +67,8 @@ def to_unrolled(params: Mapping[str, Any], config) -> dict:
           for name, sub in params.items()}
 
 
-def to_model_layout(params: Mapping[str, Any], config) -> dict:
+def to_model_layout(params: Mapping[str, Any], config,
+                    stack: Stack = jnp.stack) -> dict:
   """Whole model -> the layout its config asks for (`scan_layers`)."""
   cfgs = stack_configs(config)
   out = {}
@@ -73,7 +76,7 @@ def to_model_layout(params: Mapping[str, Any], config) -> dict:
     if name not in cfgs:
       out[name] = sub
     elif cfgs[name].scan_layers:
-      out[name] = scan_stack(sub, cfgs[name])
+      out[name] = scan_stack(sub, cfgs[name], stack)
     else:
       out[name] = unroll_stack(sub, cfgs[name])
   return out

@@ -43,6 +43,7 @@ def cross_entropy(logits: jax.Array,
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(target) per position: [b, t, v], [b, t] -> [b, t]."""
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  """log p(target) in float32: [..., v], [...] -> [...] (e.g. [b, t, v],
+  [b, t] -> [b, t] for scoring; [b, v], [b] -> [b] for a decoding step)."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]

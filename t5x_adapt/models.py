@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import seqio
 
 from t5x_adapt import decoding
+from t5x_adapt import flops
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.data import feature_converters
+from t5x_adapt.data.vocab import BOS_ID, EOS_ID
 from t5x_adapt.losses import cross_entropy, token_log_probs
 from t5x_adapt.networks import DecoderOnlyTransformer
 from t5x_adapt.networks import EncoderDecoderTransformer
@@ -35,9 +37,6 @@ from t5x_adapt.networks import EncoderDecoderTransformer
 Batch = Mapping[str, jax.Array]
 Params = Any
 
-PAD_ID = 0
-EOS_ID = 1
-BOS_ID = 2
 
 
 def padding_aware_positions(segment_ids: jax.Array) -> jax.Array:
@@ -66,9 +65,18 @@ def stack_inputs(batch: Batch, prefix: str, tokens_key: str,
 
 
 class BaseModel(abc.ABC):
-  """Common interface of the decoder-only and encoder-decoder models."""
+  """Common interface of the decoder-only and encoder-decoder models.
+
+  What the trainer, the entry points and the FLOP count need to know of a
+  model, the model says: `teacher` (a distillation teacher, else None),
+  `tie_gradients`, `init_from_checkpoint`, `train_step_flops` and
+  `config.vocab_size`.
+  """
 
   FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
+  # A decoder-only model whose parameters the train step takes as a further
+  # argument (`t5x_adapt.distillation`); None: no teacher.
+  teacher: Optional['DecoderOnlyModel'] = None
 
   def __init__(self, module: nn.Module, *, z_loss: float = 0.0,
                eos_id: int = EOS_ID,
@@ -109,6 +117,27 @@ class BaseModel(abc.ABC):
   @abc.abstractmethod
   def _init(self, rng, batch):
     """`module.init` on a dummy batch."""
+
+  def tie_gradients(self, grads: Params) -> Params:
+    """Gradients of parameters that train as one, combined (none here)."""
+    return grads
+
+  @abc.abstractmethod
+  def train_step_flops(self, batch_shapes: Mapping[str, tuple[int, ...]]
+                       ) -> int:
+    """Matmul FLOPs of one train step on batches of these feature shapes
+    (forward + backward, `t5x_adapt.flops`)."""
+
+  def init_from_checkpoint(self, path: str,
+                           shardings: Optional[Params] = None) -> Params:
+    """The parameters to start training from, read from `path`.
+
+    Any checkpoint kind (ours, a transformers directory, a GGUF file), each
+    leaf read onto its sharding (`convert.load`). Models whose tree differs
+    from their checkpoints' (classifiers) say how to start from them.
+    """
+    from t5x_adapt.convert import load  # pylint: disable=g-import-not-at-top
+    return load.load_params(path, self, shardings=shardings)
 
   @abc.abstractmethod
   def compute_logits(self, params: Params, batch: Batch,
@@ -219,6 +248,11 @@ class DecoderOnlyModel(BaseModel):
                              deterministic=dropout_rng is None,
                              rngs=self._rngs(dropout_rng))
 
+  def train_step_flops(self, batch_shapes):
+    batch, length = batch_shapes['decoder_target_tokens']
+    return flops.TRAIN_PASSES * batch * flops.decoder_only_flops(
+        self.config, length)
+
   def _prefill(self, params, batch, max_decode_length, beams):
     """Prefills the cache with each row's prompt.
 
@@ -286,6 +320,12 @@ class EncoderDecoderModel(BaseModel):
     """(decoder table, encoder table) entries of a params-shaped tree."""
     return tuple(tree[stack]['token_embedder']['embedding']
                  for stack in ('decoder', 'encoder'))
+
+  def train_step_flops(self, batch_shapes):
+    batch, inputs = batch_shapes['encoder_input_tokens']
+    targets = batch_shapes['decoder_target_tokens'][1]
+    return flops.TRAIN_PASSES * batch * flops.encoder_decoder_flops(
+        self.config, inputs, targets)
 
   def tie_gradients(self, grads):
     """With tied embeddings, both tables get the sum of their gradients."""
@@ -358,7 +398,7 @@ class EncoderDecoderModel(BaseModel):
 
 def model_for_config(config: StackConfig | EncoderDecoderConfig,
                      **kwargs) -> BaseModel:
-  """The model class that fits `config`."""
-  if isinstance(config, EncoderDecoderConfig):
+  """The model class that fits `config` (what converters build)."""
+  if 'encoder' in config.stacks():
     return EncoderDecoderModel(config, **kwargs)
   return DecoderOnlyModel(config, **kwargs)

@@ -15,12 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def param_paths(params) -> Any:
-  """Tree of '/'-joined path strings, shaped like `params`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: '/'.join(str(getattr(k, 'key', k)) for k in path),
-      params)
+from t5x_adapt.param_paths import param_paths
 
 
 def match_tree(params, patterns: Sequence[str]) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -127,3 +127,32 @@ class Partitioner:
                         if hasattr(jax.sharding, 'use_mesh') else self.mesh)
     stack.enter_context(self.activation_rules())
     return stack
+
+  def jit(self, fn: Callable, in_shardings, out_shardings,
+          donate_argnums: Sequence[int] = ()) -> 'MeshJit':
+    """`jax.jit` with explicit shardings, traced on this mesh and rules.
+
+    The one way model code is compiled over the mesh: the train step
+    (`Trainer.compile_step`) and a model's calls outside training
+    (`t5x_adapt.sharded.ShardedModel`).
+    """
+    return MeshJit(jax.jit(fn, in_shardings=in_shardings,
+                           out_shardings=out_shardings,
+                           donate_argnums=tuple(donate_argnums)), self)
+
+
+class MeshJit:
+  """A jitted function whose calls and lowering run in its partitioner's
+  context (so `nn.with_logical_constraint` sees the mesh and the rules)."""
+
+  def __init__(self, jitted, partitioner: Partitioner):
+    self._jitted = jitted
+    self._partitioner = partitioner
+
+  def __call__(self, *args):
+    with self._partitioner.context():
+      return self._jitted(*args)
+
+  def lower(self, *args):
+    with self._partitioner.context():
+      return self._jitted.lower(*args)

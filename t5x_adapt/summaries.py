@@ -1,9 +1,17 @@
-"""TensorBoard scalars without the `tensorboard` package (training, eval)."""
+"""Metrics on disk: JSON lines and TensorBoard scalars (training, eval).
+
+`MetricsLog` is what train.py's metrics.jsonl and eval.py's results.jsonl
+are written with: a JSON line per record in one file, and TensorBoard
+scalars in log directories beside it, by the main process only.
+"""
 
 from __future__ import annotations
 
+import json
 import pathlib
-from typing import Mapping
+from typing import Any, Mapping
+
+from t5x_adapt import distributed
 
 
 class ScalarSummaries:
@@ -31,3 +39,43 @@ class ScalarSummaries:
 
   def close(self) -> None:
     self._writer.close()
+
+
+class MetricsLog:
+  """JSON lines in `directory/jsonl_name`, TensorBoard scalars beside them.
+
+  Only the main process writes (elsewhere every call does nothing); files
+  and log directories are created on first use.
+
+  Args:
+    directory: Where the JSON-lines file and the log directories go.
+    jsonl_name: The JSON-lines file, appended to.
+  """
+
+  def __init__(self, directory: pathlib.Path, jsonl_name: str):
+    self._directory = pathlib.Path(directory)
+    self._jsonl_name = jsonl_name
+    self._enabled = distributed.is_main_process()
+    self._jsonl = None
+    self._summaries: dict[str, ScalarSummaries] = {}
+
+  def write(self, record: Mapping[str, Any], logdir: str, step: int,
+            scalars: Mapping[str, float]) -> None:
+    """`record` as one JSON line; `scalars` at `step` in `directory/logdir`."""
+    if not self._enabled:
+      return
+    if self._jsonl is None:
+      self._directory.mkdir(parents=True, exist_ok=True)
+      self._jsonl = open(self._directory / self._jsonl_name, 'a',
+                         encoding='utf-8')
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if logdir not in self._summaries:
+      self._summaries[logdir] = ScalarSummaries(self._directory / logdir)
+    self._summaries[logdir].scalars(step, scalars)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    for summaries in self._summaries.values():
+      summaries.close()

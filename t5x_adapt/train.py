@@ -22,10 +22,13 @@ r"""Training entry point, configured with gin in T5X's idioms.
      metrics: `t5x_adapt.eval`); every `save_every` steps, on SIGTERM and at
      the end a checkpoint in MODEL_DIR/checkpoints (`t5x_adapt.checkpoints.training`).
 
-Only process 0 writes logs, summaries and the config. Multi-host runs call
-`jax.distributed.initialize` first: from --coordinator_address,
---num_processes and --process_id, or from the environment (JAX_COORDINATOR_
-ADDRESS, SLURM, Cloud TPU pods; --distributed=yes forces it).
+Only process 0 writes logs, summaries, the config and the input position.
+Multi-host runs join the job first (`t5x_adapt.distributed.initialize`):
+from --coordinator_address, --num_processes and --process_id, or from the
+environment (JAX_COORDINATOR_ADDRESS, SLURM, Cloud TPU pods;
+--distributed=yes forces it). Every host reads the same global batches and
+feeds its rows of each (`t5x_adapt.data.pipeline`), so a run gives the same
+batches, and resumes, on any number of hosts.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ if __name__ == '__main__':
   _train.main()
 
 import dataclasses
-import json
 import pathlib
 import signal
 import threading
@@ -51,16 +53,18 @@ import numpy as np
 import tqdm
 
 from t5x_adapt import adapt
-
 from t5x_adapt import checkpoints
 from t5x_adapt import cli
+from t5x_adapt import distributed
 from t5x_adapt import eval as eval_lib
 from t5x_adapt import flops
 from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
+from t5x_adapt import sharded as sharded_lib
 from t5x_adapt import summaries
 from t5x_adapt import trainer as trainer_lib
+from t5x_adapt.convert import load
 from t5x_adapt.data import pipeline
 
 CHECKPOINT_DIR = checkpoints.training.CHECKPOINT_DIR
@@ -77,22 +81,29 @@ build_model = cli.build_model  # Also the demo's.
 def _datasets(feature_converter_cls, mixture_or_task_name: str,
               task_feature_lengths: Mapping[str, int], batch_size: int,
               eval_steps: int):
-  """(train dataset, eval dataset or None), this host's share of batches."""
-  if batch_size % jax.process_count():
-    raise ValueError(f'batch size {batch_size} does not split over '
-                     f'{jax.process_count()} processes')
-  host_batch = batch_size // jax.process_count()
+  """(train dataset, eval dataset or None) of GLOBAL batches.
+
+  Every host reads the same whole batches and keeps its rows of each
+  (`InputIterator(rows=...)`, `_host_rows`), so the batches do not depend on
+  the number of hosts.
+  """
   converter = feature_converter_cls(pack=True)
   train_ds = pipeline.get_dataset(mixture_or_task_name, task_feature_lengths,
-                                  converter, host_batch, split='train')
+                                  converter, batch_size, split='train')
   eval_ds = None
   if eval_steps:
-    # Repeated and cut, so every host reads the same number of batches, and
-    # unshuffled, so every evaluation sees the same ones.
+    # Repeated and cut, so a short split still gives `eval_steps` batches,
+    # and unshuffled, so every evaluation sees the same ones.
     eval_ds = pipeline.get_dataset(
-        mixture_or_task_name, task_feature_lengths, converter, host_batch,
+        mixture_or_task_name, task_feature_lengths, converter, batch_size,
         split='validation', shuffle=False, num_epochs=None).take(eval_steps)
   return train_ds, eval_ds
+
+
+def _host_rows(dataset, rows: slice
+               ) -> Callable[[], pipeline.InputIterator]:
+  """Fresh iterators over this host's rows of each of `dataset`'s batches."""
+  return lambda: pipeline.InputIterator(dataset, rows)
 
 
 def _global_shapes(dataset, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -125,15 +136,8 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
     return manager.restore(step, target, iterator)
   if init_checkpoint:
     _say(f'Initialising parameters from {init_checkpoint}')
-    shardings = trainer.state_shardings(input_shapes).params
-    # A model whose tree differs from its checkpoints' (a classifier: a
-    # backbone's stack plus a fresh head) says how to start from them.
-    init_from = getattr(trainer.model, 'init_from_checkpoint', None)
-    if init_from is not None:
-      params = init_from(init_checkpoint, shardings)
-    else:
-      params = checkpoints.restore_params(init_checkpoint, trainer.model,
-                                          shardings=shardings)
+    params = trainer.model.init_from_checkpoint(
+        init_checkpoint, trainer.state_shardings(input_shapes).params)
     return trainer.init_state(input_shapes, params=params)
   if adaptation is not None:
     _say(f'Adapting {adaptation.checkpoint}'
@@ -160,39 +164,27 @@ def _teacher_params(trainer, teacher_checkpoint: Optional[str],
     raise ValueError('a distillation model needs train.teacher_checkpoint '
                      '(or train.adaptation, whose checkpoint is the teacher)')
   _say(f'Teacher: {path}')
-  return adapt.load_decoder_only(path, trainer.model.teacher.config,
-                                 shardings=trainer.teacher_shardings())
+  return load.load_params(path, trainer.model.teacher,
+                          shardings=trainer.teacher_shardings())
 
 
 # -------------------------------------------------------------- metrics --
 
 
 class MetricsWriter:
-  """metrics.jsonl lines and TensorBoard scalars (process 0 only)."""
+  """metrics.jsonl lines, TensorBoard scalars in train/ and eval/."""
 
   def __init__(self, model_dir: pathlib.Path):
-    self._enabled = jax.process_index() == 0
-    if not self._enabled:
-      return
-    self._jsonl = open(model_dir / METRICS_FILE, 'a', encoding='utf-8')
-    self._summaries = {kind: summaries.ScalarSummaries(model_dir / kind)
-                       for kind in ('train', 'eval')}
+    self._log = summaries.MetricsLog(model_dir, METRICS_FILE)
 
   def write(self, kind: str, step: int, scalars: Mapping[str, float]) -> None:
     """One JSON line (eval keys prefixed `eval_`) and TensorBoard scalars."""
-    if not self._enabled:
-      return
     prefix = '' if kind == 'train' else f'{kind}_'
     line = {'step': step, **{prefix + k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(line) + '\n')
-    self._jsonl.flush()
-    self._summaries[kind].scalars(step, scalars)
+    self._log.write(line, kind, step, scalars)
 
   def close(self) -> None:
-    if self._enabled:
-      self._jsonl.close()
-      for summaries in self._summaries.values():
-        summaries.close()
+    self._log.close()
 
 
 class Throughput:
@@ -201,7 +193,7 @@ class Throughput:
   def __init__(self, model, batch_shapes, peak_flops: Optional[float]):
     self.tokens = _tokens_per_step(batch_shapes)
     shapes = {k: v.shape for k, v in batch_shapes.items()}
-    self.flops = flops.train_step_flops(model.config, shapes)
+    self.flops = model.train_step_flops(shapes)
     self.peak = flops.device_peak_flops(override=peak_flops) * (
         jax.device_count())
 
@@ -215,20 +207,22 @@ class Throughput:
 # ----------------------------------------------------------------- eval --
 
 
-def _evaluators(trainer, eval_ds, input_shapes, metrics_task: Optional[str],
+def _evaluators(trainer, eval_batches: Optional[Callable[[], object]],
+                input_shapes, metrics_task: Optional[str],
                 task_feature_lengths: Mapping[str, int], batch_size: int,
                 eval_steps: int):
   """(validation loss evaluator or None, task metric evaluator or None).
 
-  The loss runs on the packed validation batches; the task's own metrics
+  The loss runs on the packed validation batches (`eval_batches` returns a
+  fresh iterable of this host's rows of each); the task's own metrics
   (`metrics_task`) on its first `eval_steps * batch_size` examples.
   """
-  if eval_ds is None:
+  if eval_batches is None:
     return None, None
-  sharded = eval_lib.ShardedModel(
+  sharded = sharded_lib.ShardedModel(
       trainer.model, trainer.partitioner,
       trainer.state_shardings(input_shapes).params)
-  loss = eval_lib.LossEvaluator(sharded, eval_ds.as_numpy_iterator)
+  loss = eval_lib.LossEvaluator(sharded, eval_batches)
   if not metrics_task:
     return loss, None
   return loss, eval_lib.MetricEvaluator(
@@ -272,12 +266,10 @@ class PreemptionHandler:
 
 def _write_config(model_dir: pathlib.Path, model) -> None:
   """The operative gin config, and the vocabulary `build_model` chose."""
-  if jax.process_index() == 0:
-    vocab = getattr(model.config, 'decoder', model.config).vocab_size
+  if distributed.is_main_process():
     (model_dir / CONFIG_FILE).write_text(
-        gin.operative_config_str() +
-        f'\n# The model was built with vocab_size = {vocab} (train.vocab_size)'
-        '\n')
+        gin.operative_config_str() + '\n# The model was built with '
+        f'vocab_size = {model.config.vocab_size} (train.vocab_size)\n')
 
 
 def _format(metrics: Mapping[str, float]) -> dict[str, str]:
@@ -313,7 +305,8 @@ def train(model_dir: str = gin.REQUIRED,
     mixture_or_task_name: seqio task or mixture to train on.
     task_feature_lengths: e.g. {'targets': 128} (decoder-only) or
       {'inputs': 128, 'targets': 128} (encoder-decoder).
-    batch_size: Global batch size (each host reads batch / process_count).
+    batch_size: Global batch size (every host reads whole batches and
+      feeds its rows of each).
     init_checkpoint: Parameters to start from when MODEL_DIR has no
       checkpoint: a `checkpoints.save_params` directory or a training
       checkpoint step directory (`.../checkpoints/<step>`).
@@ -341,7 +334,7 @@ def train(model_dir: str = gin.REQUIRED,
     The final TrainState.
   """
   model_dir = pathlib.Path(model_dir)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     model_dir.mkdir(parents=True, exist_ok=True)
 
   # 1-3. Data first: preparing it makes the task's vocabulary readable.
@@ -356,9 +349,12 @@ def train(model_dir: str = gin.REQUIRED,
       model, partitioner, optimizers.optimizer(learning_rate=learning_rate))
   batch_shapes = _global_shapes(train_ds, batch_size)
   input_shapes = {k: v.shape for k, v in batch_shapes.items()}
-  iterator = pipeline.InputIterator(train_ds)
+  sharded_lib.check_batch_size(batch_size, partitioner)
+  rows = distributed.process_rows(partitioner.batch_sharding, batch_size)
+  iterator = pipeline.InputIterator(train_ds, rows)
+  eval_batches = None if eval_ds is None else _host_rows(eval_ds, rows)
   evaluator, metric_evaluator = _evaluators(
-      trainer, eval_ds, input_shapes,
+      trainer, eval_batches, input_shapes,
       mixture_or_task_name if eval_metrics else None, task_feature_lengths,
       batch_size, eval_steps)
 
@@ -421,7 +417,8 @@ class Loop:
   def run(self, state, start: int, train_steps: int):
     """Steps from `start` to `train_steps` (or a SIGTERM); the final state."""
     progress = tqdm.tqdm(total=train_steps, initial=start, unit='step',
-                         disable=jax.process_index() != 0, dynamic_ncols=True)
+                         disable=not distributed.is_main_process(),
+                         dynamic_ncols=True)
     self._window = (time.perf_counter(), 0)  # (start, steps) since last log
     self._best = self.manager.best_loss()
     for step in range(start + 1, train_steps + 1):

@@ -160,8 +160,7 @@ class Trainer:
   def _step(self, state: TrainState, batch: Batch, teacher_params=None):
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
     grads, metrics = self._grads(state.params, batch, rng, teacher_params)
-    if hasattr(self.model, 'tie_gradients'):
-      grads = self.model.tie_gradients(grads)
+    grads = self.model.tie_gradients(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state,
                                                state.params)
     params = optax.apply_updates(state.params, updates)
@@ -172,7 +171,7 @@ class Trainer:
 
   @property
   def has_teacher(self) -> bool:
-    return getattr(self.model, 'teacher', None) is not None
+    return self.model.teacher is not None
 
   def teacher_shardings(self):
     """Shardings of the teacher's parameters (by its logical axes)."""
@@ -193,12 +192,10 @@ class Trainer:
     if self.has_teacher:
       in_shardings += (self.teacher_shardings(),)
       args += (self.model.teacher.param_shapes({}),)
-    step = jax.jit(self._step, in_shardings=in_shardings,
-                   out_shardings=(state_shardings,
-                                  self.partitioner.replicated),
-                   donate_argnums=(0,))
-    with self.context():
-      return step.lower(*args).compile()
+    step = self.partitioner.jit(
+        self._step, in_shardings,
+        (state_shardings, self.partitioner.replicated), donate_argnums=(0,))
+    return step.lower(*args).compile()
 
   def train_step(self, state: TrainState, batch: Batch, *teacher_params):
     """One optimizer step on a global batch (compiled once per shape)."""

@@ -17,6 +17,7 @@ from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
 from t5x_adapt import trainer as trainer_lib
+from t5x_adapt.convert import load
 from t5x_adapt.models import DecoderOnlyModel
 
 import hf_fixtures
@@ -130,12 +131,12 @@ def test_hf_source_is_checked_against_the_stack(tmp_path):
   from t5x_adapt import convert  # pylint: disable=g-import-not-at-top
   path = hf_fixtures.save(hf_fixtures.gemma2(layers=4), tmp_path / 'g2')
   own, reference = convert.load_hf(path)
-  loaded = adapt.load_decoder_only(path, own.config)
+  loaded = load.load_decoder_only(path, own.config)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, reference)
   model = gin_utils.load_model('t5gemma_tiny')
   with pytest.raises(ValueError, match=r'does not fit the model stack '
                      r'\(vocab_size: checkpoint 128, model 512'):
-    adapt.load_decoder_only(path, model.config.encoder)
+    load.load_decoder_only(path, model.config.encoder)
 
 
 # ------------------------------------------------------------- step-0 loss --
@@ -158,7 +159,7 @@ def test_adapted_step0_loss_is_far_below_random_init(pretrained):
   student = demo.adapted_model()
   adapted = adapt.Adaptation(str(source)).init_params(student)
   random = student.get_initial_variables(jax.random.PRNGKey(0), {})['params']
-  teacher = adapt.load_decoder_only(source, student.teacher.config)
+  teacher = load.load_decoder_only(source, student.teacher.config)
   hard = lambda p, b: student.loss_fn(p, b, None)
   losses = {'teacher': demo.mean_loss(student.teacher_loss, teacher, batches),
             'adapted': demo.mean_loss(hard, adapted, batches),

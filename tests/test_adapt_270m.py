@@ -48,3 +48,54 @@ def test_270m_recipe_adapts_the_real_gemma3_270m(tmp_path):
   assert len(train) == STEPS and len(evals) == STEPS // 2
   assert np.mean(train[-2:]) < np.mean(train[:2])
   assert evals[-1] < evals[0]
+
+
+# Adapts the real 270M into 270M-270M and loads its teacher, through the
+# sharded loader, in a fresh process; prints the peak RSS and the bytes.
+_LOAD_270M = '''
+import json, resource, time
+import jax
+from t5x_adapt import adapt, assets, gin_utils, partitioning
+from t5x_adapt.convert import load
+from t5x_adapt.distillation import DistillationModel
+path = str(assets.gemma3_270m_gguf())
+student = DistillationModel(gin_utils.load_model(
+    't5gemma_270m_270m', param_dtype='float32').config)
+partitioner = partitioning.Partitioner()
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+started = time.perf_counter()
+with partitioner.context():
+  params = adapt.Adaptation(path).init_params(
+      student, partitioner.shardings(student.logical_axes({})))
+  teacher = load.load_params(path, student.teacher, shardings=partitioner.shardings(
+      student.teacher.logical_axes({})))
+jax.block_until_ready((params, teacher))
+nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+distinct = {id(x): x.nbytes for x in jax.tree_util.tree_leaves((params, teacher))}
+print(json.dumps({
+    'student_bytes': nbytes(params), 'teacher_bytes': nbytes(teacher),
+    'distinct_bytes': sum(distinct.values()), 'baseline_rss': baseline,
+    'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    'seconds': time.perf_counter() - started}))
+'''
+
+
+@pytest.mark.slow
+def test_270m_adaptation_and_teacher_load_within_1_5x_of_their_bytes():
+  assets.gemma3_270m_gguf()
+  result = subprocess.run([sys.executable, '-c', _LOAD_270M], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  total = figures['student_bytes'] + figures['teacher_bytes']
+  ratio = figures['peak_rss'] / total
+  gib = 2**30
+  print(f'\n270M -> 270M-270M + teacher through the sharded loader in '
+        f'{figures["seconds"]:.0f} s: peak RSS {figures["peak_rss"] / gib:.2f}'
+        f' GiB (process before loading {figures["baseline_rss"] / gib:.2f} '
+        f'GiB) vs float32 student {figures["student_bytes"] / gib:.2f} GiB + '
+        f'teacher {figures["teacher_bytes"] / gib:.2f} GiB = '
+        f'{total / gib:.2f} GiB: {ratio:.2f}x (distinct arrays '
+        f'{figures["distinct_bytes"] / gib:.2f} GiB: the encoder and the '
+        'decoder share the arrays of their one source)')
+  assert ratio <= 1.5

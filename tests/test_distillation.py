@@ -185,3 +185,35 @@ def test_trainer_step_distils(student, teacher_params):
   print(f'\ndistillation loss over 5 steps on one batch: '
         f'{" ".join(f"{x:.4f}" for x in losses)}')
   assert losses[-1] < losses[0]
+
+
+def test_train_step_flops_count_the_teachers_forward_pass():
+  """MFU of a KD run: the student's step plus one teacher forward pass,
+  against the matmul count written out for an all-global teacher."""
+  from t5x_adapt import models, train  # pylint: disable=g-import-not-at-top
+  config = gin_utils.load_model('t5gemma_tiny').config.map_stacks(
+      attention_pattern=('global',), sliding_window=None)
+  kd = distillation.DistillationModel(config)
+  plain = models.EncoderDecoderModel(config)
+  batch, inputs, targets = 4, 12, 10
+  shapes = {'encoder_input_tokens': (batch, inputs),
+            'decoder_input_tokens': (batch, targets),
+            'decoder_target_tokens': (batch, targets)}
+  teacher = kd.teacher.config
+  tokens = inputs + targets  # BOS + inputs, then the decoder inputs
+  kernels = sum(int(np.prod(leaf.shape)) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(kd.teacher.param_shapes({}))
+                if 'kernel' in jax.tree_util.keystr(path))
+  causal_pairs = tokens * (tokens + 1) // 2
+  forward = (2 * kernels * tokens
+             + teacher.num_layers * 4 * teacher.num_heads * teacher.head_dim
+             * causal_pairs
+             + 2 * teacher.embed_dim * teacher.vocab_size * targets)
+  added = kd.train_step_flops(shapes) - plain.train_step_flops(shapes)
+  print(f'\nKD step {kd.train_step_flops(shapes):,} FLOPs = student '
+        f'{plain.train_step_flops(shapes):,} + teacher forward {added:,} '
+        f'(written out: {batch * forward:,})')
+  assert added == batch * forward
+  structs = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
+  assert train.Throughput(kd, structs, 1e12).flops == kd.train_step_flops(
+      shapes)

@@ -25,6 +25,7 @@ import seqio
 import tasks  # pylint: disable=unused-import
 from t5x_adapt import eval as eval_lib
 from t5x_adapt import gin_utils
+from t5x_adapt import sharded as sharded_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TASK = 'sentiment_spm8k'
@@ -153,13 +154,13 @@ def test_evaluators_agree_with_the_model_called_directly(model_dir):
   score and decode-score metrics are the means of score_batch and
   predict_batch_with_aux; fill rows of the last batch count for nothing."""
   model = gin_utils.load_model(PRESET, vocab_size=VOCAB_SIZE)
-  sharded = eval_lib.ShardedModel.on_gin_mesh(model, batch_size=8)
+  sharded = sharded_lib.ShardedModel.on_gin_mesh(model, batch_size=8)
   params = sharded.restore(model_dir / 'checkpoints' / '40')
   converter = model.FEATURE_CONVERTER_CLS(pack=False)
   # 21 examples: two full batches of 8, and 5 rows filled up to 8.
   dataset = eval_lib.loss_dataset(seqio.get_mixture_or_task(TASK), LENGTHS,
                                   converter, num_examples=21)
-  reported = eval_lib.LossEvaluator(sharded, lambda: eval_lib.host_batches(
+  reported = eval_lib.LossEvaluator(sharded, lambda: sharded_lib.host_batches(
       dataset, 8, sharded.partitioner))(params)
 
   examples = [features for _, features in dataset.as_numpy_iterator()]

@@ -1,35 +1,50 @@
-"""Multi-host training on one machine: two processes = one process.
+"""Multi-host training on one machine: two hosts train as one does.
 
-Two local processes with 4 simulated CPU devices each, joined by
-`t5x_adapt.distributed.initialize` (`jax.distributed` with gloo collectives),
-train the tiny encoder-decoder for 5 steps on a data=2, fsdp=2, tensor=2
-mesh; each feeds only its half of every global batch through
-`Partitioner.shard_batch` (`jax.make_array_from_process_local_data`). Their
-losses must equal those of one process with 8 devices on the same mesh and
-batches. All three processes (tests/train_steps_worker.py) run at once. Run
-with `-s` to see the figures.
+`python -m t5x_adapt.train` itself, through the launch scripts: two local
+processes with 4 simulated CPU devices each (launch/train_multiprocess_cpu.sh;
+`t5x_adapt.distributed.initialize`, gloo collectives) against one process
+with 8 (launch/train_local.sh), with the same gin settings on the same
+data=2, fsdp=2, tensor=2 mesh. Every host reads the same global batches and
+feeds its rows of each (`t5x_adapt.data.pipeline`), so:
+
+  - 10 steps on 2 hosts log the losses of the first 10 of 20 steps on 1 host;
+  - those 10 steps on 2 hosts, resumed in the same MODEL_DIR for 10 more on
+    1 host (the input position is saved once, for any number of hosts), log
+    the losses of the 20 steps on 1 host.
+
+The three runs (about 3.5 minutes on 2 CPU cores) are shared by the tests
+(module fixtures) and marked slow. Run with `-s` to see the figures.
 
 The in-process tests cover `initialize`'s argument and environment handling
-without starting anything. The two-process tests take about a minute on
-2 CPU cores (marked slow).
+without starting anything.
 """
 
 import json
+import os
+import pathlib
 import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from t5x_adapt import distributed
-import train_steps_worker as worker
+from train_steps_worker import FAST_COMPILE_FLAGS
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 RTOL = 1e-5
-MESH = '2,2,2'
-# The encoder-decoder (the larger program); tests/test_trainer.py checks both
-# presets across meshes. Add 'gemma2_tiny' here for both (about +50% time).
-PRESETS = (worker.MODELS[0],)
-JOBS = json.dumps([{'preset': preset} for preset in PRESETS])
+STEPS = 20
+MESH = {'DATA_PARALLELISM': '2', 'FSDP_PARALLELISM': '2',
+        'TENSOR_PARALLELISM': '2'}
+# Tiny lengths and batch; a validation loss at steps 10 and 20; one
+# checkpoint at step 10 to resume from. The schedule is pinned to STEPS so
+# that a 10-step run follows the first half of the 20-step one.
+GIN = ("--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+       '--gin.BATCH_SIZE=8', '--gin.LOG_EVERY=1', '--gin.EVAL_EVERY=10',
+       '--gin.EVAL_STEPS=1', '--gin.SAVE_EVERY=10', '--gin.WARMUP_STEPS=5',
+       f'--gin.schedule.total_steps={STEPS}')
 
 
 def _free_port() -> int:
@@ -38,47 +53,106 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
+def _launch(model_dir: pathlib.Path, steps: int, hosts: int) -> str:
+  """Trains t5gemma_tiny on `hosts` processes (8 devices in all); its log."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('JAX_', 'SLURM_', 'TPU_'))}
+  env.update(MESH, PYTHON=sys.executable, PRESET='t5gemma_tiny',
+             MODEL_DIR=str(model_dir), TRAIN_STEPS=str(steps),
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS=FAST_COMPILE_FLAGS)
+  if hosts == 1:
+    script = 'launch/train_local.sh'
+    env['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+  else:  # The script adds the device count.
+    script = 'launch/train_multiprocess_cpu.sh'
+    env.update(NUM_PROCESSES=str(hosts), DEVICES_PER_PROCESS=str(8 // hosts),
+               PORT=str(_free_port()))
+  result = subprocess.run(['bash', script, *GIN], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+  if result.returncode:
+    logs = ''.join(f'\n--- {log}:\n' + log.read_text()[-3000:] for log in
+                   sorted((model_dir / 'process_logs').glob('*.log')))
+    pytest.fail(f'{script} exited with {result.returncode}:\n'
+                f'{result.stderr[-3000:]}{logs}')
+  return result.stderr
+
+
+def _logged(model_dir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """{'loss': {step: value}, 'eval_loss': {step: value}} of metrics.jsonl."""
+  out = {'loss': {}, 'eval_loss': {}}
+  lines = (model_dir / 'metrics.jsonl').read_text().splitlines()
+  for line in map(json.loads, lines):
+    for key in out:
+      if key in line:
+        assert line['step'] not in out[key], f'{key} logged twice: {line}'
+        out[key][line['step']] = line[key]
+  return out
+
+
+def _compare(name: str, got, reference) -> None:
+  """Asserts equal losses at every step `got` logged; prints the figures."""
+  for key, values in got.items():
+    steps = sorted(values)
+    mine = np.array([values[s] for s in steps])
+    ref = np.array([reference[key][s] for s in steps])
+    rel = np.max(np.abs(mine - ref) / np.abs(ref))
+    where = steps if len(steps) < 3 else f'{steps[0]}..{steps[-1]}'
+    print(f'\n{name}, {key} at steps {where}:'
+          f'\n  1 host:  {np.round(ref, 6).tolist()}'
+          f'\n  {name}: {np.round(mine, 6).tolist()}'
+          f'\n  max relative difference: {rel:.2e}')
+    np.testing.assert_allclose(mine, ref, rtol=RTOL, atol=0, err_msg=key)
+
+
 @pytest.fixture(scope='module')
-def results(tmp_path_factory):
-  """(one process with 8 devices, [process 0, process 1] with 4 each)."""
-  log_dir = tmp_path_factory.mktemp('multihost')
-  address = f'127.0.0.1:{_free_port()}'
-  started = [worker.start(['--devices', '8', '--mesh', MESH, '--jobs', JOBS],
-                          log_dir, 'single')]
-  started += [worker.start(['--devices', '4', '--mesh', MESH, '--jobs', JOBS,
-                            '--coordinator_address', address,
-                            '--num_processes', '2', '--process_id', str(i)],
-                           log_dir, f'process{i}') for i in range(2)]
-  single, *processes = worker.wait_all(started)
-  return single, processes
+def one_host(tmp_path_factory):
+  """What 20 steps on 1 host x 8 devices log: the reference."""
+  model_dir = tmp_path_factory.mktemp('multihost') / 'one_host'
+  _launch(model_dir, STEPS, hosts=1)
+  return _logged(model_dir)
+
+
+@pytest.fixture(scope='module')
+def two_hosts(tmp_path_factory):
+  """(MODEL_DIR, what it logged) of 10 steps on 2 hosts x 4 devices."""
+  model_dir = tmp_path_factory.mktemp('multihost') / 'two_hosts'
+  _launch(model_dir, STEPS // 2, hosts=2)
+  return model_dir, _logged(model_dir)
+
+
+@pytest.fixture(scope='module')
+def resumed(two_hosts):
+  """(log, what MODEL_DIR logged) after 10 more steps on 1 host."""
+  model_dir, _ = two_hosts
+  log = _launch(model_dir, STEPS, hosts=1)
+  return log, _logged(model_dir)
 
 
 @pytest.mark.slow
-def test_processes_join_and_feed_their_half(results):
-  single, processes = results
-  assert (single['process_count'], single['device_count']) == (1, 8)
-  for index, result in enumerate(processes):
-    assert result['process_index'] == index
-    assert (result['process_count'], result['device_count']) == (2, 8)
-    for run in result['runs'].values():
-      assert run['rows'] == [4 * index, 4 * index + 4]
+def test_two_hosts_log_the_losses_of_one(one_host, two_hosts):
+  model_dir, logged = two_hosts
+  # Process 0 alone writes: one line per step, not one per process.
+  assert sorted(logged['loss']) == list(range(1, STEPS // 2 + 1))
+  assert sorted(logged['eval_loss']) == [STEPS // 2]
+  assert (model_dir / 'process_logs' / 'process_1.log').exists()
+  _compare('2 hosts', logged, one_host)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('preset', PRESETS)
-def test_two_processes_give_the_losses_of_one(results, preset):
-  single, processes = results
-  reference = single['runs'][preset]['losses']
-  first, second = (p['runs'][preset]['losses'] for p in processes)
-  rel = np.max(np.abs(np.subtract(first, reference)) / np.abs(reference))
-  print(f'\n{preset} losses, 1 process x 8 devices:  '
-        f'{np.round(reference, 7).tolist()}'
-        f'\n{preset} losses, 2 processes x 4 devices: '
-        f'{np.round(first, 7).tolist()}'
-        f'\n{preset} max relative difference: {rel:.2e}')
-  assert first == second  # the loss is one replicated global value
-  assert len(first) == 5
-  np.testing.assert_allclose(first, reference, rtol=RTOL, atol=0)
+def test_resuming_on_another_host_count_reads_on(one_host, two_hosts,
+                                                 resumed):
+  model_dir, _ = two_hosts
+  # One input position, written once for both hosts, read by the one.
+  saved = model_dir / 'checkpoints' / str(STEPS // 2) / 'input'
+  assert {p.name.split('.')[0] for p in saved.glob('input_state*')} == {
+      'input_state'}
+  log, logged = resumed
+  assert f'Resuming from {saved.parent}' in log
+  assert 'starts from its beginning' not in log
+  assert sorted(logged['loss']) == list(range(1, STEPS + 1))
+  assert sorted(logged['eval_loss']) == [STEPS // 2, STEPS]
+  _compare('2 hosts, then 1', logged, one_host)
 
 
 # ------------------------------------------------ initialize(), in-process --

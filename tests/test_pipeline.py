@@ -1,4 +1,5 @@
-"""Input pipeline: exact resumption and host sharding."""
+"""Input pipeline: exact resumption, hosts' rows of one global stream, and
+seqio sharding."""
 
 import collections
 
@@ -42,6 +43,31 @@ def test_resume_reads_the_same_batches(tmp_path):
   # Batches differ from each other, so equality above is not vacuous.
   assert not np.array_equal(expected[0]['encoder_input_tokens'],
                             expected[1]['encoder_input_tokens'])
+
+
+def test_hosts_read_their_rows_and_share_one_position(tmp_path):
+  """Two hosts' rows make each global batch; one position resumes any host."""
+  n, m = 2, 3
+  reference = pipeline.InputIterator(_ul2_batches())
+  expected = [next(reference) for _ in range(n + m)]
+
+  hosts = [pipeline.InputIterator(_ul2_batches(), rows=slice(0, 2)),
+           pipeline.InputIterator(_ul2_batches(), rows=slice(2, 4))]
+  for want in expected[:n]:
+    first, second = (next(host) for host in hosts)
+    assert first['encoder_input_tokens'].shape[0] == 2
+    _assert_same([{k: np.concatenate([first[k], second[k]]) for k in first}],
+                 [want])
+  hosts[0].save(tmp_path / 'input')  # What process 0 saves for all.
+
+  # Resumed on one host (whole batches), then on two again.
+  whole = pipeline.InputIterator(_ul2_batches())
+  whole.restore(tmp_path / 'input')
+  _assert_same([next(whole) for _ in range(m)], expected[n:])
+  second_host = pipeline.InputIterator(_ul2_batches(), rows=slice(2, 4))
+  second_host.restore(tmp_path / 'input')
+  _assert_same([next(second_host)],
+               [{k: v[2:4] for k, v in expected[n].items()}])
 
 
 def test_restore_without_saved_state_is_a_clear_error(tmp_path):

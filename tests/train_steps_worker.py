@@ -8,17 +8,18 @@ give the same losses.
 
   python tests/train_steps_worker.py --devices=8 --mesh=2,2,2 \
       --jobs='[{"preset": "gemma2_tiny", "steps": 5}]'
-  # One of two processes of a simulated two-host job (4 devices each):
-  python tests/train_steps_worker.py --devices=4 --mesh=2,2,2 \
-      --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0
+
+One process only: multi-host training is tested through the real entry
+point (`python -m t5x_adapt.train` on several processes,
+tests/test_multihost.py).
 
 A job is a JSON object: `preset`, `steps` (5), `microbatches` (1),
 `optimizer` ('adamw' or 'sgd'), `optimizer_kwargs` (for adamw, e.g. `frozen`
 regexes, `weight_decay`), `save_after` (steps after which the parameters go
 to `<out_dir>/<name>_step<k>.npz`; 0 is the initial state), `shards` (report
 per-device shard shapes), `name` (defaults to the preset). The last line of
-stdout is one JSON object: `runs` (name -> losses, grad_norms, rows, shards),
-`process_index`, `process_count`, `device_count`.
+stdout is one JSON object: `runs` (name -> losses, grad_norms, shards) and
+`device_count`.
 """
 
 import argparse
@@ -54,9 +55,6 @@ def _parse_args(argv):
       [{'preset': m} for m in MODELS]), help='JSON list of jobs')
   parser.add_argument('--out_dir', default=None,
                       help='where `save_after` writes parameters')
-  parser.add_argument('--coordinator_address', default=None)
-  parser.add_argument('--num_processes', type=int, default=None)
-  parser.add_argument('--process_id', type=int, default=None)
   return parser.parse_args(argv)
 
 
@@ -163,14 +161,11 @@ def shard_shapes(state) -> dict:
 
 def run_job(job: dict, mesh, out_dir=None) -> dict:
   """Trains one job; returns its losses (and shard shapes if asked)."""
-  from t5x_adapt import distributed  # pylint: disable=g-import-not-at-top
   kwargs = {k: tuple(v) if isinstance(v, list) else v
             for k, v in job.get('optimizer_kwargs', {}).items()}
   trainer = make_trainer(job['preset'], mesh, job.get('microbatches', 1),
                          job.get('optimizer', 'adamw'), **kwargs)
   enc_dec = hasattr(trainer.model.config, 'encoder')
-  rows = distributed.process_rows(trainer.partitioner.batch_sharding,
-                                  BATCH_SIZE)
   name, steps = job.get('name', job['preset']), job.get('steps', 5)
   save_after = set(job.get('save_after', ()))
 
@@ -182,14 +177,12 @@ def run_job(job: dict, mesh, out_dir=None) -> dict:
   losses, grad_norms = [], []
   for step in range(steps):
     maybe_save(step, state)
-    batch = {k: v[rows] for k, v in make_batch(enc_dec, step).items()}
     state, metrics = trainer.train_step(
-        state, trainer.partitioner.shard_batch(batch))
+        state, trainer.partitioner.shard_batch(make_batch(enc_dec, step)))
     losses.append(float(metrics['loss']))
     grad_norms.append(float(metrics['grad_norm']))
   maybe_save(steps, state)
-  result = {'losses': losses, 'grad_norms': grad_norms,
-            'rows': [rows.start, rows.stop]}
+  result = {'losses': losses, 'grad_norms': grad_norms}
   if job.get('shards'):
     result['shards'] = shard_shapes(state)
   return result
@@ -207,9 +200,6 @@ def start(args, log_dir: pathlib.Path, name: str):
   import subprocess  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   env.pop('XLA_FLAGS', None)
-  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
-              'JAX_PROCESS_ID'):
-    env.pop(var, None)
   out, err = log_dir / f'{name}.out', log_dir / f'{name}.err'
   with open(out, 'w') as stdout, open(err, 'w') as stderr:
     proc = subprocess.Popen([sys.executable, __file__, *args], cwd=REPO_ROOT,
@@ -220,8 +210,7 @@ def start(args, log_dir: pathlib.Path, name: str):
 def wait_all(started, timeout: float = 600.0) -> list:
   """Waits for started workers; returns their JSON results, in order.
 
-  Stops all of them as soon as one fails (the others of a multi-process job
-  would otherwise wait for it) or the time runs out.
+  Stops all of them as soon as one fails or the time runs out.
 
   Raises:
     RuntimeError: A worker failed or timed out; with its stderr's tail.
@@ -262,16 +251,11 @@ def main(argv=None) -> None:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   # pylint: disable=g-import-not-at-top
   import jax
-  from t5x_adapt import distributed
-  distributed.initialize(args.coordinator_address, args.num_processes,
-                         args.process_id)
   mesh = tuple(int(s) for s in args.mesh.split(','))
   runs = {}
   for job in json.loads(args.jobs):
     runs[job.get('name', job['preset'])] = run_job(job, mesh, args.out_dir)
-  print(json.dumps({'process_index': jax.process_index(),
-                    'process_count': jax.process_count(),
-                    'device_count': jax.device_count(), 'runs': runs}),
+  print(json.dumps({'device_count': jax.device_count(), 'runs': runs}),
         flush=True)
 
 

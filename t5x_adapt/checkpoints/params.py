@@ -44,6 +44,7 @@ from t5x_adapt.checkpoints import errors
 from t5x_adapt.checkpoints import training
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.config import config_to_dict
+from t5x_adapt.param_paths import path_str
 
 INFO_FILE = 't5x_adapt.json'
 INFO_FORMAT = 't5x_adapt.params'
@@ -60,15 +61,10 @@ Params = Any
 # ----------------------------------------------------------------- layouts --
 
 
-def _path_str(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k)))
-                  for k in key_path)
-
-
-def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
   """{'decoder/final_norm/scale': shape} of every leaf."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {_path_str(p): tuple(getattr(leaf, 'shape', ()))
+  return {path_str(p): tuple(getattr(leaf, 'shape', ()))
           for p, leaf in leaves}
 
 
@@ -90,13 +86,10 @@ def _summary(stack_layouts: Mapping[str, str]) -> str:
 
 def _config_with_layouts(config, stack_layouts: Mapping[str, str]):
   """`config` with each stack's `scan_layers` set to its saved layout."""
-  def stack(name, cfg):
-    return cfg.replace(
-        scan_layers=stack_layouts.get(name, UNROLLED) == SCANNED)
-  if isinstance(config, EncoderDecoderConfig):
-    return config.replace(encoder=stack('encoder', config.encoder),
-                          decoder=stack('decoder', config.decoder))
-  return stack('decoder', config)
+  return config.with_stacks({
+      name: cfg.replace(scan_layers=stack_layouts.get(name, UNROLLED) ==
+                        SCANNED)
+      for name, cfg in config.stacks().items()})
 
 
 # -------------------------------------------------------------------- save --
@@ -115,7 +108,7 @@ def _jsonable(obj):
 
 
 def _info_text(params, metadata) -> str:
-  stack_layouts = _stack_layouts(_flat_shapes(params))
+  stack_layouts = _stack_layouts(flat_shapes(params))
   info = {'format': INFO_FORMAT, 'version': INFO_VERSION,
           'layout': _summary(stack_layouts), 'stack_layouts': stack_layouts,
           'metadata': metadata}
@@ -253,7 +246,7 @@ def _saved_shapes(checkpointer, path: pathlib.Path,
       raise errors.CorruptCheckpointError(
           f'{path}: a training state without {subtree!r}')
     tree = tree[subtree]
-  return _flat_shapes(tree)
+  return flat_shapes(tree)
 
 
 def _restore_tree(checkpointer, path: pathlib.Path, subtree: Optional[str],
@@ -276,7 +269,7 @@ def _restore_tree(checkpointer, path: pathlib.Path, subtree: Optional[str],
   return restored if subtree is None else restored[subtree]
 
 
-def _mismatch_error(path, saved: dict, expected: dict):
+def mismatch_error(path, saved: dict, expected: dict):
   """The error for a checkpoint tree that differs from the model's, or None."""
   missing = sorted(set(expected) - set(saved))
   unexpected = sorted(set(saved) - set(expected))
@@ -343,7 +336,7 @@ def saved_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     checkpointer.close()
 
 
-def _only(tree, subtrees: Optional[Sequence[str]]):
+def only_subtrees(tree, subtrees: Optional[Sequence[str]]):
   """The top-level `subtrees` of a parameter tree (all of it for None)."""
   if tree is None or subtrees is None:
     return tree
@@ -385,8 +378,8 @@ def restore_params(path: str | os.PathLike, model, *,
   """
   path = pathlib.Path(path).absolute()
   _check_exists(path)
-  model_shapes = _only(model.param_shapes({}), subtrees)
-  shardings = _only(shardings, subtrees)
+  model_shapes = only_subtrees(model.param_shapes({}), subtrees)
+  shardings = only_subtrees(shardings, subtrees)
   item_path, subtree = _params_item(path)
   checkpointer = _checkpointer()
   try:
@@ -399,10 +392,10 @@ def restore_params(path: str | os.PathLike, model, *,
         layout.to_model_layout,
         config=_config_with_layouts(model.config, saved_layouts))
     target = jax.eval_shape(to_saved, model_shapes)
-    error = _mismatch_error(path, saved, _flat_shapes(target))
+    error = mismatch_error(path, saved, flat_shapes(target))
     if error is not None:
       raise error
-    same_layout = saved_layouts == _stack_layouts(_flat_shapes(model_shapes))
+    same_layout = saved_layouts == _stack_layouts(flat_shapes(model_shapes))
     target_shardings = _saved_layout_shardings(
         shardings, same_layout, to_saved, model_shapes, target)
     restored = _restore_tree(checkpointer, item_path, subtree,

@@ -9,8 +9,9 @@ step:
 
   checkpoints/<step>/state/   TrainState (params, opt_state, step), orbax
                               StandardSave: sharded, restorable onto any mesh
-  checkpoints/<step>/input/   input_state-<process>.*: each host's tf.data
-                              iterator position (`InputIterator.save`)
+  checkpoints/<step>/input/   input_state.*: the tf.data iterator position
+                              (`InputIterator.save`), the same on every host,
+                              so process 0 writes it and every host reads it
   checkpoints/<step>/_CHECKPOINT_METADATA   orbax: commit time, eval metrics
 
 Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and
@@ -37,6 +38,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from t5x_adapt import distributed
+
 if TYPE_CHECKING:  # The handler only calls the iterator's save/restore.
   from t5x_adapt.data.pipeline import InputIterator
 
@@ -52,20 +55,23 @@ _STEP_METADATA = '_CHECKPOINT_METADATA'
 
 
 class InputStateHandler(ocp.CheckpointHandler):
-  """Saves and restores an `InputIterator`'s position (one file set a host).
+  """Saves and restores an `InputIterator`'s position.
 
-  Every process writes its own `input_state-<process>` files into the item
-  directory, which orbax creates and commits with the rest of the step.
+  Every host reads the same global batches (`t5x_adapt.data.pipeline`), so
+  their iterator positions are equal: process 0 writes the one position into
+  the item directory (which orbax creates and commits with the rest of the
+  step) and every process restores it, whatever the number of hosts then.
   """
 
   def save(self, directory: epath.Path, args: 'InputSave'):
-    args.iterator.save(os.fspath(directory))
+    if distributed.is_main_process():
+      args.iterator.save(os.fspath(directory))
 
   def restore(self, directory: epath.Path,
               args: 'InputRestore') -> InputIterator:
     try:
       args.iterator.restore(os.fspath(directory))
-    except FileNotFoundError as e:  # e.g. the number of hosts changed
+    except FileNotFoundError as e:  # e.g. written before positions were shared
       logging.warning('%s; the input pipeline starts from its beginning', e)
     return args.iterator
 
@@ -209,9 +215,10 @@ class CheckpointManager:
       step: A step of `all_steps()`.
       target: Tree of ShapeDtypeStructs with shardings (`abstract_tree`);
         the arrays are read (resharded as needed) onto those shardings.
-      iterator: If given, moved to the input position saved with `step` (or
-        left at its start, with a warning, if this host saved none there,
-        e.g. because the number of hosts changed).
+      iterator: If given, moved to the input position saved with `step`
+        (the same for any number of hosts), or left at its start, with a
+        warning, if the step has none (e.g. one saved before the position
+        became host-independent, as per-host `input_state-<process>`).
 
     Returns:
       The restored TrainState.

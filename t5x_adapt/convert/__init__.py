@@ -1,9 +1,12 @@
 """Checkpoint interop: transformers (import and export) and GGUF (import).
 
-  load_hf(path) -> (model, params)
+  load.load_params(path, model, shardings=...)  any kind, onto the mesh
+  load_hf(path) -> (model, params)              host memory
   save_hf(model, params, path)
-  load_gguf(path) -> (model, params)
+  load_gguf(path) -> (model, params)            host memory
   gguf_tokenizer(gguf_path, out_path) -> SentencePiece model path
+
+The errors are `t5x_adapt.checkpoints.errors`' (re-exported here).
 """
 
 from t5x_adapt.checkpoints.errors import CheckpointError

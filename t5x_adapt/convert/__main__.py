@@ -13,12 +13,11 @@ import argparse
 import sys
 
 from t5x_adapt import checkpoints
-from t5x_adapt.config import config_from_dict, config_to_dict
 from t5x_adapt.checkpoints import errors
-from t5x_adapt.convert.gguf import load_gguf
+from t5x_adapt.config import config_to_dict
+from t5x_adapt.convert import load
 from t5x_adapt.convert.gguf_tokenizer import gguf_tokenizer
-from t5x_adapt.convert.hf import load_hf, save_hf
-from t5x_adapt.models import model_for_config
+from t5x_adapt.convert.hf import save_hf
 
 
 def _save_orbax(model, params, out):
@@ -27,22 +26,13 @@ def _save_orbax(model, params, out):
   print(f'wrote {path}')
 
 
-def _hf_to_orbax(args):
-  _save_orbax(*load_hf(args.src, scan_layers=not args.unrolled), args.out)
-
-
-def _gguf_to_orbax(args):
-  _save_orbax(*load_gguf(args.src, scan_layers=not args.unrolled), args.out)
+def _to_orbax(args):
+  _save_orbax(*load.load_model(args.src, scan_layers=not args.unrolled),
+              args.out)
 
 
 def _orbax_to_hf(args):
-  metadata = checkpoints.read_info(args.src).get('metadata') or {}
-  if 'config' not in metadata:
-    raise errors.CheckpointError(
-        f'{args.src}: no model config in the checkpoint metadata')
-  model = model_for_config(config_from_dict(metadata['config']))
-  params = checkpoints.restore_params(args.src, model)
-  print(f'wrote {save_hf(model, params, args.out)}')
+  print(f'wrote {save_hf(*load.load_model(args.src), args.out)}')
 
 
 def _tokenizer(args):
@@ -55,8 +45,8 @@ def main(argv=None) -> int:
       description='Convert between transformers, GGUF and Orbax checkpoints.')
   commands = parser.add_subparsers(dest='command', required=True)
   for name, fn, help_text in (
-      ('hf-to-orbax', _hf_to_orbax, 'transformers directory -> Orbax'),
-      ('gguf-to-orbax', _gguf_to_orbax, 'Gemma 3 GGUF file -> Orbax'),
+      ('hf-to-orbax', _to_orbax, 'transformers directory -> Orbax'),
+      ('gguf-to-orbax', _to_orbax, 'Gemma 3 GGUF file -> Orbax'),
       ('orbax-to-hf', _orbax_to_hf, 'Orbax -> transformers directory'),
       ('tokenizer', _tokenizer, 'GGUF tokenizer -> SentencePiece model')):
     command = commands.add_parser(name, help=help_text)

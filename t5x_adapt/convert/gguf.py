@@ -18,10 +18,11 @@ import pathlib
 import numpy as np
 
 from t5x_adapt import layout
-from t5x_adapt.config import GLOBAL, LOCAL, StackConfig
 from t5x_adapt.checkpoints import errors
+from t5x_adapt.config import GLOBAL, LOCAL, StackConfig
+from t5x_adapt.convert import lazy
 from t5x_adapt.convert.tables import NameScheme, UnitOffset
-from t5x_adapt.convert.tables import load_tensors, stack_rules
+from t5x_adapt.convert.tables import lazy_tensors, stack_rules
 from t5x_adapt.models import DecoderOnlyModel
 
 GEMMA3_GGUF_NAMES = NameScheme(
@@ -88,15 +89,17 @@ def gemma3_config(reader, source: str) -> StackConfig:
       family='gemma3')
 
 
-def load_gguf(path: str | os.PathLike, scan_layers: bool = True):
-  """Loads a Gemma 3 GGUF file.
+def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
+                dtype=np.float32):
+  """A Gemma 3 GGUF file, opened but not read (tensors dequantised later).
 
   Args:
     path: The .gguf file.
-    scan_layers: Layout of the returned params.
+    scan_layers: Layout of the returned tree.
+    dtype: Parameter dtype.
 
   Returns:
-    (DecoderOnlyModel, params) with float32 dequantised parameters.
+    (DecoderOnlyModel, tree of `lazy.LazyTensor`s).
   """
   from gguf import quants  # pylint: disable=g-import-not-at-top
   source = str(path)
@@ -114,6 +117,22 @@ def load_gguf(path: str | os.PathLike, scan_layers: bool = True):
 
   rules = stack_rules(GEMMA3_GGUF_NAMES, '', 'decoder', cfg, False)
   shapes = DecoderOnlyModel(cfg.replace(scan_layers=False)).param_shapes({})
-  params = load_tensors(rules, read, tensors, shapes, source)
+  params = lazy_tensors(rules, read, tensors, shapes, source, dtype=dtype)
   model = DecoderOnlyModel(cfg.replace(scan_layers=scan_layers))
-  return model, layout.to_model_layout(params, model.config)
+  return model, layout.to_model_layout(params, model.config,
+                                       stack=lazy.stacked)
+
+
+def load_gguf(path: str | os.PathLike, scan_layers: bool = True):
+  """Loads a Gemma 3 GGUF file into host memory.
+
+  Args:
+    path: The .gguf file.
+    scan_layers: Layout of the returned params.
+
+  Returns:
+    (DecoderOnlyModel, params) with float32 dequantised parameters (numpy;
+    `convert.load` places them on a mesh instead).
+  """
+  model, params = lazy_params(path, scan_layers)
+  return model, lazy.place(params)

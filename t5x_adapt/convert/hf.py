@@ -23,11 +23,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from t5x_adapt import layout
-from t5x_adapt.config import GLOBAL, LOCAL, EncoderDecoderConfig, StackConfig
 from t5x_adapt.checkpoints import errors
+from t5x_adapt.config import GLOBAL, LOCAL, EncoderDecoderConfig, StackConfig
+from t5x_adapt.convert import lazy
 from t5x_adapt.convert.tables import NameScheme, export_tensors
-from t5x_adapt.convert.tables import load_tensors, stack_rules
-from t5x_adapt.models import DecoderOnlyModel, EncoderDecoderModel
+from t5x_adapt.convert.tables import lazy_tensors, stack_rules
+from t5x_adapt.models import model_for_config
 
 _PROJECTIONS = {'query': 'q_proj', 'key': 'k_proj', 'value': 'v_proj',
                 'out': 'o_proj', 'query_norm': 'q_norm', 'key_norm': 'k_norm'}
@@ -180,7 +181,7 @@ def model_from_hf_config(hf: dict, source: str, scan_layers: bool = True):
     cfg = stack_config_from_hf(hf, family, source).replace(
         scan_layers=scan_layers)
     rules = stack_rules(GEMMA_NAMES, 'model.', 'decoder', cfg, False)
-    return DecoderOnlyModel(cfg), rules, head
+    return model_for_config(cfg), rules, head
   if arch in _ENCODER_DECODER:
     family, head = _ENCODER_DECODER[arch]
     enc = stack_config_from_hf(hf['encoder'], family, source, window_offset=1)
@@ -193,7 +194,7 @@ def model_from_hf_config(hf: dict, source: str, scan_layers: bool = True):
                          cfg.encoder, False) +
              stack_rules(T5GEMMA_NAMES, 'model.decoder.', 'decoder',
                          cfg.decoder, True))
-    return EncoderDecoderModel(cfg), rules, head
+    return model_for_config(cfg), rules, head
   supported = sorted(_DECODER_ONLY) + sorted(_ENCODER_DECODER)
   raise errors.UnsupportedArchitectureError(
       f'{source}/config.json: architecture {arch!r} is not supported; '
@@ -261,41 +262,53 @@ class _SafetensorsDir:
 
 
 def _expected_unrolled_shapes(model):
-  config = model.config
-  if isinstance(config, EncoderDecoderConfig):
-    unrolled = config.map_stacks(scan_layers=False)
-    probe = EncoderDecoderModel(unrolled)
-  else:
-    probe = DecoderOnlyModel(config.replace(scan_layers=False))
-  return probe.param_shapes({})
+  unrolled = model.config.map_stacks(scan_layers=False)
+  return model_for_config(unrolled).param_shapes({})
 
 
-def load_hf(path: str | os.PathLike, scan_layers: bool = True,
-            dtype=np.float32):
-  """Loads a transformers checkpoint directory.
+def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
+                dtype=np.float32):
+  """A transformers checkpoint directory, opened but not read.
 
   Args:
     path: Directory with config.json and safetensors (as `save_pretrained`
       writes it).
-    scan_layers: Layout of the returned params (see `t5x_adapt.layout`).
+    scan_layers: Layout of the returned tree (see `t5x_adapt.layout`).
     dtype: Parameter dtype.
 
   Returns:
-    (model, params): a DecoderOnlyModel or EncoderDecoderModel and its
-    parameters.
+    (model, tree of `lazy.LazyTensor`s): a DecoderOnlyModel or
+    EncoderDecoderModel, and its parameters to read (`lazy.place`).
 
   Raises:
     UnsupportedArchitectureError, MissingTensorError, UnexpectedTensorError,
-    ShapeMismatchError, CorruptCheckpointError.
+    CorruptCheckpointError; ShapeMismatchError (and corrupt tensors) when a
+    leaf is read.
   """
   path = pathlib.Path(path)
   hf = read_config(path)
   model, rules, head = model_from_hf_config(hf, str(path), scan_layers)
   tensors = _SafetensorsDir(path)
-  params = load_tensors(
+  params = lazy_tensors(
       rules, tensors.read, tensors.names(), _expected_unrolled_shapes(model),
       str(path), ignorable=lambda name: name == head, dtype=dtype)
-  return model, layout.to_model_layout(params, model.config)
+  return model, layout.to_model_layout(params, model.config,
+                                       stack=lazy.stacked)
+
+
+def load_hf(path: str | os.PathLike, scan_layers: bool = True,
+            dtype=np.float32):
+  """Loads a transformers checkpoint directory into host memory.
+
+  Returns:
+    (model, params): a DecoderOnlyModel or EncoderDecoderModel and its
+    parameters (numpy). `convert.load` places them on a mesh instead.
+
+  Raises:
+    See `lazy_params`.
+  """
+  model, params = lazy_params(path, scan_layers, dtype)
+  return model, lazy.place(params)
 
 
 def save_hf(model, params, path: str | os.PathLike) -> pathlib.Path:

@@ -10,12 +10,13 @@ GGUF import share one table each and no per-tensor branches.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from t5x_adapt.config import StackConfig
 from t5x_adapt.checkpoints import errors
+from t5x_adapt.config import StackConfig
+from t5x_adapt.convert import lazy
 
 
 class Transform:
@@ -168,14 +169,17 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def load_tensors(rules: Iterable[Rule],
+def lazy_tensors(rules: Iterable[Rule],
                  read: Callable[[str], np.ndarray],
                  available: Iterable[str],
                  target_shapes,
                  source: str,
                  ignorable: Callable[[str], bool] = lambda name: False,
                  dtype=np.float32) -> dict:
-  """Reads every rule's tensor, checks names and shapes, returns our tree.
+  """Our tree (unrolled) of `LazyTensor`s, one per rule; names checked now.
+
+  Nothing is read here: each leaf reads its tensor when placed
+  (`lazy.place`), and checks its shape then.
 
   Args:
     rules: The tensors to read.
@@ -184,10 +188,11 @@ def load_tensors(rules: Iterable[Rule],
     target_shapes: Our parameter tree (unrolled) of ShapeDtypeStructs.
     source: File or directory name, for error messages.
     ignorable: Names that may be present without a rule (buffers, tied heads).
-    dtype: dtype of the returned arrays.
+    dtype: dtype of the arrays read.
 
   Raises:
-    MissingTensorError, UnexpectedTensorError, ShapeMismatchError.
+    MissingTensorError, UnexpectedTensorError; ShapeMismatchError when a
+    leaf is read.
   """
   rules = list(rules)
   available = set(available)
@@ -197,17 +202,24 @@ def load_tensors(rules: Iterable[Rule],
   extra = {n for n in available - wanted if not ignorable(n)}
   if extra:
     raise errors.unexpected(source, extra)
+
+  def reader(rule, target_shape):
+    def read_one():
+      array = np.asarray(read(rule.source))
+      expected = rule.transform.source_shape(target_shape)
+      if tuple(array.shape) != expected:
+        raise errors.ShapeMismatchError(
+            f'{source}: tensor {rule.source!r} has shape '
+            f'{tuple(array.shape)}, the config implies {expected}')
+      return rule.transform.load(array.astype(dtype, copy=False),
+                                 target_shape)
+    return read_one
+
   params = {}
   for rule in rules:
     target_shape = tuple(_get(target_shapes, rule.target).shape)
-    array = np.asarray(read(rule.source))
-    expected = rule.transform.source_shape(target_shape)
-    if tuple(array.shape) != expected:
-      raise errors.ShapeMismatchError(
-          f'{source}: tensor {rule.source!r} has shape {tuple(array.shape)}, '
-          f'the config implies {expected}')
-    _set(params, rule.target,
-         rule.transform.load(array.astype(dtype), target_shape))
+    _set(params, rule.target, lazy.LazyTensor(
+        target_shape, np.dtype(dtype), reader(rule, target_shape)))
   return params
 
 

@@ -1,9 +1,28 @@
-"""Input pipelines: seqio datasets, batched, sharded per host, resumable.
+"""Input pipelines: seqio datasets, batched, resumable, host-independent.
 
-`get_dataset` builds a deterministic, shuffled (seeded), host-sharded stream
-of model-feature batches. `InputIterator` yields numpy batches and saves or
+`get_dataset` builds a deterministic, shuffled (seeded) stream of
+model-feature batches. `InputIterator` yields numpy batches and saves or
 restores its position with a tf.data iterator checkpoint, so training resumes
 on exactly the batch it would have read next.
+
+Multi-host: every host builds the same stream of GLOBAL batches (the whole
+stream, seqio shard 0 of 1, batched at the global batch size, the same seed)
+and keeps only its rows of each (`InputIterator(dataset, rows=...)`, the
+rows from `distributed.process_rows`), so the global batches do not depend
+on the number of hosts. The rows are cut in numpy, outside the tf.data
+graph, so the tf.data iterator and its saved position are the same on every
+host: one saved position serves any number of hosts, and a run resumed on
+another host count reads the same batches in the same order.
+
+The cost: every host reads and preprocesses every example of every global
+batch, so N hosts do N times the input work that per-host shards would, and
+each host's pipeline must keep up with the whole job's tokens per second,
+not its 1 / N (`benchmarks/data_throughput.py` measures a pipeline's rate).
+
+  dataset = get_dataset(task, lengths, converter, global_batch_size)
+  rows = distributed.process_rows(partitioner.batch_sharding,
+                                  global_batch_size)
+  iterator = InputIterator(dataset, rows)  # this host's rows of each batch
 """
 
 from __future__ import annotations
@@ -27,28 +46,28 @@ def get_dataset(mixture_or_task_name: str,
                 shuffle: bool = True,
                 seed: Optional[int] = 0,
                 num_epochs: Optional[int] = None,
-                shard_index: Optional[int] = None,
-                num_shards: Optional[int] = None) -> tf.data.Dataset:
+                shard_index: int = 0,
+                num_shards: int = 1) -> tf.data.Dataset:
   """Batches of model features from a seqio task or mixture.
 
   Args:
     mixture_or_task_name: Registered seqio task or mixture.
     task_feature_lengths: e.g. {'inputs': 512, 'targets': 512}.
     feature_converter: Packs and shapes task features into model features.
-    batch_size: Examples per batch on this host.
+    batch_size: Examples per batch (for training: the global batch, which
+      every host reads whole; see the module docstring).
     split: Dataset split.
     shuffle: Shuffle (deterministically from `seed`).
     seed: Seed of shuffling and of random preprocessing (UL2 noise).
     num_epochs: None repeats forever.
-    shard_index: This host's shard; defaults to `jax.process_index()`.
-    num_shards: Number of shards; defaults to `jax.process_count()`.
+    shard_index: Which seqio shard of the stream to read (default 0 of 1,
+      the whole stream, which is what every training host reads).
+    num_shards: Number of seqio shards of the stream.
 
   Returns:
     A tf.data.Dataset of dicts of [batch_size, length] int32 arrays.
   """
-  shard_info = seqio.ShardInfo(
-      index=jax.process_index() if shard_index is None else shard_index,
-      num_shards=jax.process_count() if num_shards is None else num_shards)
+  shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
   dataset = seqio.get_dataset(
       mixture_or_task_name, task_feature_lengths=task_feature_lengths,
       dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
@@ -60,26 +79,40 @@ def get_dataset(mixture_or_task_name: str,
   return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-class InputIterator:
-  """numpy batches from a tf.data.Dataset, with a saveable position."""
+INPUT_STATE = 'input_state'  # The saved position's file prefix.
 
-  def __init__(self, dataset: tf.data.Dataset):
+
+class InputIterator:
+  """numpy batches from a tf.data.Dataset, with a saveable position.
+
+  Args:
+    dataset: Batches of features (dicts of [batch, ...] tensors).
+    rows: This host's rows of each batch (`distributed.process_rows`);
+      None keeps whole batches. The tf.data iterator (and the position it
+      saves) is the same whatever the rows.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, rows: Optional[slice] = None):
     self._iterator = iter(dataset)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+    self._rows = rows
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return jax.tree_util.tree_map(lambda x: x.numpy(), next(self._iterator))
+    batch = jax.tree_util.tree_map(lambda x: x.numpy(), next(self._iterator))
+    if self._rows is None:
+      return batch
+    # numpy, not tf.data: the iterator stays the same on every host.
+    return jax.tree_util.tree_map(lambda x: x[self._rows], batch)
 
   @staticmethod
   def _prefix(directory) -> str:
-    return os.path.join(os.fspath(directory),
-                        f'input_state-{jax.process_index():05d}')
+    return os.path.join(os.fspath(directory), INPUT_STATE)
 
   def save(self, directory) -> str:
-    """Writes the position into `directory` (one file set per host)."""
+    """Writes the position into `directory` (the same on every host)."""
     os.makedirs(directory, exist_ok=True)
     return self._checkpoint.write(self._prefix(directory))
 

@@ -1,0 +1,74 @@
+"""Parameters not read yet, and their placement on a mesh one leaf at a time.
+
+A converter opens a checkpoint file into a tree of `LazyTensor`s (shape,
+dtype and a function that reads the tensor), converts that tree's layout
+without reading anything (`stacked`: the scanned layout's `layers` axis),
+and `place` then reads each leaf, casts it, and puts it on its sharding
+before reading the next. So host memory holds one tensor in flight beyond
+what is already placed, and no device ever holds a whole tree: each gets
+its shards of each leaf (`jax.make_array_from_callback` asks only for the
+shards of this process's devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+  """A parameter to read later.
+
+  Attributes:
+    shape: Its shape in our layout.
+    dtype: The dtype it is read as.
+    read: Returns the array (in our layout, of `shape` and `dtype`).
+  """
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  read: Callable[[], np.ndarray]
+
+
+def stacked(leaves: Sequence[LazyTensor]) -> LazyTensor:
+  """The leaves stacked on a new leading axis (read together, later)."""
+  first = leaves[0]
+  return LazyTensor((len(leaves), *first.shape), first.dtype,
+                    lambda: np.stack([leaf.read() for leaf in leaves]))
+
+
+def is_lazy(leaf: Any) -> bool:
+  return isinstance(leaf, LazyTensor)
+
+
+def place_leaf(array: np.ndarray,
+               sharding: Optional[jax.sharding.Sharding]):
+  """One host array onto its sharding (None: left on the host)."""
+  if sharding is None:
+    return array
+  return jax.make_array_from_callback(array.shape, sharding,
+                                      lambda index: array[index])
+
+
+def place(tree: Any, shardings: Optional[Any] = None) -> Any:
+  """Reads every lazy leaf and places it on its sharding, one at a time.
+
+  Args:
+    tree: Parameters: `LazyTensor`s or arrays.
+    shardings: A tree of shardings of the same structure, or None to return
+      numpy arrays on the host.
+
+  Returns:
+    The tree of placed arrays.
+  """
+  def one(leaf, sharding=None):
+    array = leaf.read() if is_lazy(leaf) else np.asarray(leaf)
+    return place_leaf(array, sharding)
+
+  if shardings is None:
+    return jax.tree_util.tree_map(one, tree)
+  return jax.tree_util.tree_map(one, tree, shardings)

@@ -1,0 +1,216 @@
+"""One loader: a model's parameters from any checkpoint, placed as they are read.
+
+  params = load.load_params(path, model, shardings=shardings)
+  encoder = load.load_params(path, model, shardings=..., subtrees=('encoder',))
+  model, params = load.load_model(path)   # the model the checkpoint describes
+
+Kinds (`checkpoint_kind`): our Orbax checkpoints (a `save_params` directory
+or a training step directory `MODEL_DIR/checkpoints/<step>`), transformers
+directories (config.json + safetensors) and GGUF files. Ours are restored
+by orbax straight onto the shardings (each host reads the shards of its own
+devices). Transformers and GGUF tensors are read one at a time, converted in
+host memory (layout, dtype) and placed with their sharding before the next
+is read (`lazy.place`), so no device ever holds a whole tree and the host
+holds one tensor in flight. (Each host reads the whole of each tensor it
+holds a shard of: safetensors and GGUF tensors need a layout change before
+they can be cut.)
+
+A transformers or GGUF checkpoint must have the model's architecture: each
+StackConfig field that says what a stack computes is compared
+(`check_architecture`) and every differing one is named.
+
+Everything that starts a model from a checkpoint comes here: INIT_CHECKPOINT
+(`BaseModel.init_from_checkpoint`, the classifiers' backbone included), the
+distillation teacher, evaluation and inference, and the adaptation sources
+(`t5x_adapt.adapt`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from t5x_adapt import checkpoints
+from t5x_adapt import layout
+from t5x_adapt.checkpoints.params import flat_shapes, mismatch_error
+from t5x_adapt.checkpoints.params import only_subtrees
+from t5x_adapt.config import StackConfig, config_from_dict, config_to_dict
+from t5x_adapt.convert import gguf
+from t5x_adapt.convert import hf
+from t5x_adapt.convert import lazy
+from t5x_adapt.models import DecoderOnlyModel, model_for_config
+
+Params = Any
+
+ORBAX = 'orbax'
+TRANSFORMERS = 'transformers'
+GGUF = 'gguf'
+
+# StackConfig fields that describe how a model runs, not what it computes:
+# a checkpoint may differ from the model in these.
+_RUN_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy',
+               'dropout_rate')
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+  """'gguf' (a .gguf file), 'transformers' (config.json) or 'orbax'."""
+  path = pathlib.Path(path)
+  if path.suffix == '.gguf':
+    return GGUF
+  if (path / 'config.json').exists():
+    return TRANSFORMERS
+  return ORBAX
+
+
+# ------------------------------------------------------------ architecture --
+
+
+def _architecture(cfg: StackConfig) -> dict:
+  fields = config_to_dict(cfg)
+  for name in _RUN_FIELDS:
+    fields.pop(name)
+  return fields
+
+
+def same_architecture(a: StackConfig, b: StackConfig) -> bool:
+  """Whether two stacks compute the same function (run fields aside)."""
+  return _architecture(a) == _architecture(b)
+
+
+def _same(a, b) -> bool:
+  # Checkpoints store floats such as rms_norm_eps in float32.
+  if isinstance(a, float) and isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-6)
+  return a == b
+
+
+def check_architecture(source: StackConfig, target: StackConfig,
+                       where: str) -> None:
+  """Raises ValueError naming every field in which `source` != `target`."""
+  source_fields, target_fields = _architecture(source), _architecture(target)
+  differing = [f'{name}: checkpoint {source_fields[name]!r}, model '
+               f'{target_fields[name]!r}' for name in source_fields
+               if not _same(source_fields[name], target_fields[name])]
+  if differing:
+    raise ValueError(f'{where}: the checkpoint does not fit the model '
+                     f'stack ({"; ".join(differing)})')
+
+
+def _check_stacks(loaded_config, config, names: Optional[Sequence[str]],
+                  where: str) -> None:
+  """The checkpoint has the model's stacks (or `names`), with its fields."""
+  loaded, target = (c.stacks() for c in (loaded_config, config))
+  if names is None and set(loaded) != set(target) or not set(
+      names or ()) <= set(loaded):
+    kind = 'an encoder-decoder' if len(loaded) > 1 else 'a decoder-only model'
+    raise ValueError(f'{where}: the checkpoint is {kind} (stacks '
+                     f'{sorted(loaded)}); the model needs '
+                     f'{sorted(names or target)}')
+  for name in names or target:
+    check_architecture(loaded[name], target[name], f'{where} ({name})'
+                       if len(loaded) > 1 else where)
+
+
+# ------------------------------------------------------------------ loading --
+
+
+def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
+                dtype=np.float32):
+  """(model, tree of `lazy.LazyTensor`s) of a transformers or GGUF file."""
+  kind = checkpoint_kind(path)
+  if kind == GGUF:
+    return gguf.lazy_params(path, scan_layers, dtype)
+  if kind == TRANSFORMERS:
+    return hf.lazy_params(path, scan_layers, dtype)
+  raise ValueError(f'{path}: an orbax checkpoint has no lazy reader '
+                   '(use load_params)')
+
+
+def _cast(tree, config) -> Any:
+  """Each stack's leaves read as that stack's parameter dtype."""
+  stacks = config.stacks()
+
+  def cast(name, leaf):
+    dtype = stacks[name].weight_dtype
+    if leaf.dtype == dtype:
+      return leaf
+    return lazy.LazyTensor(leaf.shape, dtype,
+                           lambda: leaf.read().astype(dtype))
+
+  return {name: jax.tree_util.tree_map(lambda l, n=name: cast(n, l), sub)
+          for name, sub in tree.items()}
+
+
+def _lazy_model_params(path, model, subtrees):
+  """A transformers / GGUF checkpoint as `model`'s lazy parameter tree."""
+  loaded, tree = lazy_params(path, scan_layers=False)
+  _check_stacks(loaded.config, model.config, subtrees, str(path))
+  tree = layout.to_model_layout(only_subtrees(tree, subtrees), model.config,
+                                stack=lazy.stacked)
+  expected = only_subtrees(model.param_shapes({}), subtrees)
+  error = mismatch_error(path, flat_shapes(tree), flat_shapes(expected))
+  if error is not None:
+    raise error
+  return _cast(tree, model.config)
+
+
+def load_params(path: str | os.PathLike, model, *,
+                shardings: Optional[Any] = None,
+                subtrees: Optional[Sequence[str]] = None) -> Params:
+  """`model`'s parameters from a checkpoint of any kind.
+
+  Args:
+    path: An orbax checkpoint of ours (`save_params` directory or training
+      step directory), a transformers directory or a `.gguf` file.
+    model: The model they are for: its tree, layout and parameter dtype.
+    shardings: Tree of shardings of the model's parameters; each leaf is
+      placed on its own as it is read (None: on the first device for
+      orbax, numpy on the host for the others).
+    subtrees: Only these top-level subtrees (e.g. `('encoder',)`).
+
+  Returns:
+    The parameters (only `subtrees`, when given).
+
+  Raises:
+    ValueError: the checkpoint's architecture or tree differs from the
+      model's (the fields or the first differing tensor are named).
+    FileNotFoundError, CheckpointError: unreadable checkpoints.
+  """
+  if checkpoint_kind(path) == ORBAX:
+    return checkpoints.restore_params(path, model, shardings=shardings,
+                                      subtrees=subtrees)
+  tree = _lazy_model_params(path, model, subtrees)
+  return lazy.place(tree, only_subtrees(shardings, subtrees))
+
+
+def load_decoder_only(path: str | os.PathLike, stack: StackConfig,
+                      shardings: Optional[Any] = None) -> Params:
+  """`{'decoder': stack}` parameters of a decoder-only checkpoint.
+
+  `stack` is the architecture the checkpoint must have; its `scan_layers`
+  and `param_dtype` decide the returned layout and dtype.
+  """
+  return load_params(path, DecoderOnlyModel(stack), shardings=shardings)
+
+
+def load_model(path: str | os.PathLike, scan_layers: bool = True):
+  """(model, host parameters) of the model a checkpoint describes.
+
+  Orbax checkpoints need the model config in their metadata (as
+  `python -m t5x_adapt.convert` and `python -m t5x_adapt.adapt` write it)
+  and keep the layout it names; `scan_layers` is for the other kinds.
+  """
+  if checkpoint_kind(path) != ORBAX:
+    model, tree = lazy_params(path, scan_layers)
+    return model, lazy.place(tree)
+  metadata = checkpoints.read_info(path).get('metadata') or {}
+  if 'config' not in metadata:
+    raise checkpoints.CheckpointError(
+        f'{path}: no model config in the checkpoint metadata')
+  model = model_for_config(config_from_dict(metadata['config']))
+  return model, checkpoints.restore_params(path, model)
