@@ -24,9 +24,9 @@ TensorBoard scalars in OUTPUT_DIR/<task>; OUTPUT_DIR defaults to
 MODEL_DIR/eval, next to training's own `eval` scalars.
 
 The model runs on global batches over the mesh (`t5x_adapt.sharded`), so
-every process computes the same metrics. The evaluators serve training too: `LossEvaluator` is train.py's
-validation loss and `MetricEvaluator` its in-loop task metrics
-(`train.eval_metrics`).
+every process computes the same metrics. The evaluators serve training
+too: `LossEvaluator` is train.py's validation loss and `MetricEvaluator`
+its in-loop task metrics (`train.eval_metrics`).
 """
 
 from __future__ import annotations

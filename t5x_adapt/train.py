@@ -20,7 +20,8 @@ r"""Training entry point, configured with gin in T5X's idioms.
      scalars in MODEL_DIR/train; every `eval_every` steps the validation loss
      and perplexity (MODEL_DIR/eval; with `eval_metrics`, also the task's own
      metrics: `t5x_adapt.eval`); every `save_every` steps, on SIGTERM and at
-     the end a checkpoint in MODEL_DIR/checkpoints (`t5x_adapt.checkpoints.training`).
+     the end a checkpoint in MODEL_DIR/checkpoints
+     (`t5x_adapt.checkpoints.training`).
 
 Only process 0 writes logs, summaries, the config and the input position.
 Multi-host runs join the job first (`t5x_adapt.distributed.initialize`):
@@ -436,8 +437,9 @@ class Loop:
         self._evaluate_task_metrics(step, state.params)
       preempted = self.preemption.reached()
       if step % self.save_every == 0 or last or preempted:
+        best = checkpoints.training.BEST_METRIC
         self.manager.save(step, state, self.iterator, metrics=eval_metrics and
-                          {checkpoints.training.BEST_METRIC: eval_metrics['loss']})
+                          {best: eval_metrics['loss']})
       if preempted:
         _say(f'SIGTERM: saved step {step}, stopping')
         break

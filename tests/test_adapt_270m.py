@@ -67,11 +67,13 @@ started = time.perf_counter()
 with partitioner.context():
   params = adapt.Adaptation(path).init_params(
       student, partitioner.shardings(student.logical_axes({})))
-  teacher = load.load_params(path, student.teacher, shardings=partitioner.shardings(
-      student.teacher.logical_axes({})))
+  teacher = load.load_params(path, student.teacher,
+                             shardings=partitioner.shardings(
+                                 student.teacher.logical_axes({})))
 jax.block_until_ready((params, teacher))
 nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
-distinct = {id(x): x.nbytes for x in jax.tree_util.tree_leaves((params, teacher))}
+distinct = {id(x): x.nbytes
+            for x in jax.tree_util.tree_leaves((params, teacher))}
 print(json.dumps({
     'student_bytes': nbytes(params), 'teacher_bytes': nbytes(teacher),
     'distinct_bytes': sum(distinct.values()), 'baseline_rss': baseline,

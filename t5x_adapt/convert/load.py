@@ -1,4 +1,4 @@
-"""One loader: a model's parameters from any checkpoint, placed as they are read.
+"""One loader: a model's parameters from any checkpoint, placed as read.
 
   params = load.load_params(path, model, shardings=shardings)
   encoder = load.load_params(path, model, shardings=..., subtrees=('encoder',))
