@@ -42,7 +42,7 @@ import gin
 import jax
 
 from t5x_adapt import checkpoints
-from t5x_adapt.config import EncoderDecoderConfig
+from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.config import config_to_dict
 from t5x_adapt.convert import load
 from t5x_adapt.models import DecoderOnlyModel, EncoderDecoderModel
@@ -223,6 +223,13 @@ def _source_shardings(plan: Mapping[Key, Origin], name: str,
   return flax.traverse_util.unflatten_dict(out)
 
 
+def _same_tree(a: StackConfig, b: StackConfig) -> bool:
+  """Whether two stacks' parameters are the same tree: architecture, layout
+  and dtype."""
+  return (load.same_architecture(a, b) and a.scan_layers == b.scan_layers
+          and a.weight_dtype == b.weight_dtype)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Adaptation:
@@ -243,12 +250,21 @@ class Adaptation:
   seed: int = 0
 
   def init_params(self, model: EncoderDecoderModel,
-                  shardings: Optional[Params] = None) -> Params:
+                  shardings: Optional[Params] = None,
+                  loaded: Optional[Mapping[str, Any]] = None) -> Params:
     """The adapted parameters of `model`, each leaf read onto its sharding.
 
     Sources are read through `convert.load` straight onto the shardings of
     the encoder-decoder leaves they become (the same checkpoint once, when
     both stacks come from it); fresh leaves are initialised on theirs.
+
+    Args:
+      model: The encoder-decoder.
+      shardings: Optional tree of its parameter shardings.
+      loaded: {path: (stack, `{'decoder': stack}` parameters)} already read
+        (the distillation teacher, usually the encoder's checkpoint): a
+        source of the same path and architecture is taken from there
+        instead of being read again.
     """
     config = model.config
     stacks = {'encoder': config.encoder, 'decoder': config.decoder}
@@ -266,9 +282,14 @@ class Adaptation:
           load.same_architecture(stacks['encoder'], stacks['decoder'])):
         sources['decoder'] = sources['encoder']
         continue
-      sources[name] = load.load_decoder_only(
-          paths[name], stacks[name],
-          _source_shardings(plan, name, shardings))
+      source_shardings = _source_shardings(plan, name, shardings)
+      stack, params = (loaded or {}).get(paths[name], (None, None))
+      if stack is not None and _same_tree(stack, stacks[name]):
+        sources[name] = params if shardings is None else jax.device_put(
+            params, source_shardings)
+        continue
+      sources[name] = load.load_decoder_only(paths[name], stacks[name],
+                                             source_shardings)
     return adapt_params(model, sources['encoder'], sources['decoder'],
                         cross_attention_init=mode, seed=self.seed,
                         shardings=shardings)

@@ -126,8 +126,13 @@ def _tokens_per_step(batch_shapes) -> int:
 def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
                   input_shapes, iterator: pipeline.InputIterator,
                   init_checkpoint: Optional[str],
-                  adaptation: Optional[adapt.Adaptation] = None):
-  """Latest checkpoint in MODEL_DIR -> init checkpoint -> adaptation -> scratch."""
+                  adaptation: Optional[adapt.Adaptation] = None,
+                  loaded: Optional[Mapping[str, tuple]] = None):
+  """Latest checkpoint in MODEL_DIR -> init checkpoint -> adaptation -> scratch.
+
+  `loaded`: decoder-only parameters already read, by path (the distillation
+  teacher's), which the adaptation takes instead of reading them again.
+  """
   step = manager.latest_step()
   if step is not None:
     _say(f'Resuming from {manager.directory / str(step)}')
@@ -146,7 +151,7 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
             if adaptation.decoder_checkpoint else '')
          + ' into an encoder-decoder')
     params = adaptation.init_params(
-        trainer.model, trainer.state_shardings(input_shapes).params)
+        trainer.model, trainer.state_shardings(input_shapes).params, loaded)
     return trainer.init_state(input_shapes, params=params)
   _say('Training from scratch')
   return trainer.init_state(input_shapes)
@@ -154,7 +159,7 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
 
 def _teacher_params(trainer, teacher_checkpoint: Optional[str],
                     adaptation: Optional[adapt.Adaptation]):
-  """The distillation teacher's sharded parameters, or None without one."""
+  """(path, sharded parameters) of the distillation teacher, or None."""
   if not trainer.has_teacher:
     if teacher_checkpoint:
       raise ValueError(f'teacher_checkpoint={teacher_checkpoint!r} given, but '
@@ -165,8 +170,8 @@ def _teacher_params(trainer, teacher_checkpoint: Optional[str],
     raise ValueError('a distillation model needs train.teacher_checkpoint '
                      '(or train.adaptation, whose checkpoint is the teacher)')
   _say(f'Teacher: {path}')
-  return load.load_params(path, trainer.model.teacher,
-                          shardings=trainer.teacher_shardings())
+  return path, load.load_params(path, trainer.model.teacher,
+                                shardings=trainer.teacher_shardings())
 
 
 # -------------------------------------------------------------- metrics --
@@ -363,10 +368,15 @@ def train(model_dir: str = gin.REQUIRED,
   manager = checkpoints.training.CheckpointManager(
       model_dir / CHECKPOINT_DIR, keep=keep, keep_best=keep_best,
       async_save=async_checkpointing)
+  # The teacher first: when it is also the adaptation's source, the
+  # adaptation takes it from there instead of reading it again.
+  teacher_path, teacher = _teacher_params(trainer, teacher_checkpoint,
+                                          adaptation) or (None, None)
+  loaded = None if teacher is None else {
+      teacher_path: (trainer.model.teacher.config, teacher)}
   state = initial_state(trainer, manager, input_shapes, iterator,
-                        init_checkpoint, adaptation)
+                        init_checkpoint, adaptation, loaded)
   start = int(jax.device_get(state.step))
-  teacher = _teacher_params(trainer, teacher_checkpoint, adaptation)
 
   # 5. Config, compiled step, memory.
   _write_config(model_dir, model)

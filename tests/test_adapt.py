@@ -139,6 +139,19 @@ def test_hf_source_is_checked_against_the_stack(tmp_path):
     load.load_decoder_only(path, model.config.encoder)
 
 
+def test_a_loaded_source_is_not_read_again(balanced, tmp_path):
+  """The teacher train.py read first serves as the adaptation's source."""
+  model, source, expected = balanced
+  absent = str(tmp_path / 'never-read')
+  stack = model.config.encoder
+  params = adapt.Adaptation(absent).init_params(
+      model, loaded={absent: (stack, source)})
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
+  with pytest.raises(FileNotFoundError, match='never-read'):
+    adapt.Adaptation(absent).init_params(
+        model, loaded={absent: (stack.replace(scan_layers=False), source)})
+
+
 # ------------------------------------------------------------- step-0 loss --
 
 
