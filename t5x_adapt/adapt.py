@@ -279,7 +279,7 @@ class Adaptation:
     sources = {}
     for name in ('encoder', 'decoder'):
       if name == 'decoder' and paths['decoder'] == paths['encoder'] and (
-          load.same_architecture(stacks['encoder'], stacks['decoder'])):
+          _same_tree(stacks['encoder'], stacks['decoder'])):
         sources['decoder'] = sources['encoder']
         continue
       source_shardings = _source_shardings(plan, name, shardings)

@@ -230,10 +230,11 @@ class ClassificationModel(models.BaseModel):
                            ) -> models.Params:
     """The parameters to fine-tune, from the checkpoint at `path`.
 
-    A classifier's checkpoint restores whole. A backbone's (a pretrained
-    decoder-only model, an adapted encoder-decoder: `save_params` or a
-    training step directory) gives this model's stack -- nothing else of it
-    is read -- and the head starts fresh.
+    A classifier's checkpoint (ours, with a head) restores whole. A
+    backbone's (a pretrained decoder-only model, an adapted encoder-decoder:
+    `save_params`, a training step directory, a transformers directory or a
+    GGUF file) gives this model's stack -- nothing else of it is read --
+    and the head starts fresh.
 
     Args:
       path: The checkpoint.

@@ -36,7 +36,6 @@ import numpy as np
 import seqio
 
 from t5x_adapt import adapt
-from t5x_adapt import checkpoints
 from t5x_adapt import gin_utils
 from t5x_adapt import train as train_lib
 from t5x_adapt.convert import load
@@ -223,15 +222,15 @@ def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
   _say('evaluating on PrefixLM validation targets ...', start)
   batches = validation_batches(cfg)
   student = adapted_model()
-  teacher_params = load.load_decoder_only(source, student.teacher.config)
+  teacher_params = load.load_params(source, student.teacher)
   scratch_model = _model_of(SCRATCH_FILES)
   params = {
       'adapted, step 0': adapt.Adaptation(str(source)).init_params(student),
       # The scratch run's initialisation (Trainer seed 0).
       'from scratch, step 0': scratch_model.get_initial_variables(
           jax.random.PRNGKey(0), {})['params'],
-      'adapted': checkpoints.restore_params(adapted, student),
-      'scratch': checkpoints.restore_params(scratch, scratch_model),
+      'adapted': load.load_params(adapted, student),
+      'scratch': load.load_params(scratch, scratch_model),
   }
   losses = {
       TEACHER: mean_loss(student.teacher_loss, teacher_params, batches),

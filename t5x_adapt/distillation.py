@@ -155,11 +155,13 @@ class DistillationModel(EncoderDecoderModel):
     self.label_weight = label_weight
 
   def train_step_flops(self, batch_shapes):
-    """The student's step and the teacher's forward pass."""
+    """The student's step and the teacher's forward pass: BOS + inputs +
+    the decoder inputs, logits for the targets only."""
     batch, inputs = batch_shapes['encoder_input_tokens']
     targets = batch_shapes['decoder_target_tokens'][1]
     return super().train_step_flops(batch_shapes) + batch * (
-        flops.teacher_flops(self.teacher.config, inputs, targets))
+        flops.decoder_only_flops(self.teacher.config, inputs + targets,
+                                 logit_positions=targets))
 
   def teacher_logits(self, teacher_params: Params, batch: Batch) -> jax.Array:
     """The teacher's float32 logits for each target position [b, t, v]."""

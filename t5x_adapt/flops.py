@@ -90,11 +90,13 @@ def _attention_flops(cfg: StackConfig, queries: int, keys: int,
   return int(total)
 
 
-def decoder_only_flops(cfg: StackConfig, length: int) -> int:
-  """Forward FLOPs of one sequence of `length` tokens."""
-  weights = cfg.num_layers * _layer_weight_flops(cfg) + 2 * cfg.embed_dim * (
-      cfg.vocab_size)
-  return weights * length + _attention_flops(cfg, length, length, True)
+def decoder_only_flops(cfg: StackConfig, length: int,
+                       logit_positions: int | None = None) -> int:
+  """Forward FLOPs of one sequence of `length` tokens, the LM head on
+  `logit_positions` of them (default: all)."""
+  logits = length if logit_positions is None else logit_positions
+  return (stack_flops(cfg, length, causal=True)
+          + 2 * cfg.embed_dim * cfg.vocab_size * logits)
 
 
 def encoder_decoder_flops(config: EncoderDecoderConfig, inputs: int,
@@ -119,12 +121,3 @@ def stack_flops(cfg: StackConfig, length: int, causal: bool) -> int:
   return (cfg.num_layers * _layer_weight_flops(cfg) * length
           + _attention_flops(cfg, length, length, causal))
 
-
-def teacher_flops(cfg: StackConfig, inputs: int, targets: int) -> int:
-  """Forward FLOPs of a distillation teacher on one example.
-
-  It reads BOS + inputs + the decoder inputs (`inputs + targets` tokens,
-  causal) and computes logits for the `targets` positions only.
-  """
-  return (stack_flops(cfg, inputs + targets, causal=True)
-          + 2 * cfg.embed_dim * cfg.vocab_size * targets)

@@ -19,11 +19,6 @@ STACK_NAMES = ('encoder', 'decoder')
 Stack = Callable[[Sequence[Any]], Any]  # a leaf of each period -> stacked
 
 
-def stack_configs(config) -> dict[str, StackConfig]:
-  """{'decoder': cfg} for decoder-only, {'encoder': ..., 'decoder': ...}."""
-  return config.stacks()
-
-
 def is_scanned(stack_params: Mapping[str, Any]) -> bool:
   return 'layers' in stack_params
 
@@ -62,7 +57,7 @@ def scan_stack(stack_params: Mapping[str, Any], cfg: StackConfig,
 
 def to_unrolled(params: Mapping[str, Any], config) -> dict:
   """Whole model -> unrolled layout."""
-  cfgs = stack_configs(config)
+  cfgs = config.stacks()
   return {name: unroll_stack(sub, cfgs[name]) if name in cfgs else sub
           for name, sub in params.items()}
 
@@ -70,7 +65,7 @@ def to_unrolled(params: Mapping[str, Any], config) -> dict:
 def to_model_layout(params: Mapping[str, Any], config,
                     stack: Stack = jnp.stack) -> dict:
   """Whole model -> the layout its config asks for (`scan_layers`)."""
-  cfgs = stack_configs(config)
+  cfgs = config.stacks()
   out = {}
   for name, sub in params.items():
     if name not in cfgs:

@@ -132,9 +132,9 @@ class Partitioner:
           donate_argnums: Sequence[int] = ()) -> 'MeshJit':
     """`jax.jit` with explicit shardings, traced on this mesh and rules.
 
-    The one way model code is compiled over the mesh: the train step
-    (`Trainer.compile_step`) and a model's calls outside training
-    (`t5x_adapt.sharded.ShardedModel`).
+    How the trainer (its state's initialisation and step) and a model's
+    calls outside training (`t5x_adapt.sharded.ShardedModel`) are compiled
+    over the mesh.
     """
     return MeshJit(jax.jit(fn, in_shardings=in_shardings,
                            out_shardings=out_shardings,

@@ -116,9 +116,9 @@ class Trainer:
     shardings = self.state_shardings(input_shapes)
     if params is not None:
       params = jax.device_put(params, shardings.params)
-    with self.context():
-      return jax.jit(lambda p: self._fresh_state(input_shapes, p),
-                     out_shardings=shardings)(params)
+    init = self.partitioner.jit(lambda p: self._fresh_state(input_shapes, p),
+                                in_shardings=None, out_shardings=shardings)
+    return init(params)
 
   def context(self):
     """Mesh + logical rules, for tracing model code."""

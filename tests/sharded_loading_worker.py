@@ -181,13 +181,14 @@ def _write(kind, root: pathlib.Path, name, model, params):
   return checkpoints.save_params(path, params)
 
 
-def _values_ok(adapted, sources, atol: float = 0.0) -> bool:
+def _values_ok(adapted, sources, atol: float = 0.0,
+               copy_cross_attention: bool = False) -> bool:
   """Each encoder / decoder leaf that has a source equals it (bitwise by
   default; GGUF stores norms as `1 + scale`, which rounds)."""
   plan = adapt.assembly_plan(
       flax.traverse_util.flatten_dict(adapted),
       {n: flax.traverse_util.flatten_dict(s) for n, s in sources.items()},
-      copy_cross_attention=False)
+      copy_cross_attention=copy_cross_attention)
   flat = flax.traverse_util.flatten_dict(adapted)
   return all(np.allclose(np.asarray(flat[key]),
                          np.asarray(flax.traverse_util.flatten_dict(
@@ -216,6 +217,24 @@ def adapt_from(kind, root, model, partitioner):
                                   atol=1e-6 if kind == 'gguf' else 0.0),
           'peak_device_bytes': peak, 'tree_bytes': _tree_bytes(params),
           'leaves': len(jax.tree_util.tree_leaves(params))}, paths
+
+
+def adapt_balanced(root, partitioner):
+  """t5gemma_tiny from one transformers directory: both stacks and the
+  cross-attention from the same arrays."""
+  model = gin_utils.load_model('t5gemma_tiny')
+  source_model, source = _random_source(model.config.encoder, seed=3)
+  path = str(_write('transformers', root, 'balanced', source_model, source))
+  shardings = partitioner.shardings(model.logical_axes({}))
+  with partitioner.context():
+    params, peak = _measure(
+        lambda: adapt.Adaptation(path).init_params(model, shardings))
+  return {'shardings_ok': _shardings_ok(params, shardings),
+          'values_ok': _values_ok(params, {'encoder': source,
+                                           'decoder': source},
+                                  copy_cross_attention=True),
+          'peak_device_bytes': peak, 'tree_bytes': _tree_bytes(params),
+          'leaves': len(jax.tree_util.tree_leaves(params))}
 
 
 def load_teacher(path, model, partitioner):
@@ -256,6 +275,7 @@ def main(out_dir: str) -> None:
     if kind != 'gguf':
       results[f'teacher_{kind}'] = load_teacher(paths['encoder'], model,
                                                 partitioner)
+  results['adapt_balanced_transformers'] = adapt_balanced(root, partitioner)
   results['control'] = control(str(root / 'transformers_encoder'), model,
                                partitioner)
   print(json.dumps({'device_count': jax.device_count(), 'results': results}))

@@ -74,7 +74,7 @@ def _batch(model) -> dict:
 
 
 def _vocab_size(model) -> int:
-  return layout.stack_configs(model.config)['decoder'].vocab_size
+  return model.config.stacks()['decoder'].vocab_size
 
 
 def _structure_with_shapes(tree):
@@ -97,7 +97,7 @@ def test_scanned_equals_unrolled(preset, overrides, expected):
                                        **overrides)
   unrolled_model = gin_utils.load_model(preset, scan_layers=False,
                                         **overrides)
-  cfgs = layout.stack_configs(scanned_model.config)
+  cfgs = scanned_model.config.stacks()
   assert {name: (cfg.num_periods, cfg.num_layers % cfg.period)
           for name, cfg in cfgs.items()} == expected
 

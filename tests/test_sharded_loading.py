@@ -3,7 +3,9 @@
 On 8 simulated devices (fsdp=4, tensor=2; tests/sharded_loading_worker.py in
 a subprocess) `t5gemma_tiny_unbalanced` is adapted from a transformers
 directory, a Gemma-3-style GGUF file and our orbax checkpoint, and the
-distillation teacher is loaded. Every leaf must carry the partitioner's
+distillation teacher is loaded; the balanced `t5gemma_tiny` is adapted from
+one transformers directory (both stacks and the cross-attention from the
+same arrays). Every leaf must carry the partitioner's
 sharding, the sourced leaves must equal their sources, and no device may
 ever have held the whole tree: the fullest device's peak, sampled during the
 load, stays under half the tree's bytes (a whole tree committed to one
@@ -41,7 +43,8 @@ def _fraction(result) -> float:
 
 
 LOADS = ('adapt_transformers', 'adapt_gguf', 'adapt_orbax',
-         'teacher_transformers', 'teacher_orbax')
+         'adapt_balanced_transformers', 'teacher_transformers',
+         'teacher_orbax')
 
 
 @pytest.mark.parametrize('load', LOADS)

@@ -27,12 +27,12 @@ def _save_orbax(model, params, out):
 
 
 def _to_orbax(args):
-  _save_orbax(*load.load_model(args.src, scan_layers=not args.unrolled),
+  _save_orbax(*load.model_and_params(args.src, scan_layers=not args.unrolled),
               args.out)
 
 
 def _orbax_to_hf(args):
-  print(f'wrote {save_hf(*load.load_model(args.src), args.out)}')
+  print(f'wrote {save_hf(*load.model_and_params(args.src), args.out)}')
 
 
 def _tokenizer(args):

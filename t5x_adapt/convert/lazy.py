@@ -1,10 +1,10 @@
 """Parameters not read yet, and their placement on a mesh one leaf at a time.
 
 A converter opens a checkpoint file into a tree of `LazyTensor`s (shape,
-dtype and a function that reads the tensor), converts that tree's layout
-without reading anything (`stacked`: the scanned layout's `layers` axis),
-and `place` then reads each leaf, casts it, and puts it on its sharding
-before reading the next. So host memory holds one tensor in flight beyond
+dtype and a function that reads the tensor in that dtype), converts that
+tree's layout without reading anything (`stacked`: the scanned layout's
+`layers` axis), and `place` then reads each leaf and puts it on its
+sharding before reading the next. So host memory holds one tensor in flight beyond
 what is already placed, and no device ever holds a whole tree: each gets
 its shards of each leaf (`jax.make_array_from_callback` asks only for the
 shards of this process's devices).
@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+
+from t5x_adapt.checkpoints import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +39,15 @@ class LazyTensor:
 def stacked(leaves: Sequence[LazyTensor]) -> LazyTensor:
   """The leaves stacked on a new leading axis (read together, later)."""
   first = leaves[0]
-  return LazyTensor((len(leaves), *first.shape), first.dtype,
-                    lambda: np.stack([leaf.read() for leaf in leaves]))
+  shape = (len(leaves), *first.shape)
+
+  def read():
+    out = np.empty(shape, first.dtype)  # Filled layer by layer.
+    for i, leaf in enumerate(leaves):
+      out[i] = leaf.read()
+    return out
+
+  return LazyTensor(shape, first.dtype, read)
 
 
 def is_lazy(leaf: Any) -> bool:
@@ -66,7 +75,13 @@ def place(tree: Any, shardings: Optional[Any] = None) -> Any:
     The tree of placed arrays.
   """
   def one(leaf, sharding=None):
-    array = leaf.read() if is_lazy(leaf) else np.asarray(leaf)
+    if not is_lazy(leaf):
+      return place_leaf(np.asarray(leaf), sharding)
+    array = leaf.read()
+    if tuple(array.shape) != tuple(leaf.shape):
+      raise errors.ShapeMismatchError(
+          f'a reader returned shape {tuple(array.shape)} for a tensor of '
+          f'shape {tuple(leaf.shape)}')
     return place_leaf(array, sharding)
 
   if shardings is None:

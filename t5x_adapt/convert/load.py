@@ -2,7 +2,7 @@
 
   params = load.load_params(path, model, shardings=shardings)
   encoder = load.load_params(path, model, shardings=..., subtrees=('encoder',))
-  model, params = load.load_model(path)   # the model the checkpoint describes
+  model, params = load.model_and_params(path)   # the model it describes
 
 Kinds (`checkpoint_kind`): our Orbax checkpoints (a `save_params` directory
 or a training step directory `MODEL_DIR/checkpoints/<step>`), transformers
@@ -33,7 +33,6 @@ import pathlib
 from typing import Any, Optional, Sequence
 
 import jax
-import numpy as np
 
 from t5x_adapt import checkpoints
 from t5x_adapt import layout
@@ -105,8 +104,11 @@ def _check_stacks(loaded_config, config, names: Optional[Sequence[str]],
                   where: str) -> None:
   """The checkpoint has the model's stacks (or `names`), with its fields."""
   loaded, target = (c.stacks() for c in (loaded_config, config))
-  if names is None and set(loaded) != set(target) or not set(
-      names or ()) <= set(loaded):
+  if names is None:
+    fits = set(loaded) == set(target)
+  else:
+    fits = set(names) <= set(loaded)
+  if not fits:
     kind = 'an encoder-decoder' if len(loaded) > 1 else 'a decoder-only model'
     raise ValueError(f'{where}: the checkpoint is {kind} (stacks '
                      f'{sorted(loaded)}); the model needs '
@@ -119,14 +121,14 @@ def _check_stacks(loaded_config, config, names: Optional[Sequence[str]],
 # ------------------------------------------------------------------ loading --
 
 
-def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
-                dtype=np.float32):
-  """(model, tree of `lazy.LazyTensor`s) of a transformers or GGUF file."""
+def lazy_params(path: str | os.PathLike, scan_layers: bool = True):
+  """(model, tree of float32 `lazy.LazyTensor`s) of a transformers or GGUF
+  file."""
   kind = checkpoint_kind(path)
   if kind == GGUF:
-    return gguf.lazy_params(path, scan_layers, dtype)
+    return gguf.lazy_params(path, scan_layers)
   if kind == TRANSFORMERS:
-    return hf.lazy_params(path, scan_layers, dtype)
+    return hf.lazy_params(path, scan_layers)
   raise ValueError(f'{path}: an orbax checkpoint has no lazy reader '
                    '(use load_params)')
 
@@ -150,13 +152,14 @@ def _lazy_model_params(path, model, subtrees):
   """A transformers / GGUF checkpoint as `model`'s lazy parameter tree."""
   loaded, tree = lazy_params(path, scan_layers=False)
   _check_stacks(loaded.config, model.config, subtrees, str(path))
-  tree = layout.to_model_layout(only_subtrees(tree, subtrees), model.config,
-                                stack=lazy.stacked)
+  # Cast layer by layer, before the scanned layout stacks the layers.
+  tree = _cast(only_subtrees(tree, subtrees), model.config)
+  tree = layout.to_model_layout(tree, model.config, stack=lazy.stacked)
   expected = only_subtrees(model.param_shapes({}), subtrees)
   error = mismatch_error(path, flat_shapes(tree), flat_shapes(expected))
   if error is not None:
     raise error
-  return _cast(tree, model.config)
+  return tree
 
 
 def load_params(path: str | os.PathLike, model, *,
@@ -198,7 +201,7 @@ def load_decoder_only(path: str | os.PathLike, stack: StackConfig,
   return load_params(path, DecoderOnlyModel(stack), shardings=shardings)
 
 
-def load_model(path: str | os.PathLike, scan_layers: bool = True):
+def model_and_params(path: str | os.PathLike, scan_layers: bool = True):
   """(model, host parameters) of the model a checkpoint describes.
 
   Orbax checkpoints need the model config in their metadata (as

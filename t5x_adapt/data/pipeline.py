@@ -120,6 +120,20 @@ class InputIterator:
     """Continues from the position saved in `directory`."""
     prefix = self._prefix(directory)
     if not tf.io.gfile.exists(prefix + '.index'):
+      prefix = self._single_host_prefix(directory)
+    if prefix is None:
       raise FileNotFoundError(f'{directory}: no saved input position '
-                              f'({prefix}.index)')
+                              f'({self._prefix(directory)}.index)')
     self._checkpoint.read(prefix).assert_consumed()
+
+  @staticmethod
+  def _single_host_prefix(directory) -> Optional[str]:
+    """The position a lone host saved before positions were shared
+    (`input_state-00000`): the same stream, so it resumes as well. Older
+    multi-host positions (one per host's shard) do not."""
+    def prefix(host):
+      return os.path.join(os.fspath(directory), f'{INPUT_STATE}-{host:05d}')
+    if tf.io.gfile.exists(prefix(0) + '.index') and not tf.io.gfile.exists(
+        prefix(1) + '.index'):
+      return prefix(0)
+    return None
