@@ -19,8 +19,8 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
-	$(PIP) install -q -r requirements-test.txt
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-tpu.txt
+	$(PIP) install -q -r requirements-test.txt -r requirements-tpu.txt
 	touch $@
 
 install: $(VENV)/.installed

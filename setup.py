@@ -19,6 +19,11 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['t5x_adapt', 't5x_adapt.*',
                                                'tasks', 'tasks.*']),
     install_requires=_requirements('requirements.txt'),
-    extras_require={'test': _requirements('requirements-test.txt')},
+    extras_require={
+        'test': _requirements('requirements-test.txt'),
+        # libtpu: compile steps for TPU topologies on any machine
+        # (`python -m t5x_adapt.precompile`), and run on TPUs.
+        'tpu': _requirements('requirements-tpu.txt'),
+    },
     package_data={'t5x_adapt': ['py.typed']},
 )

@@ -101,13 +101,16 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 
 
 def run(entry: Callable[[], object],
-        argv: Optional[Sequence[str]] = None) -> None:
+        argv: Optional[Sequence[str]] = None,
+        defaults: Sequence[str] = ()) -> None:
   """Parses flags and gin (locked), joins a multi-host job, calls `entry()`.
 
   Args:
     entry: The gin-configurable function the command runs, called without
       arguments (gin supplies them).
     argv: Command line (default sys.argv), `--gin.NAME=VALUE` allowed.
+    defaults: Gin bindings of the command, parsed after the files and
+      before the command line's bindings.
   """
 
   def main(args: Sequence[str]) -> None:
@@ -117,7 +120,8 @@ def run(entry: Callable[[], object],
       logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value, mode=_DISTRIBUTED.value)
-    gin_utils.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, finalize=True)
+    gin_utils.parse_gin(_GIN_FILES.value,
+                        [*defaults, *_GIN_BINDINGS.value], finalize=True)
     entry()
 
   app.run(main, argv=rewrite_gin_args(sys.argv if argv is None else argv))

@@ -51,6 +51,8 @@ class StackConfig:
     scan_layers: Stack the repeating period with `nn.scan` (flat compile time).
     remat_policy: `'none'`, `'full'` or `'dots'` (save matmul outputs).
     dropout_rate: Dropout on residual branches.
+    attention_impl: How attention runs (`t5x_adapt.kernels`): 'dense' (the
+      reference), 'blocked', 'splash' (TPU), 'cudnn' (GPU) or 'auto'.
   """
 
   vocab_size: int = 256000
@@ -76,6 +78,7 @@ class StackConfig:
   scan_layers: bool = True
   remat_policy: str = 'none'
   dropout_rate: float = 0.0
+  attention_impl: str = 'dense'
 
   def __post_init__(self):
     # Gin hands lists where the dataclass wants tuples.

@@ -123,8 +123,11 @@ class Partitioner:
   def context(self) -> contextlib.ExitStack:
     """Mesh + logical rules, for tracing model code."""
     stack = contextlib.ExitStack()
-    stack.enter_context(jax.sharding.use_mesh(self.mesh)
-                        if hasattr(jax.sharding, 'use_mesh') else self.mesh)
+    # `jax.set_mesh` makes the mesh the abstract mesh of tracing, which is
+    # where Flax's `with_logical_constraint` looks for it: under the legacy
+    # `with mesh:` every activation constraint would silently do nothing
+    # (and XLA would pick, e.g., the LM head's sharding on its own).
+    stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(self.activation_rules())
     return stack
 

@@ -53,7 +53,7 @@ GGUF = 'gguf'
 # StackConfig fields that describe how a model runs, not what it computes:
 # a checkpoint may differ from the model in these.
 _RUN_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy',
-               'dropout_rate')
+               'dropout_rate', 'attention_impl')
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:

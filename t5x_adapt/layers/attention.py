@@ -6,16 +6,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5x_adapt.layers.masks import attention_mask
+from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
+from t5x_adapt.kernels.attention import dot_product_attention, softcap
+from t5x_adapt.layers.dense import Projection
 from t5x_adapt.layers.norms import RMSNorm
 from t5x_adapt.layers.rope import apply_rope
 
-
-def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
-  """`cap * tanh(x / cap)`, or `x` when `cap` is None."""
-  if cap is None:
-    return x
-  return jnp.tanh(x / cap) * cap
+__all__ = ['Attention', 'softcap']
 
 
 class Attention(nn.Module):
@@ -45,6 +42,8 @@ class Attention(nn.Module):
     causal: Causal self-attention (decoder) or bidirectional (encoder).
     window: Sliding window of this layer, None for a global layer.
     rms_norm_eps: Epsilon of the QK norms.
+    attention_impl: `t5x_adapt.kernels` implementation ('dense', 'blocked',
+      'splash', 'cudnn', 'auto').
     dtype: Activation dtype.
     param_dtype: Parameter dtype.
   """
@@ -60,6 +59,7 @@ class Attention(nn.Module):
   causal: bool = True
   window: Optional[int] = None
   rms_norm_eps: float = 1e-6
+  attention_impl: str = 'dense'
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -68,11 +68,8 @@ class Attention(nn.Module):
     return self.rope_base is None
 
   def _projection(self, name, features, axes):
-    return nn.DenseGeneral(
-        features, axis=-1, use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), axes))
+    return Projection(features, axes, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)
 
   def _project_kv(self, inputs_kv, kv_positions):
     shape = (self.num_kv_heads, self.head_dim)
@@ -139,44 +136,25 @@ class Attention(nn.Module):
                                   key_prefix, cache_length))
       query_segment_ids = (query_segment_ids > 0).astype(jnp.int32)
 
-    if self.is_cross_attention:
-      mask = attention_mask(query_positions, key_positions, query_segment_ids,
-                            key_segment_ids, causal=False)
-    else:
-      mask = attention_mask(query_positions, key_positions, query_segment_ids,
-                            key_segment_ids, causal=self.causal,
-                            window=self.window, query_prefix=query_prefix,
-                            key_prefix=key_prefix)
-    out = self._attend(query, key, value, mask)
+    # Self-attention over the call's own tokens is index-ordered (kernels may
+    # skip tiles by index); a decoding cache or cross-attention is not.
+    self_over_own_tokens = not (decode or self.is_cross_attention)
+    spec = MaskSpec(causal=self.causal and not self.is_cross_attention,
+                    window=None if self.is_cross_attention else self.window,
+                    index_ordered=self_over_own_tokens)
+    mask = MaskInputs(query_positions, key_positions, query_segment_ids,
+                      key_segment_ids,
+                      None if self.is_cross_attention else query_prefix,
+                      None if self.is_cross_attention else key_prefix)
+    out = dot_product_attention(query, key, value, mask, spec,
+                                scale=self.query_scale,
+                                logit_softcap=self.attn_logit_softcap,
+                                impl=self.attention_impl)
     out = nn.with_logical_constraint(
         out, ('batch', 'length', 'heads', 'head_dim'))
-    return nn.DenseGeneral(
-        inputs_q.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='out',
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(),
-            ('heads', 'head_dim', 'embed')))(out)
-
-  def _attend(self, query, key, value, mask):
-    """Softmax attention; query [b, t, n, h], key/value [b, s, k, h]."""
-    batch, q_len, _, _ = query.shape
-    groups = self.num_heads // self.num_kv_heads
-    # Query head n reads key/value head n // groups, as transformers does.
-    # Heads move in front of the sequence once, on the small q/k/v tensors,
-    # so that neither score einsum needs a transpose of the large
-    # [b, k, g, t, s] score tensor (or of its gradient).
-    query = query.reshape(batch, q_len, self.num_kv_heads, groups,
-                          self.head_dim).transpose(0, 2, 3, 1, 4)
-    key = key.transpose(0, 2, 1, 3)  # [b, k, s, h]
-    value = value.transpose(0, 2, 1, 3)  # [b, k, s, h]
-    scores = jnp.einsum('bkgth,bksh->bkgts', query, key) * self.query_scale
-    scores = softcap(scores, self.attn_logit_softcap)
-    scores = jnp.where(mask[:, :, None], scores,
-                       jnp.finfo(scores.dtype).min)  # mask: [b, 1, 1, t, s]
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-    out = jnp.einsum('bkgts,bksh->bkgth', probs.astype(self.dtype), value)
-    out = out.transpose(0, 3, 1, 2, 4)  # [b, t, k, g, h]
-    return out.reshape(batch, q_len, self.num_heads, self.head_dim)
+    return Projection((inputs_q.shape[-1],), ('heads', 'head_dim', 'embed'),
+                      contract=2, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name='out')(out)
 
   def _cached_cross_kv(self, inputs_kv, key_positions, key_segment_ids):
     """Encoder keys/values, projected once per encoder output."""

@@ -49,7 +49,8 @@ class Block(nn.Module):
         attn_logit_softcap=cfg.attn_logit_softcap,
         use_qk_norm=cfg.use_qk_norm, rope_base=rope_base,
         rope_scale=rope_scale, causal=self.causal, window=window,
-        rms_norm_eps=cfg.rms_norm_eps, dtype=cfg.activation_dtype,
+        rms_norm_eps=cfg.rms_norm_eps, attention_impl=cfg.attention_impl,
+        dtype=cfg.activation_dtype,
         param_dtype=cfg.weight_dtype, name=name)
 
   def _residual(self, x, branch):

@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5x_adapt.layers.dense import Projection
+
 
 class GeGLU(nn.Module):
   """Gemma's feed-forward block.
@@ -19,11 +21,8 @@ class GeGLU(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def _dense(self, name, features, axes):
-    return nn.DenseGeneral(
-        features, use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), axes))
+    return Projection((features,), axes, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

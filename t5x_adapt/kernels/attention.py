@@ -1,0 +1,165 @@
+"""Softmax attention behind one switch (`impl`), with the mask given by
+positions and segment ids rather than as an array.
+
+Every implementation computes the same function: for query head n (reading
+key/value head n // groups, GQA as transformers),
+
+  out[b, t, n] = sum_s softmax_s(softcap(scale * q[b, t, n] . k[b, s, n // g])
+                                 masked by `layers.masks.attention_mask`)
+                 * v[b, s, n // g]
+
+A query that sees no key (padding) gets a finite output nothing reads (the
+dense reference: the mean of the values, its masked scores being equal; the
+kernels may give zeros); tests compare the rows that see a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from t5x_adapt.layers.masks import attention_mask
+
+IMPLEMENTATIONS = ('dense', 'blocked', 'splash', 'cudnn', 'auto')
+
+
+class MaskInputs(NamedTuple):
+  """The dynamic half of a mask: what `layers.masks.attention_mask` reads.
+
+  Attributes:
+    query_positions: [b, t] int positions of the queries.
+    key_positions: [b, s] int positions of the keys (-1: an empty cache slot).
+    query_segment_ids: [b, t]; 0 is padding.
+    key_segment_ids: [b, s]; 0 is padding.
+    query_prefix: Optional [b, t] bool prefix-LM flags.
+    key_prefix: Optional [b, s] bool prefix-LM flags.
+  """
+
+  query_positions: jax.Array
+  key_positions: jax.Array
+  query_segment_ids: jax.Array
+  key_segment_ids: jax.Array
+  query_prefix: Optional[jax.Array] = None
+  key_prefix: Optional[jax.Array] = None
+
+  @property
+  def has_prefix(self) -> bool:
+    return self.query_prefix is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """The static half of a mask.
+
+  Attributes:
+    causal: Queries see keys at or before their position.
+    window: Sliding window W (|q - k| < W), None for global attention.
+    index_ordered: Positions advance by one with the array index inside
+      every segment, and queries and keys are the same tokens (self-attention
+      over a training or prefill batch, packed or padded). Kernels may then
+      skip tiles from indices alone; a decoding cache (a ring buffer) or
+      cross-attention is not index-ordered.
+  """
+
+  causal: bool
+  window: Optional[int] = None
+  index_ordered: bool = False
+
+  def describe(self) -> str:
+    kind = 'causal' if self.causal else 'bidirectional'
+    if self.window is not None:
+      kind += f' window {self.window}'
+    return kind
+
+
+def resolve(impl: str, platform: Optional[str] = None) -> str:
+  """The implementation `impl` stands for on `platform` (default backend's)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown attention_impl {impl!r}; choose one of '
+                     f'{", ".join(IMPLEMENTATIONS)}')
+  if impl != 'auto':
+    return impl
+  platform = platform or jax.default_backend()
+  return {'tpu': 'splash', 'gpu': 'cudnn'}.get(platform, 'blocked')
+
+
+def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+  """`cap * tanh(x / cap)`, or `x` when `cap` is None."""
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap
+
+
+def dense_mask(mask: MaskInputs, spec: MaskSpec) -> jax.Array:
+  """The boolean [b, 1, t, s] mask (`layers.masks.attention_mask`)."""
+  return attention_mask(mask.query_positions, mask.key_positions,
+                        mask.query_segment_ids, mask.key_segment_ids,
+                        causal=spec.causal, window=spec.window,
+                        query_prefix=mask.query_prefix,
+                        key_prefix=mask.key_prefix)
+
+
+def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    mask: MaskInputs, spec: MaskSpec, *, scale: float,
+                    logit_softcap: Optional[float] = None) -> jax.Array:
+  """The reference: the whole score tensor, softmax in float32.
+
+  Args:
+    query: [b, t, n, h].
+    key: [b, s, k, h].
+    value: [b, s, k, h].
+    mask: Positions, segment ids, prefix flags.
+    spec: Causality and window.
+    scale: Multiplies the raw scores.
+    logit_softcap: Softcap of the scaled scores, before masking.
+
+  Returns:
+    [b, t, n, h] in the query's dtype.
+  """
+  batch, q_len, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  groups = num_heads // num_kv_heads
+  # Heads move in front of the sequence once, on the small q/k/v tensors,
+  # so that neither score einsum needs a transpose of the large
+  # [b, k, g, t, s] score tensor (or of its gradient).
+  query = query.reshape(batch, q_len, num_kv_heads, groups,
+                        head_dim).transpose(0, 2, 3, 1, 4)
+  key = key.transpose(0, 2, 1, 3)  # [b, k, s, h]
+  value = value.transpose(0, 2, 1, 3)  # [b, k, s, h]
+  scores = jnp.einsum('bkgth,bksh->bkgts', query, key) * scale
+  scores = softcap(scores, logit_softcap)
+  scores = jnp.where(dense_mask(mask, spec)[:, :, None], scores,
+                     jnp.finfo(scores.dtype).min)  # mask: [b, 1, 1, t, s]
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  out = jnp.einsum('bkgts,bksh->bkgth', probs.astype(value.dtype), value)
+  out = out.transpose(0, 3, 1, 2, 4)  # [b, t, k, g, h]
+  return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          mask: MaskInputs, spec: MaskSpec, *, scale: float,
+                          logit_softcap: Optional[float] = None,
+                          impl: str = 'dense') -> jax.Array:
+  """Attention by the implementation `impl` names (see the package doc).
+
+  Shapes as `dense_attention`. A mask or softcap an implementation cannot
+  express raises a ValueError naming both.
+  """
+  impl = resolve(impl)
+  if impl == 'dense':
+    return dense_attention(query, key, value, mask, spec, scale=scale,
+                           logit_softcap=logit_softcap)
+  if impl == 'blocked':
+    from t5x_adapt.kernels import blocked  # pylint: disable=g-import-not-at-top
+    return blocked.blocked_attention(query, key, value, mask, spec,
+                                     scale=scale, logit_softcap=logit_softcap)
+  if impl == 'splash':
+    from t5x_adapt.kernels import splash  # pylint: disable=g-import-not-at-top
+    return splash.splash_attention(query, key, value, mask, spec, scale=scale,
+                                   logit_softcap=logit_softcap)
+  from t5x_adapt.kernels import cudnn  # pylint: disable=g-import-not-at-top
+  return cudnn.cudnn_attention(query, key, value, mask, spec, scale=scale,
+                               logit_softcap=logit_softcap)

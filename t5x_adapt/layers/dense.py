@@ -1,0 +1,48 @@
+"""Bias-free projections whose kernels carry logical axis names."""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Projection(nn.Module):
+  """`x [..., *in] -> [..., *features]` by a kernel `[*in, *features]`.
+
+  What `nn.DenseGeneral` computes (and initialises: LeCun normal over the
+  flattened `[prod(in), prod(features)]` kernel, reshaped), with the kernel
+  declared at its full rank. `nn.DenseGeneral` boxes the flattened kernel
+  with the full-rank logical names, which breaks as soon as a mesh is
+  active at initialisation (the names cannot constrain the flat array).
+
+  Attributes:
+    features: Output dimensions.
+    axes: Logical names of the kernel's dimensions (inputs, then outputs).
+    contract: Trailing input dimensions contracted.
+    dtype: Activation dtype (inputs and kernel are cast to it).
+    param_dtype: Kernel dtype.
+  """
+
+  features: Sequence[int]
+  axes: Sequence[str]
+  contract: int = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.contract:]
+    features = tuple(self.features)
+
+    def init(rng, shape, dtype):
+      flat = (math.prod(in_shape), math.prod(features))
+      return nn.initializers.lecun_normal()(rng, flat, dtype).reshape(shape)
+
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes),
+                        (*in_shape, *features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    contracted = tuple(range(x.ndim - self.contract, x.ndim))
+    return jax.lax.dot_general(
+        x, kernel, ((contracted, tuple(range(self.contract))), ((), ())))
