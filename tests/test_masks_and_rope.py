@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_adapt.layers.masks import attention_mask
+from t5x_adapt.kernels.masks import attention_mask
 from t5x_adapt.layers.norms import RMSNorm
 from t5x_adapt.layers.rope import apply_rope
 

@@ -5,7 +5,7 @@ Every implementation computes the same function: for query head n (reading
 key/value head n // groups, GQA as transformers),
 
   out[b, t, n] = sum_s softmax_s(softcap(scale * q[b, t, n] . k[b, s, n // g])
-                                 masked by `layers.masks.attention_mask`)
+                                 masked by `kernels.masks.attention_mask`)
                  * v[b, s, n // g]
 
 A query that sees no key (padding) gets a finite output nothing reads (the
@@ -21,13 +21,13 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from t5x_adapt.layers.masks import attention_mask
+from t5x_adapt.kernels.masks import attention_mask
 
 IMPLEMENTATIONS = ('dense', 'blocked', 'splash', 'cudnn', 'auto')
 
 
 class MaskInputs(NamedTuple):
-  """The dynamic half of a mask: what `layers.masks.attention_mask` reads.
+  """The dynamic half of a mask: what `kernels.masks.attention_mask` reads.
 
   Attributes:
     query_positions: [b, t] int positions of the queries.
@@ -94,7 +94,7 @@ def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
 
 
 def dense_mask(mask: MaskInputs, spec: MaskSpec) -> jax.Array:
-  """The boolean [b, 1, t, s] mask (`layers.masks.attention_mask`)."""
+  """The boolean [b, 1, t, s] mask (`kernels.masks.attention_mask`)."""
   return attention_mask(mask.query_positions, mask.key_positions,
                         mask.query_segment_ids, mask.key_segment_ids,
                         causal=spec.causal, window=spec.window,
