@@ -27,8 +27,6 @@ import common  # puts the repository on sys.path
 import jax
 import jax.numpy as jnp
 
-# Before t5x_adapt.kernels: importing kernels.attention first is circular.
-import t5x_adapt.layers  # pylint: disable=unused-import
 from t5x_adapt.kernels import blocked
 from t5x_adapt.kernels.attention import MaskInputs, MaskSpec, dense_attention
 

@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import t5x_adapt.layers  # pylint: disable=unused-import  (import order)
 from t5x_adapt import flops as flops_lib
 from t5x_adapt import gin_utils
 from t5x_adapt.kernels import cudnn

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# Before t5x_adapt.kernels: importing kernels.attention first is circular.
-import t5x_adapt.layers  # pylint: disable=unused-import
 from t5x_adapt import gin_utils
+from t5x_adapt.kernels import attention as attention_lib
 from t5x_adapt.kernels import blocked
 from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
 from t5x_adapt.kernels.attention import dense_attention, dense_mask
@@ -388,3 +387,30 @@ def test_model_decoding_matches_dense(preset):
                                       expected['logits'][real])
   print(errors)
   assert max(errors.values()) <= RTOL, errors
+
+
+@pytest.mark.parametrize('platform, spec, length, softcap, dtype, expected', [
+    ('tpu', MaskSpec(causal=True, window=512, index_ordered=True), 4096, 50.,
+     jnp.bfloat16, 'splash'),
+    ('tpu', MaskSpec(causal=False), 4096, None, jnp.bfloat16, 'splash'),
+    ('tpu', MaskSpec(causal=True), 512, None, jnp.bfloat16, 'blocked'),
+    ('tpu', MaskSpec(causal=True), 1, None, jnp.bfloat16, 'dense'),
+    ('gpu', MaskSpec(causal=True, index_ordered=True), 4096, None,
+     jnp.bfloat16, 'cudnn'),
+    ('gpu', MaskSpec(causal=True, index_ordered=True), 4096, 50.,
+     jnp.bfloat16, 'blocked'),
+    ('gpu', MaskSpec(causal=True, index_ordered=True), 4096, None,
+     jnp.float32, 'blocked'),
+    ('cpu', MaskSpec(causal=True, index_ordered=True), 4096, None,
+     jnp.float32, 'blocked'),
+])
+def test_auto_picks_a_kernel_that_runs_the_layer(platform, spec, length,
+                                                 softcap, dtype, expected):
+  assert attention_lib.resolve('auto', platform, spec=spec,
+                               query_length=length, logit_softcap=softcap,
+                               dtype=dtype) == expected
+
+
+def test_an_unknown_implementation_is_named():
+  with pytest.raises(ValueError, match="'flash'.*dense, blocked"):
+    attention_lib.resolve('flash')

@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-import t5x_adapt.layers  # pylint: disable=unused-import  (import order)
 from t5x_adapt.kernels import cudnn
 from t5x_adapt.kernels import splash
 from t5x_adapt.kernels.attention import MaskInputs, MaskSpec

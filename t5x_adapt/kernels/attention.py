@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from t5x_adapt.kernels.masks import attention_mask
 
 IMPLEMENTATIONS = ('dense', 'blocked', 'splash', 'cudnn', 'auto')
+# `auto` keeps calls with fewer queries than this (decoding) dense.
+AUTO_DENSE_BELOW = 128
 
 
 class MaskInputs(NamedTuple):
@@ -75,15 +77,57 @@ class MaskSpec:
     return kind
 
 
-def resolve(impl: str, platform: Optional[str] = None) -> str:
-  """The implementation `impl` stands for on `platform` (default backend's)."""
+def current_mesh():
+  """The mesh being traced under: `jax.set_mesh`'s abstract mesh, else a
+  legacy `with mesh:` one (None without either)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh
+  # A legacy `with mesh:` sets only the resource env, not the abstract mesh.
+  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  physical = mesh_lib.thread_resources.env.physical_mesh
+  return None if physical.empty else physical
+
+
+def target_platform(mesh=None) -> str:
+  """The platform code is compiled for: the mesh's devices' (a TPU topology
+  compiled for from a CPU host), else the default backend's."""
+  mesh = mesh if mesh is not None else current_mesh()
+  if mesh is not None:
+    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else (
+        mesh.abstract_mesh)
+    if abstract.abstract_device is not None:
+      return abstract.abstract_device.platform
+  return jax.default_backend()
+
+
+def resolve(impl: str, platform: Optional[str] = None, *,
+            spec: Optional[MaskSpec] = None,
+            query_length: Optional[int] = None,
+            logit_softcap: Optional[float] = None,
+            dtype: Optional[jnp.dtype] = None) -> str:
+  """The implementation `impl` stands for on `platform` (the target's).
+
+  `auto`: dense for a few queries (decoding steps: their scores are one
+  row); on TPUs splash where its index-based masks apply (training and
+  prefill self-attention, cross-attention), blocked otherwise (a prefill
+  against a decoding cache); on GPUs cudnn, unless the layer has a softcap
+  or float32 activations, which cuDNN cannot run; blocked elsewhere.
+  """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'unknown attention_impl {impl!r}; choose one of '
                      f'{", ".join(IMPLEMENTATIONS)}')
   if impl != 'auto':
     return impl
-  platform = platform or jax.default_backend()
-  return {'tpu': 'splash', 'gpu': 'cudnn'}.get(platform, 'blocked')
+  if query_length is not None and query_length < AUTO_DENSE_BELOW:
+    return 'dense'
+  platform = platform or target_platform()
+  if platform == 'tpu':
+    index_masks_apply = spec is None or spec.index_ordered or not (
+        spec.causal or spec.window)
+    return 'splash' if index_masks_apply else 'blocked'
+  cudnn_runs = logit_softcap is None and dtype in (jnp.bfloat16, jnp.float16)
+  return 'cudnn' if platform == 'gpu' and cudnn_runs else 'blocked'
 
 
 def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
@@ -148,7 +192,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Shapes as `dense_attention`. A mask or softcap an implementation cannot
   express raises a ValueError naming both.
   """
-  impl = resolve(impl)
+  impl = resolve(impl, spec=spec, query_length=query.shape[1],
+                 logit_softcap=logit_softcap, dtype=query.dtype)
   if impl == 'dense':
     return dense_attention(query, key, value, mask, spec, scale=scale,
                            logit_softcap=logit_softcap)

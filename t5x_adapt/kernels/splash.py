@@ -65,6 +65,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
+from t5x_adapt.kernels.attention import current_mesh, target_platform
 
 # Kernel tiles are multiples of the TPU lane width.
 MIN_BLOCK = 128
@@ -213,29 +214,6 @@ def _local_attention(cfg: _Config, query: jax.Array, key: jax.Array,
   return out.transpose(0, 2, 1, 3)[:, :q_len]
 
 
-def _current_mesh():
-  """The mesh of the context: `jax.set_mesh` / `use_mesh`'s abstract mesh,
-  else a legacy `with mesh:` one (None without either)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    return mesh
-  # A legacy `with mesh:` sets only the resource env, not the abstract
-  # mesh.
-  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  physical = mesh_lib.thread_resources.env.physical_mesh
-  return None if physical.empty else physical
-
-
-def _platform(mesh) -> str:
-  """The platform the kernel is compiled for: the mesh's, else default."""
-  if mesh is not None:
-    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else (
-        mesh.abstract_mesh)
-    if abstract.abstract_device is not None:
-      return abstract.abstract_device.platform
-  return jax.default_backend()
-
-
 def _rules() -> Sequence[tuple[str, object]]:
   rules = nn.get_logical_axis_rules()
   if rules:
@@ -331,9 +309,9 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """
   kind, window = _mask_kind(spec, query.shape[1], key.shape[1])
   prefix = spec.causal and mask.has_prefix
-  mesh = _current_mesh()
+  mesh = current_mesh()
   if interpret is None:
-    interpret = _platform(mesh) != 'tpu'
+    interpret = target_platform(mesh) != 'tpu'
   cfg = _Config(kind=kind, window=window, prefix=prefix,
                 prefix_window=spec.window, softcap=logit_softcap,
                 max_block=max_block, interpret=bool(interpret))
