@@ -68,11 +68,12 @@ _GRIDS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4),
 _GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8),
              64: (8, 8), 128: (8, 16), 256: (16, 16)}
 
-# HBM per chip as libtpu reports it when a program does not fit.
+# HBM per chip available to a program, as libtpu 0.0.42 reports it when one
+# does not fit ("exceeds available HBM (95.74G)").
 CHIPS = {
     'v5p': Chip('v5p', 2, int(95.74 * GiB), _GRIDS_3D),
-    'v5e': Chip('v5e', 1, 16 * GiB, _GRIDS_2D),
-    'v6e': Chip('v6e', 1, 32 * GiB, _GRIDS_2D),
+    'v5e': Chip('v5e', 1, int(15.75 * GiB), _GRIDS_2D),
+    'v6e': Chip('v6e', 1, int(31.25 * GiB), _GRIDS_2D),
 }
 
 
@@ -161,6 +162,7 @@ class Report:
   hbm_bytes: int
   compiled_flops: Optional[float]
   analytic_flops: int
+  mosaic_kernels: int = 0
 
   @property
   def total_bytes(self) -> int:
@@ -192,6 +194,7 @@ class Report:
         + ('fits' if self.fits else 'does NOT fit'),
         f'flops       analytic {self.analytic_flops:.4g} per step, compiled '
         f'{flops}',
+        f'kernels     {self.mosaic_kernels} Mosaic (Pallas) custom calls',
     ]
 
 
@@ -255,7 +258,8 @@ def compile_step(topology: Topology, recipe: str = '') -> Report:
       temp_bytes=memory.temp_size_in_bytes,
       hbm_bytes=topology.chip.hbm_bytes,
       compiled_flops=_compiled_flops(compiled, topology.num_chips),
-      analytic_flops=model.train_step_flops(input_shapes))
+      analytic_flops=model.train_step_flops(input_shapes),
+      mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
 
 
 # ----------------------------------------------------------------- CLI --
