@@ -16,7 +16,7 @@ of `tg_1 .. tg_m`. In the batch this is the concatenation of
 
 with the encoder's and decoder's segment ids, and positions that continue
 from each segment's input length into its targets. Attention masks are built
-from positions and segment ids (`layers/masks.py`), so this one layout is
+from positions and segment ids (`kernels/masks.py`), so this one layout is
 right for packed batches too; the teacher's logits are `B`'s, aligned with
 the targets.
 
@@ -35,9 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from t5x_adapt import flops
+from t5x_adapt import losses
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.losses import cross_entropy
 from t5x_adapt.data.vocab import BOS_ID
+from t5x_adapt.kernels import lm_head_loss
 from t5x_adapt.models import Batch, DecoderOnlyModel
 from t5x_adapt.models import EncoderDecoderModel, Params, stack_inputs
 
@@ -101,25 +103,12 @@ def distillation_loss(student_logits: jax.Array,
     `accuracy` of the student, `distillation` (the soft term), `loss` and
     `num_tokens`, as `losses.cross_entropy`.
   """
-  if weights is None:
-    weights = targets > 0
-  weights = weights.astype(jnp.float32)
-  teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  if top_k is not None:
-    kth = jax.lax.top_k(teacher_logits, top_k)[0][..., -1:]
-    teacher_logits = jnp.where(teacher_logits >= kth, teacher_logits, -jnp.inf)
-  teacher_probs = jax.nn.softmax(teacher_logits / temperature, axis=-1)
-  student_log_probs = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-  # 0 * log p is 0 where the teacher gives a token no mass (one-hot, top-k).
-  per_token = -jnp.sum(
-      jnp.where(teacher_probs > 0, teacher_probs * student_log_probs, 0.0),
-      axis=-1) * temperature**2
-  num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
-  soft = jnp.sum(per_token * weights) / num_tokens
-  _, metrics = cross_entropy(student_logits, targets, weights, z_loss)
-  loss = ((1.0 - label_weight) * soft +
-          label_weight * metrics['cross_entropy'] + metrics['z_loss'])
-  return loss, dict(metrics, loss=loss, distillation=soft)
+  per_token = losses.token_losses(student_logits, targets)
+  per_token['soft'] = losses.soft_cross_entropy(
+      student_logits, teacher_logits, temperature, top_k)
+  sums = losses.weighted_sums(per_token,
+                              losses.default_weights(targets, weights))
+  return losses.distillation_metrics(sums, label_weight, z_loss)
 
 
 @gin.configurable
@@ -137,7 +126,8 @@ class DistillationModel(EncoderDecoderModel):
       the encoder was adapted from: the only one for balanced models, the
       larger one for unbalanced ones).
     temperature, top_k, label_weight: See `distillation_loss`.
-    **kwargs: `EncoderDecoderModel` arguments.
+    **kwargs: `EncoderDecoderModel` arguments; `loss_chunk_length` also
+      chunks the teacher's LM head (`kernels.lm_head_loss`).
   """
 
   def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED,
@@ -165,11 +155,23 @@ class DistillationModel(EncoderDecoderModel):
 
   def teacher_logits(self, teacher_params: Params, batch: Batch) -> jax.Array:
     """The teacher's float32 logits for each target position [b, t, v]."""
+    return self._teacher_forward(
+        teacher_params, batch,
+        first_logit=batch['encoder_input_tokens'].shape[1])
+
+  def teacher_head(self, teacher_params: Params,
+                   batch: Batch) -> lm_head_loss.Head:
+    """The teacher's LM head on its hidden states at the target positions
+    [b, t, e_t] (what `teacher_logits` computes the logits of)."""
+    hidden = self._teacher_forward(teacher_params, batch, return_hidden=True)
+    enc_length = batch['encoder_input_tokens'].shape[1]
+    return self.teacher.lm_head(teacher_params, hidden[:, enc_length:])
+
+  def _teacher_forward(self, teacher_params, batch, **kwargs):
     tokens, positions, segment_ids = teacher_sequence(batch,
                                                       self.decoder_start_id)
     return self.teacher.module.apply(
-        {'params': teacher_params}, tokens, positions, segment_ids,
-        first_logit=batch['encoder_input_tokens'].shape[1])
+        {'params': teacher_params}, tokens, positions, segment_ids, **kwargs)
 
   def teacher_loss(self, teacher_params: Params, batch: Batch):
     """The teacher's own (loss, metrics) on the batch's targets."""
@@ -183,9 +185,18 @@ class DistillationModel(EncoderDecoderModel):
     """Distillation loss (hard-label loss without `teacher_params`)."""
     if teacher_params is None:
       return super().loss_fn(params, batch, dropout_rng)
-    return distillation_loss(
-        self.compute_logits(params, batch, dropout_rng),
-        self.teacher_logits(teacher_params, batch),
-        batch['decoder_target_tokens'], batch.get('decoder_loss_weights'),
-        temperature=self.temperature, top_k=self.top_k,
-        label_weight=self.label_weight, z_loss=self.z_loss)
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights')
+    options = dict(temperature=self.temperature, top_k=self.top_k,
+                   label_weight=self.label_weight, z_loss=self.z_loss)
+    chunk = self.loss_chunk(targets.shape[1])
+    if chunk is None:
+      return distillation_loss(
+          self.compute_logits(params, batch, dropout_rng),
+          self.teacher_logits(teacher_params, batch), targets, weights,
+          **options)
+    student = self.lm_head(params,
+                           self.compute_hidden(params, batch, dropout_rng))
+    return lm_head_loss.chunked_distillation_loss(
+        student, self.teacher_head(teacher_params, batch), targets, weights,
+        chunk_length=chunk, **options)

@@ -30,6 +30,7 @@ from t5x_adapt import flops
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data.vocab import BOS_ID, EOS_ID
+from t5x_adapt.kernels import lm_head_loss
 from t5x_adapt.losses import cross_entropy, token_log_probs
 from t5x_adapt.networks import DecoderOnlyTransformer
 from t5x_adapt.networks import EncoderDecoderTransformer
@@ -71,6 +72,19 @@ class BaseModel(abc.ABC):
   model, the model says: `teacher` (a distillation teacher, else None),
   `tie_gradients`, `init_from_checkpoint`, `train_step_flops` and
   `config.vocab_size`.
+
+  Args:
+    module: The Flax module.
+    z_loss: Coefficient of the `log(Z)^2` auxiliary loss.
+    eos_id: End of sequence in decoding.
+    decode_options: Decoding settings (None: `DecodeOptions()`'s gin
+      bindings at each call).
+    loss_chunk_length: How `loss_fn` computes the LM head: None builds the
+      whole float32 logits [b, t, vocab]; an int computes them that many
+      target positions at a time, recomputed in the backward pass
+      (`t5x_adapt.kernels.lm_head_loss`: same loss and gradients, memory of
+      one chunk); 'auto' chunks when a row's logits exceed
+      `lm_head_loss.AUTO_MAX_LOGITS` (`auto_chunk_length`).
   """
 
   FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
@@ -80,12 +94,15 @@ class BaseModel(abc.ABC):
 
   def __init__(self, module: nn.Module, *, z_loss: float = 0.0,
                eos_id: int = EOS_ID,
-               decode_options: Optional[decoding.DecodeOptions] = None):
+               decode_options: Optional[decoding.DecodeOptions] = None,
+               loss_chunk_length: lm_head_loss.ChunkSetting = 'auto'):
     self.module = module
     self.z_loss = z_loss
     self.eos_id = eos_id
     # None: `DecodeOptions()` at each call, i.e. its gin bindings.
     self.decode_options = decode_options
+    self.loss_chunk_length = lm_head_loss.check_chunk_setting(
+        loss_chunk_length)
 
   @property
   def config(self):
@@ -104,8 +121,10 @@ class BaseModel(abc.ABC):
 
   def logical_axes(self, input_shapes: Mapping[str, tuple[int, ...]]):
     """Logical axis names of every parameter, as a tree of PartitionSpecs."""
-    boxed = jax.eval_shape(self._init, jax.random.PRNGKey(0),
-                           self._init_args(input_shapes))
+    # Everything traced, nothing run: this works under any mesh, also one of
+    # devices this process cannot run on (`t5x_adapt.precompile`).
+    boxed = jax.eval_shape(lambda: self._init(jax.random.PRNGKey(0),
+                                              self._init_args(input_shapes)))
     return nn.get_partition_spec(boxed)['params']
 
   def param_shapes(self, input_shapes: Mapping[str, tuple[int, ...]]):
@@ -144,13 +163,39 @@ class BaseModel(abc.ABC):
                      dropout_rng: Optional[jax.Array] = None) -> jax.Array:
     """float32 logits [batch, target_length, vocab]."""
 
+  def compute_hidden(self, params: Params, batch: Batch,
+                     dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """The final-normed hidden states [batch, target_length, embed] that
+    `compute_logits` feeds to the LM head."""
+    raise NotImplementedError(f'{type(self).__name__} has no LM head')
+
+  def lm_head(self, params: Params,
+              hidden: jax.Array) -> lm_head_loss.Head:
+    """The tied LM head of this model's decoder on `hidden` [b, t, e]."""
+    config = self.config.stacks()['decoder']
+    return lm_head_loss.Head(
+        hidden, params['decoder']['token_embedder']['embedding'],
+        config.final_logit_softcap, config.activation_dtype)
+
+  def loss_chunk(self, target_length: int) -> Optional[int]:
+    """Target positions per chunk of the LM head in `loss_fn` (None: the
+    whole logits); see `loss_chunk_length`."""
+    return lm_head_loss.resolve_chunk_length(
+        self.loss_chunk_length, target_length, self.config.vocab_size)
+
   def loss_fn(self, params: Params, batch: Batch,
               dropout_rng: Optional[jax.Array]) -> tuple[jax.Array, dict]:
     """Mean cross-entropy over weighted target tokens, and metrics."""
-    logits = self.compute_logits(params, batch, dropout_rng)
+    targets = batch['decoder_target_tokens']
     weights = batch.get('decoder_loss_weights')
-    return cross_entropy(logits, batch['decoder_target_tokens'], weights,
-                         self.z_loss)
+    chunk = self.loss_chunk(targets.shape[1])
+    if chunk is None:
+      logits = self.compute_logits(params, batch, dropout_rng)
+      return cross_entropy(logits, targets, weights, self.z_loss)
+    head = self.lm_head(params,
+                        self.compute_hidden(params, batch, dropout_rng))
+    return lm_head_loss.chunked_cross_entropy(
+        head, targets, weights, chunk_length=chunk, z_loss=self.z_loss)
 
   def score_batch(self, params: Params, batch: Batch) -> jax.Array:
     """Sum of target log-likelihoods per example: [batch]."""
@@ -244,9 +289,15 @@ class DecoderOnlyModel(BaseModel):
     return tokens, positions, segment_ids, prefix
 
   def compute_logits(self, params, batch, dropout_rng=None):
+    return self._forward(params, batch, dropout_rng)
+
+  def compute_hidden(self, params, batch, dropout_rng=None):
+    return self._forward(params, batch, dropout_rng, return_hidden=True)
+
+  def _forward(self, params, batch, dropout_rng, **kwargs):
     return self.module.apply({'params': params}, *self._inputs(batch),
                              deterministic=dropout_rng is None,
-                             rngs=self._rngs(dropout_rng))
+                             rngs=self._rngs(dropout_rng), **kwargs)
 
   def train_step_flops(self, batch_shapes):
     batch, length = batch_shapes['decoder_target_tokens']
@@ -353,10 +404,16 @@ class EncoderDecoderModel(BaseModel):
                         'decoder_target_tokens')
 
   def compute_logits(self, params, batch, dropout_rng=None):
+    return self._forward(params, batch, dropout_rng)
+
+  def compute_hidden(self, params, batch, dropout_rng=None):
+    return self._forward(params, batch, dropout_rng, return_hidden=True)
+
+  def _forward(self, params, batch, dropout_rng, **kwargs):
     return self.module.apply({'params': params}, *self._encoder_inputs(batch),
                              *self._decoder_inputs(batch),
                              deterministic=dropout_rng is None,
-                             rngs=self._rngs(dropout_rng))
+                             rngs=self._rngs(dropout_rng), **kwargs)
 
   def encode(self, params, batch) -> jax.Array:
     """Final-normed encoder output [batch, enc_length, enc_embed]."""

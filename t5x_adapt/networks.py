@@ -91,9 +91,13 @@ class EncoderDecoderTransformer(nn.Module):
                decoder_tokens: jax.Array,
                decoder_positions: jax.Array,
                decoder_segment_ids: jax.Array,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               return_hidden: bool = False) -> jax.Array:
+    """Encodes, then decodes: float32 logits [batch, dec_length, vocab], or
+    with `return_hidden` the decoder's final-normed hidden states
+    [batch, dec_length, embed] (for `t5x_adapt.kernels.lm_head_loss`)."""
     encoded = self.encode(encoder_tokens, encoder_positions,
                           encoder_segment_ids, deterministic)
     return self.decode(encoded, encoder_positions, encoder_segment_ids,
                        decoder_tokens, decoder_positions, decoder_segment_ids,
-                       deterministic)
+                       deterministic, return_hidden=return_hidden)

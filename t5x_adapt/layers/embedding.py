@@ -1,8 +1,12 @@
 """Token embedding, scaled by sqrt(d_model), tied to the LM head."""
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from t5x_adapt.kernels.lm_head_loss import lm_head_logits
 
 
 class Embed(nn.Module):
@@ -34,6 +38,8 @@ class Embed(nn.Module):
     # Gemma rounds the normaliser to the activation dtype before multiplying.
     return x * jnp.asarray(self.features**0.5, dtype=self.dtype)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    """Tied LM head: [batch, length, embed] -> [batch, length, vocab]."""
-    return jnp.einsum('ble,ve->blv', x, self.embedding.astype(self.dtype))
+  def attend(self, x: jax.Array,
+             softcap: Optional[float] = None) -> jax.Array:
+    """Tied LM head: [batch, length, embed] -> float32 [batch, length, vocab]
+    (`lm_head_logits`, the one definition of the head)."""
+    return lm_head_logits(x, self.embedding, softcap, self.dtype)

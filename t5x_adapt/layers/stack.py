@@ -18,10 +18,8 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from t5x_adapt.config import StackConfig
-from t5x_adapt.layers.attention import softcap
 from t5x_adapt.layers.blocks import Block
 from t5x_adapt.layers.embedding import Embed
 from t5x_adapt.layers.norms import RMSNorm
@@ -149,6 +147,4 @@ class Stack(nn.Module):
                 name='final_norm')(x)
     if return_hidden or not self.produce_logits:
       return x
-    logits = embedder.attend(x[:, first_logit:]).astype(jnp.float32)
-    logits = softcap(logits, cfg.final_logit_softcap)
-    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    return embedder.attend(x[:, first_logit:], cfg.final_logit_softcap)
