@@ -133,14 +133,14 @@ def test_chunked_loss_rejects_mismatched_lengths():
 
 def test_chunk_length_settings():
   gemma_vocab = 262144
-  assert lm_head_loss.auto_chunk_length(4096, gemma_vocab) == 16
-  assert lm_head_loss.auto_chunk_length(16, gemma_vocab) is None
-  assert lm_head_loss.auto_chunk_length(1023, gemma_vocab) == 11  # 3*11*31
-  assert lm_head_loss.auto_chunk_length(1021, gemma_vocab) == 16  # prime
-  assert lm_head_loss.auto_chunk_length(8, 2**23) == 1
+  assert lm_head_loss.auto_chunk_length(4096, gemma_vocab) == 64
+  assert lm_head_loss.auto_chunk_length(64, gemma_vocab) is None
+  assert lm_head_loss.auto_chunk_length(1023, gemma_vocab) == 33  # 3*11*31
+  assert lm_head_loss.auto_chunk_length(1021, gemma_vocab) == 64  # prime
+  assert lm_head_loss.auto_chunk_length(8, 2**23) == 2
   resolve = lm_head_loss.resolve_chunk_length
   assert resolve(None, 4096, gemma_vocab) is None
-  assert resolve('auto', 4096, gemma_vocab) == 16
+  assert resolve('auto', 4096, gemma_vocab) == 64
   assert resolve(64, 4096, gemma_vocab) == 64
   assert resolve(64, 20, gemma_vocab) == 20
   for bad in (0, -3, 'whole', 2.5, True):
@@ -247,7 +247,7 @@ def _step_temp_bytes(model, batch_size, length) -> int:
 
 def test_chunked_step_needs_far_less_memory(tiny_configs):
   """A 2-layer stack with Gemma's vocabulary, 1024 targets: the whole
-  logits are 1 GiB a row; 'auto' (16 positions a chunk) stays near the
+  logits are 1 GiB a row; 'auto' (64 positions a chunk) stays near the
   table's own size."""
   config = tiny_configs['gemma2_tiny'].replace(vocab_size=262144,
                                                num_layers=2)

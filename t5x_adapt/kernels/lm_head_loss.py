@@ -32,8 +32,10 @@ from t5x_adapt import losses
 from t5x_adapt.kernels.attention import softcap as apply_softcap
 
 # 'auto' chunks when a row's logits (target length * vocab) exceed this, in
-# chunks of at most this many logits per row: 16 MiB of float32 a row.
-AUTO_MAX_LOGITS = 2**22
+# chunks of at most this many logits per row: 64 MiB of float32 a row, 64
+# positions of Gemma's 262144-token vocabulary (a few rows of them fill a
+# TPU's 128-row matmul tiles).
+AUTO_MAX_LOGITS = 2**24
 
 ChunkSetting = Optional[Union[int, str]]
 
