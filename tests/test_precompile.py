@@ -87,3 +87,29 @@ def test_a_step_that_does_not_fit_fails_naming_the_chip(tmp_path):
   assert result.returncode == 1
   assert report is None
   assert 'does not fit v5e-1 (15.75 GiB HBM per chip)' in result.stderr
+
+
+def test_fsdp_shards_the_lm_head_logits_by_batch():
+  """The LM head's logits stay split over the batch under FSDP: the mesh is
+  the abstract mesh of tracing, so the logical constraints on activations
+  apply (under the legacy `with mesh:` they were silently dropped and XLA
+  built the whole global batch's logits on every chip)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from t5x_adapt import gin_utils, optimizers, partitioning  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from t5x_adapt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  model = gin_utils.load_model(
+      'gemma2_tiny', ['DecoderOnlyModel.loss_chunk_length = None'],
+      vocab_size=32768)
+  topology = precompile.parse_topology('v5p:2x2x1')
+  partitioner = partitioning.Partitioner(data=1, fsdp=-1,
+                                         devices=topology.devices())
+  trainer = trainer_lib.Trainer(model, partitioner,
+                                optimizers.optimizer(learning_rate=1e-3))
+  shapes = precompile.batch_shapes(model, {'targets': 128}, 8)
+  input_shapes = {k: v.shape for k, v in shapes.items()}
+  compiled = trainer.compile_step(trainer.state_shardings(input_shapes),
+                                  shapes, trainer.state_shapes(input_shapes))
+  hlo = compiled.as_text()
+  assert 'f32[2,128,32768]' in hlo  # each chip's 2 rows
+  assert '[8,128,32768]' not in hlo  # never the global batch's
