@@ -10,10 +10,11 @@ and batch as ShapeDtypeStructs: nothing is allocated, no checkpoint or data
 is read) and compiles it with libtpu for the topology's devices
 (`jax.experimental.topologies`; `pip install -e .[tpu]`). It prints, per
 chip, the argument / output / temp / total bytes against the chip's HBM, and
-the compiled FLOPs next to the analytic count (`t5x_adapt.flops`). A step
-that does not fit fails to compile: the command prints XLA's account of the
-largest buffers and exits with status 1. T5X's precompile and MaxText's
-train_compile do the same.
+the compiled FLOPs next to the analytic count (`t5x_adapt.flops`; XLA's
+cost analysis counts the body of a loop once, so with scanned layers the
+compiled figure covers one period of them). A step that does not fit fails
+to compile: the command prints XLA's account of what it needs and exits
+with status 1. T5X's precompile and MaxText's train_compile do the same.
 
 Topologies are named like Cloud TPU accelerator types (`v5p-256`: 256
 TensorCores, 128 chips; `v5e-256`, `v6e-64`: chips) or by their chip grid
@@ -193,7 +194,8 @@ class Report:
         f'total       {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM: '
         + ('fits' if self.fits else 'does NOT fit'),
         f'flops       analytic {self.analytic_flops:.4g} per step, compiled '
-        f'{flops}',
+        f'{flops}; XLA counts a loop body once (one period of scanned '
+        f'layers, one microbatch, one logits chunk)',
         f'kernels     {self.mosaic_kernels} Mosaic (Pallas) custom calls',
     ]
 
