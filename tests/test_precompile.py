@@ -3,6 +3,7 @@ topology on this CPU machine (libtpu from the `tpu` extra), its per-chip
 memory against the chip's HBM, and a clear failure when it does not fit."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -113,3 +114,21 @@ def test_fsdp_shards_the_lm_head_logits_by_batch():
   hlo = compiled.as_text()
   assert 'f32[2,128,32768]' in hlo  # each chip's 2 rows
   assert '[8,128,32768]' not in hlo  # never the global batch's
+
+
+def test_importing_with_libtpu_but_no_tpu_is_quiet_and_uses_the_cpu():
+  # A user's environment: no platform chosen (conftest picks the CPU for
+  # the tests), none of the variables this process's import of t5x_adapt
+  # set.
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith('TPU_') and k not in (
+             'ALLOW_MULTIPLE_LIBTPU_LOAD', 'JAX_PLATFORMS')}
+  result = subprocess.run(
+      [sys.executable, '-c',
+       'import t5x_adapt, jax; print(jax.default_backend())'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == 'cpu'
+  for noise in ('TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
+                'libtpu_init_utils'):
+    assert noise not in result.stderr
