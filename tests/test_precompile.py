@@ -132,3 +132,15 @@ def test_importing_with_libtpu_but_no_tpu_is_quiet_and_uses_the_cpu():
   for noise in ('TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
                 'libtpu_init_utils'):
     assert noise not in result.stderr
+
+
+@pytest.mark.parametrize('recipe', sorted(
+    p.name for p in (REPO_ROOT / 'gin' / 'adapt').glob('t5gemma_*.gin')
+    if 'tiny' not in p.name))
+def test_every_pod_recipe_names_its_topology(recipe):
+  text = (REPO_ROOT / 'gin' / 'adapt' / recipe).read_text()
+  assert "include 'gin/adapt/pod.gin'" in text
+  line = next(l for l in text.splitlines() if l.startswith('# Topology: '))
+  name = line.removeprefix('# Topology: ').split('.')[0]
+  assert precompile.parse_topology(name).chip.name == 'v5p'
+  assert f'--topology={name}' in text
