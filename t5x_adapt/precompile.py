@@ -185,8 +185,8 @@ class Report:
         f'recipe      {self.recipe}',
         f'topology    {self.accelerator_type} ({self.topology}, '
         f'{self.chips} chips), mesh {self.mesh}',
-        f'batch       ' + ', '.join(f'{k} {v}' for k, v in
-                                    sorted(self.batch.items())),
+        'batch       ' + ', '.join(f'{k} {v}' for k, v in
+                                   sorted(self.batch.items())),
         f'parameters  {self.parameters:,}',
         f'per chip    argument {gib(self.argument_bytes)}, output '
         f'{gib(self.output_bytes)} ({gib(self.alias_bytes)} donated), temp '
@@ -198,6 +198,10 @@ class Report:
         f'layers, one microbatch, one logits chunk)',
         f'kernels     {self.mosaic_kernels} Mosaic (Pallas) custom calls',
     ]
+
+
+# How a Pallas (Mosaic) kernel appears in compiled TPU HLO.
+_MOSAIC_CALL = 'custom_call_target="tpu_custom_call"'
 
 
 class DoesNotFit(RuntimeError):
@@ -261,7 +265,7 @@ def compile_step(topology: Topology, recipe: str = '') -> Report:
       hbm_bytes=topology.chip.hbm_bytes,
       compiled_flops=_compiled_flops(compiled, topology.num_chips),
       analytic_flops=model.train_step_flops(input_shapes),
-      mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+      mosaic_kernels=compiled.as_text().count(_MOSAIC_CALL))
 
 
 # ----------------------------------------------------------------- CLI --

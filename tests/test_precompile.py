@@ -10,7 +10,11 @@ import sys
 
 import pytest
 
+from t5x_adapt import gin_utils
+from t5x_adapt import optimizers
+from t5x_adapt import partitioning
 from t5x_adapt import precompile
+from t5x_adapt import trainer as trainer_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_RECIPE = 'gin/adapt/t5gemma_tiny_prefixlm_kd.gin'
@@ -95,10 +99,6 @@ def test_fsdp_shards_the_lm_head_logits_by_batch():
   the abstract mesh of tracing, so the logical constraints on activations
   apply (under the legacy `with mesh:` they were silently dropped and XLA
   built the whole global batch's logits on every chip)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from t5x_adapt import gin_utils, optimizers, partitioning  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from t5x_adapt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-
   model = gin_utils.load_model(
       'gemma2_tiny', ['DecoderOnlyModel.loss_chunk_length = None'],
       vocab_size=32768)
