@@ -164,8 +164,8 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, state.opt_state,
                                                state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
-    metrics['param_norm'] = optax.global_norm(params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['param_norm'] = optax.tree.norm(params)
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
 
