@@ -170,8 +170,13 @@ class DistillationModel(EncoderDecoderModel):
   def _teacher_forward(self, teacher_params, batch, **kwargs):
     tokens, positions, segment_ids = teacher_sequence(batch,
                                                       self.decoder_start_id)
+    # A segment's inputs (in A) and targets (in B) lie apart, other segments
+    # and padding between them: positions do not follow indices, so no
+    # attention kernel may skip tiles by index (a sliding window measured in
+    # indices would drop keys the position-based mask shows).
     return self.teacher.module.apply(
-        {'params': teacher_params}, tokens, positions, segment_ids, **kwargs)
+        {'params': teacher_params}, tokens, positions, segment_ids,
+        index_ordered=False, **kwargs)
 
   def teacher_loss(self, teacher_params: Params, batch: Batch):
     """The teacher's own (loss, metrics) on the batch's targets."""

@@ -36,15 +36,17 @@ class DecoderOnlyTransformer(nn.Module):
                decode: bool = False,
                cache_length: Optional[int] = None,
                return_hidden: bool = False,
-               first_logit: int = 0) -> jax.Array:
+               first_logit: int = 0,
+               index_ordered: bool = True) -> jax.Array:
     """[batch, length] tokens -> float32 logits [batch, length, vocab].
 
-    With `first_logit`, only positions from it on get logits.
+    With `first_logit`, only positions from it on get logits;
+    `index_ordered`: see `Stack`.
     """
     return self.decoder(tokens, positions, segment_ids, prefix,
                         deterministic=deterministic, decode=decode,
                         cache_length=cache_length, return_hidden=return_hidden,
-                        first_logit=first_logit)
+                        first_logit=first_logit, index_ordered=index_ordered)
 
 
 class EncoderDecoderTransformer(nn.Module):

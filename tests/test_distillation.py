@@ -16,6 +16,7 @@ from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
 from t5x_adapt import trainer as trainer_lib
+from t5x_adapt.kernels import blocked
 from t5x_adapt.losses import cross_entropy
 
 BOS = 2
@@ -217,3 +218,21 @@ def test_train_step_flops_count_the_teachers_forward_pass():
   structs = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
   assert train.Throughput(kd, structs, 1e12).flops == kd.train_step_flops(
       shapes)
+
+
+def test_teacher_logits_with_tiled_attention_equal_dense(
+    student, teacher_params, monkeypatch):
+  """The teacher's sequence puts a segment's targets after every segment's
+  inputs (and padding), so its positions do not follow its indices: a
+  kernel skipping tiles by index would drop keys inside the window (here
+  window 8, tiles of 4, segment 2's inputs 10+ indices before its targets)."""
+  monkeypatch.setattr(blocked, 'DEFAULT_BLOCK_Q', 4)
+  monkeypatch.setattr(blocked, 'DEFAULT_BLOCK_KV', 4)
+  tiled = distillation.DistillationModel(
+      student.config.map_stacks(attention_impl='blocked'))
+  batch, _ = packed_batch()
+  want = student.teacher_logits(teacher_params, batch)
+  got = tiled.teacher_logits(teacher_params, batch)
+  valid = batch['decoder_segment_ids'] > 0
+  error = np.max(np.abs(np.asarray(got - want))[valid])
+  assert error / np.max(np.abs(np.asarray(want))[valid]) < RTOL

@@ -94,7 +94,8 @@ class Attention(nn.Module):
                query_prefix: Optional[jax.Array] = None,
                key_prefix: Optional[jax.Array] = None,
                decode: bool = False,
-               cache_length: Optional[int] = None) -> jax.Array:
+               cache_length: Optional[int] = None,
+               index_ordered: bool = True) -> jax.Array:
     """Attends from `inputs_q` [batch, q_len, embed] to `inputs_kv` [batch, kv_len, kv_embed].
 
     Args:
@@ -110,6 +111,8 @@ class Attention(nn.Module):
       decode: Read and update the decoding cache.
       cache_length: Slots of a global layer's self-attention cache (total
         decoding length); created on the first decoding call.
+      index_ordered: The tokens' positions follow their indices inside
+        contiguous segments (`kernels.attention.MaskSpec`).
 
     Returns:
       [batch, q_len, embed].
@@ -136,12 +139,13 @@ class Attention(nn.Module):
                                   key_prefix, cache_length))
       query_segment_ids = (query_segment_ids > 0).astype(jnp.int32)
 
-    # Self-attention over the call's own tokens is index-ordered (kernels may
-    # skip tiles by index); a decoding cache or cross-attention is not.
+    # Self-attention over the call's own tokens laid out in order is
+    # index-ordered (kernels may skip tiles by index); a decoding cache or
+    # cross-attention is not.
     self_over_own_tokens = not (decode or self.is_cross_attention)
     spec = MaskSpec(causal=self.causal and not self.is_cross_attention,
                     window=None if self.is_cross_attention else self.window,
-                    index_ordered=self_over_own_tokens)
+                    index_ordered=self_over_own_tokens and index_ordered)
     mask = MaskInputs(query_positions, key_positions, query_segment_ids,
                       key_segment_ids,
                       None if self.is_cross_attention else query_prefix,

@@ -26,6 +26,8 @@ class Block(nn.Module):
     deterministic: Disable dropout.
     decode: Use and update the decoding caches.
     cache_length: Total decoding length (slots of a global layer's cache).
+    index_ordered: Positions follow indices inside contiguous segments
+      (`Stack`'s argument).
   """
 
   config: StackConfig
@@ -35,6 +37,7 @@ class Block(nn.Module):
   deterministic: bool = True
   decode: bool = False
   cache_length: Optional[int] = None
+  index_ordered: bool = True
 
   def _norm(self, name):
     return RMSNorm(self.config.rms_norm_eps, 'embed',
@@ -75,7 +78,8 @@ class Block(nn.Module):
                         cfg.layer_window(self.layer))(
                             h, h, positions, positions, segment_ids,
                             segment_ids, prefix, prefix, decode=self.decode,
-                            cache_length=self.cache_length)
+                            cache_length=self.cache_length,
+                            index_ordered=self.index_ordered)
     h = self._norm('post_self_attention_norm')(h)
     x = self._residual(x, h)
 

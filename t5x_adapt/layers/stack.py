@@ -39,6 +39,7 @@ class Period(nn.Module):
   deterministic: bool = True
   decode: bool = False
   cache_length: Optional[int] = None
+  index_ordered: bool = True
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, prefix, encoded,
@@ -47,7 +48,8 @@ class Period(nn.Module):
       x = Block(self.config, layer=j, causal=self.causal,
                 cross_attention=self.cross_attention,
                 deterministic=self.deterministic, decode=self.decode,
-                cache_length=self.cache_length, name=f'block_{j}')(
+                cache_length=self.cache_length,
+                index_ordered=self.index_ordered, name=f'block_{j}')(
                     x, positions, segment_ids, prefix, encoded,
                     encoder_positions, encoder_segment_ids)
     return x, None
@@ -92,7 +94,8 @@ class Stack(nn.Module):
                decode: bool = False,
                cache_length: Optional[int] = None,
                return_hidden: bool = False,
-               first_logit: int = 0) -> jax.Array:
+               first_logit: int = 0,
+               index_ordered: bool = True) -> jax.Array:
     """Runs the stack.
 
     Args:
@@ -109,6 +112,11 @@ class Stack(nn.Module):
       return_hidden: Return final-normed hidden states instead of logits.
       first_logit: Compute logits only from this position on (a distillation
         teacher needs them for the targets only).
+      index_ordered: Each segment's tokens are contiguous and their positions
+        advance by one with the index (seqio's packed or padded batches), so
+        attention kernels may skip tiles by index (`kernels.MaskSpec`).
+        False for sequences laid out otherwise (the distillation teacher's:
+        a segment's inputs and targets lie apart).
 
     Returns:
       float32 logits [batch, length - first_logit, vocab], or hidden states
@@ -123,7 +131,7 @@ class Stack(nn.Module):
     block_args = (positions, segment_ids, prefix, encoded, encoder_positions,
                   encoder_segment_ids)
     flags = dict(deterministic=deterministic, decode=decode,
-                 cache_length=cache_length)
+                 cache_length=cache_length, index_ordered=index_ordered)
 
     first_unrolled = 0
     if cfg.scan_layers and cfg.num_periods > 0:
