@@ -247,7 +247,7 @@ def compile_step(topology: Topology, recipe: str = '') -> Report:
   try:
     compiled = trainer.compile_step(state_shardings, shapes, state_shapes)
   except Exception as e:  # pylint: disable=broad-except
-    if 'RESOURCE_EXHAUSTED' in str(e) or 'exceeds' in str(e).lower():
+    if 'RESOURCE_EXHAUSTED' in str(e):
       raise DoesNotFit(str(e)) from e
     raise
   memory = compiled.memory_analysis()

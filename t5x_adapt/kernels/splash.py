@@ -98,8 +98,10 @@ def _mask_kind(spec: MaskSpec, q_len: int,
     if spec.causal or spec.window is not None:
       raise ValueError(
           f'splash attention cannot serve a {spec.describe()} mask that is '
-          'not index-ordered (a decoding cache): splash masks are index-based'
-          ". Use attention_impl='dense' or 'blocked' for decoding.")
+          'not index-ordered (a decoding cache, or a sequence laid out out '
+          "of order such as the distillation teacher's): splash masks are "
+          "index-based. Use attention_impl='dense' or 'blocked' for decoding,"
+          " or 'auto', which picks blocked there.")
     return 'full', None
   if q_len != kv_len:
     raise ValueError(f'splash attention: an index-ordered ({spec.describe()})'
