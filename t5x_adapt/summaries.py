@@ -3,15 +3,31 @@
 `MetricsLog` is what train.py's metrics.jsonl and eval.py's results.jsonl
 are written with: a JSON line per record in one file, and TensorBoard
 scalars in log directories beside it, by the main process only.
+
+The lines are strict JSON (RFC 8259), readable by any parser: a NaN or
+infinite value (a diverging loss, say) is written as `null`. TensorBoard
+gets the value itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from typing import Any, Mapping
 
 from t5x_adapt import distributed
+
+
+def strict_json(value: Any) -> Any:
+  """`value` with every non-finite float (NaN, +-inf) replaced by None."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  return value
 
 
 class ScalarSummaries:
@@ -68,7 +84,8 @@ class MetricsLog:
       self._directory.mkdir(parents=True, exist_ok=True)
       self._jsonl = open(self._directory / self._jsonl_name, 'a',
                          encoding='utf-8')
-    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.write(json.dumps(strict_json(record), allow_nan=False)
+                      + '\n')
     self._jsonl.flush()
     if logdir not in self._summaries:
       self._summaries[logdir] = ScalarSummaries(self._directory / logdir)

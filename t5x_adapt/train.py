@@ -17,7 +17,10 @@ r"""Training entry point, configured with gin in T5X's idioms.
      print its memory use
   6. the loop: step; progress bar (loss, tokens/s, MFU, ETA); every
      `log_every` steps a JSON line in MODEL_DIR/metrics.jsonl and TensorBoard
-     scalars in MODEL_DIR/train; every `eval_every` steps the validation loss
+     scalars in MODEL_DIR/train; a step the step guard did not apply
+     (`t5x_adapt.step_guard`: non-finite loss, gradients or update, or a loss
+     spike) is reported at once, and too many in a row stop the run
+     (`TrainingDiverged`); every `eval_every` steps the validation loss
      and perplexity (MODEL_DIR/eval; with `eval_metrics`, also the task's own
      metrics: `t5x_adapt.eval`); every `save_every` steps, on SIGTERM and at
      the end a checkpoint in MODEL_DIR/checkpoints
@@ -63,6 +66,7 @@ from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
 from t5x_adapt import sharded as sharded_lib
+from t5x_adapt import step_guard
 from t5x_adapt import summaries
 from t5x_adapt import trainer as trainer_lib
 from t5x_adapt.convert import load
@@ -130,16 +134,23 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
                   loaded: Optional[Mapping[str, tuple]] = None):
   """Latest checkpoint in MODEL_DIR -> init checkpoint -> adaptation -> scratch.
 
+  The latest checkpoint is the newest whose checksums verify (a corrupt one
+  is named in the log and moved aside); if every one is corrupt, an error.
+
   `loaded`: decoder-only parameters already read, by path (the distillation
   teacher's), which the adaptation takes instead of reading them again.
   """
-  step = manager.latest_step()
-  if step is not None:
-    _say(f'Resuming from {manager.directory / str(step)}')
+  if manager.latest_step() is not None:
     target = checkpoints.training.abstract_tree(
         trainer.state_shapes(input_shapes),
         trainer.state_shardings(input_shapes))
-    return manager.restore(step, target, iterator)
+    # Checkpoints from before the step guard have no counters: start them.
+    guard = jax.device_put(trainer.guard.init(),
+                           trainer.state_shardings(input_shapes).guard)
+    step, state = manager.restore_latest(target, iterator,
+                                         defaults={'guard': guard})
+    _say(f'Resuming from {manager.directory / str(step)}')
+    return state
   if init_checkpoint:
     _say(f'Initialising parameters from {init_checkpoint}')
     params = trainer.model.init_from_checkpoint(
@@ -188,6 +199,14 @@ class MetricsWriter:
     prefix = '' if kind == 'train' else f'{kind}_'
     line = {'step': step, **{prefix + k: float(v) for k, v in scalars.items()}}
     self._log.write(line, kind, step, scalars)
+
+  def write_skip(self, step: int, reasons: Sequence[str],
+                 metrics: Mapping[str, float]) -> None:
+    """A step the guard did not apply: a JSON line with `skipped` reasons."""
+    line = {'step': step, 'skipped': list(reasons),
+            **{k: float(metrics[k]) for k in _SKIP_FIELDS}}
+    self._log.write(line, 'train', step,
+                    {'skipped_steps': metrics['skipped_steps']})
 
   def close(self) -> None:
     self._log.close()
@@ -276,6 +295,9 @@ def _write_config(model_dir: pathlib.Path, model) -> None:
     (model_dir / CONFIG_FILE).write_text(
         gin.operative_config_str() + '\n# The model was built with '
         f'vocab_size = {model.config.vocab_size} (train.vocab_size)\n')
+
+
+_SKIP_FIELDS = ('loss', 'grad_norm', 'consecutive_skips', 'skipped_steps')
 
 
 def _format(metrics: Mapping[str, float]) -> dict[str, str]:
@@ -392,6 +414,7 @@ def train(model_dir: str = gin.REQUIRED,
     compiled_step = step_fn
     step_fn = lambda state, batch: compiled_step(state, batch, teacher)
   loop = Loop(step_fn=step_fn, iterator=iterator, partitioner=partitioner,
+              guard=trainer.guard,
               evaluator=evaluator, metric_evaluator=metric_evaluator,
               manager=manager,
               writer=MetricsWriter(model_dir),
@@ -412,6 +435,7 @@ class Loop:
   step_fn: Callable
   iterator: pipeline.InputIterator
   partitioner: partitioning.Partitioner
+  guard: step_guard.StepGuard
   evaluator: Optional[eval_lib.LossEvaluator]
   metric_evaluator: Optional[eval_lib.MetricEvaluator]
   manager: checkpoints.training.CheckpointManager
@@ -438,6 +462,8 @@ class Loop:
                                     **self.throughput(seconds)}),
                            refresh=False)
       progress.update(1)
+      if metrics['skipped']:
+        self._skipped(step, metrics)
       last = step == train_steps
       if step % self.log_every == 0 or last:
         self._log(step, metrics)
@@ -447,9 +473,7 @@ class Loop:
         self._evaluate_task_metrics(step, state.params)
       preempted = self.preemption.reached()
       if step % self.save_every == 0 or last or preempted:
-        best = checkpoints.training.BEST_METRIC
-        self.manager.save(step, state, self.iterator, metrics=eval_metrics and
-                          {best: eval_metrics['loss']})
+        self._save(step, state, metrics, eval_metrics)
       if preempted:
         _say(f'SIGTERM: saved step {step}, stopping')
         break
@@ -466,13 +490,44 @@ class Loop:
     self._window = (window_start, window_steps + 1)
     return state, metrics, time.perf_counter() - started
 
+  def _skipped(self, step: int, metrics) -> None:
+    """Reports a step the guard did not apply; stops after too many."""
+    reasons = step_guard.reason_names(int(metrics['skip_reasons']))
+    consecutive = int(metrics['consecutive_skips'])
+    _say(f'step {step} not applied: {step_guard.describe(reasons)} (loss '
+         f'{float(metrics["loss"]):.4g}, gradient norm '
+         f'{float(metrics["grad_norm"]):.4g}); {consecutive} in a row, '
+         f'{int(metrics["skipped_steps"])} in all')
+    self.writer.write_skip(step, reasons, metrics)
+    if self.guard.stopped(consecutive):
+      self.manager.wait()
+      latest = self.manager.latest_step()
+      raise step_guard.TrainingDiverged(step_guard.diverged_message(
+          step, consecutive, reasons,
+          None if latest is None else str(self.manager.directory /
+                                          str(latest))))
+
+  def _save(self, step: int, state, metrics, eval_metrics) -> None:
+    """Starts a checkpoint of `state`; refuses non-finite parameters."""
+    if not np.isfinite(metrics['param_norm']):
+      # The guard keeps updates from making them so; they came in so (an
+      # init checkpoint or adaptation source holding NaNs, say).
+      raise step_guard.TrainingDiverged(
+          f'step {step}: not saving a checkpoint of non-finite parameters '
+          f'(norm {metrics["param_norm"]}); the parameters were not finite '
+          'before training started')
+    eval_loss = eval_metrics and eval_metrics['loss']
+    self.manager.save(step, state, self.iterator, metrics=(
+        {checkpoints.training.BEST_METRIC: eval_loss}
+        if eval_loss is not None and np.isfinite(eval_loss) else None))
+
   def _log(self, step: int, metrics) -> None:
     """Train metrics, throughput averaged since the last log line."""
     window_start, window_steps = self._window
     seconds = (time.perf_counter() - window_start) / max(window_steps, 1)
     self.writer.write('train', step, {
         **{k: metrics[k] for k in ('loss', 'accuracy', 'grad_norm',
-                                   'param_norm')},
+                                   'param_norm', 'skipped_steps')},
         'learning_rate': float(self.learning_rate(step - 1)),
         **self.throughput(seconds)})
     self._window = (time.perf_counter(), 0)
@@ -480,7 +535,8 @@ class Loop:
   def _evaluate(self, step: int, params) -> dict[str, float]:
     started = time.perf_counter()
     metrics = self.evaluator(params)
-    self._best = min(self._best, metrics['loss'])
+    if np.isfinite(metrics['loss']):
+      self._best = min(self._best, metrics['loss'])
     self.writer.write('eval', step, {**metrics, 'best_loss': self._best})
     _say(f'step {step}: validation loss {metrics["loss"]:.4f} '
          f'(best {self._best:.4f})')

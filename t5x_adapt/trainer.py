@@ -3,8 +3,10 @@
 The trainer knows a model only through its interface (`loss_fn`,
 `get_initial_variables`, `logical_axes`) and devices only through the
 `Partitioner`. One step: split the global batch into microbatches, accumulate
-token-weighted gradients with `lax.scan`, apply the optax update. The step is
-jitted once with explicit input/output shardings and donates the old state.
+token-weighted gradients with `lax.scan`, apply the optax update unless the
+step guard refuses it (`t5x_adapt.step_guard`: a non-finite loss, gradient
+or update, or a loss spike). The step is jitted once with explicit
+input/output shardings and donates the old state.
 
 Models with a teacher (`t5x_adapt.distillation.DistillationModel`) get its
 parameters as a further argument of the step: sharded by the teacher's own
@@ -14,7 +16,7 @@ checkpointed).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax
 import gin
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5x_adapt import step_guard
 from t5x_adapt.partitioning import Partitioner
 
 Batch = Mapping[str, jax.Array]
@@ -31,9 +34,10 @@ Batch = Mapping[str, jax.Array]
 class TrainState:
   """Everything that changes during training (and goes into checkpoints)."""
 
-  step: jax.Array
+  step: jax.Array  # Steps taken, applied or not (batches consumed).
   params: Any
   opt_state: Any
+  guard: step_guard.GuardState  # Counters of skipped steps.
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
@@ -56,16 +60,20 @@ class Trainer:
     optimizer: optax transformation.
     num_microbatches: Gradient accumulation steps per train step.
     seed: Seeds parameter init and dropout.
+    guard: Which steps are not applied (default: the gin-configured
+      `StepGuard`).
   """
 
   def __init__(self, model, partitioner: Partitioner,
                optimizer: optax.GradientTransformation,
-               num_microbatches: int = 1, seed: int = 0):
+               num_microbatches: int = 1, seed: int = 0,
+               guard: Optional[step_guard.StepGuard] = None):
     self.model = model
     self.partitioner = partitioner
     self.optimizer = optimizer
     self.num_microbatches = num_microbatches
     self.seed = seed
+    self.guard = guard or step_guard.StepGuard()
     self._compiled = {}
 
   # ----------------------------------------------------------- shardings --
@@ -99,8 +107,9 @@ class Trainer:
         self.optimizer, like_param, shapes.opt_state, shapes.params,
         param_shardings, transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    return TrainState(step=replicated,
-                      params=param_shardings, opt_state=opt_shardings)
+    return TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings,
+        guard=jax.tree_util.tree_map(lambda _: replicated, shapes.guard))
 
   # ---------------------------------------------------------------- init --
 
@@ -109,7 +118,8 @@ class Trainer:
       params = self.model.get_initial_variables(
           jax.random.PRNGKey(self.seed), input_shapes)['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params))
+                      opt_state=self.optimizer.init(params),
+                      guard=self.guard.init())
 
   def init_state(self, input_shapes, params=None) -> TrainState:
     """A sharded TrainState, from scratch or around given `params`."""
@@ -165,9 +175,13 @@ class Trainer:
                                                state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    metrics['param_norm'] = optax.tree.norm(params)
+    (params, opt_state), guard, guard_metrics = self.guard(
+        state.guard, metrics['loss'], metrics['grad_norm'],
+        optax.tree.norm(params), new=(params, opt_state),
+        old=(state.params, state.opt_state))
+    metrics.update(guard_metrics, param_norm=optax.tree.norm(params))
     return TrainState(step=state.step + 1, params=params,
-                      opt_state=opt_state), metrics
+                      opt_state=opt_state, guard=guard), metrics
 
   @property
   def has_teacher(self) -> bool:

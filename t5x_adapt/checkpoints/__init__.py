@@ -4,6 +4,8 @@
       parameter trees, in either layer layout, restorable onto a mesh
   training.CheckpointManager: MODEL_DIR/checkpoints/<step> (TrainState and
       input position), resume, keep-last / keep-best
+  integrity: checksums of every checkpoint's files, written at commit and
+      verified before a restore
   errors: what reading or writing a checkpoint raises (also the
       converters': `t5x_adapt.convert` uses these)
 
@@ -11,8 +13,10 @@ The parameter API is re-exported here: `checkpoints.restore_params(...)`.
 """
 
 from t5x_adapt.checkpoints import errors
+from t5x_adapt.checkpoints import integrity
 from t5x_adapt.checkpoints import training
 from t5x_adapt.checkpoints.errors import CheckpointError
+from t5x_adapt.checkpoints.errors import CheckpointSaveError
 from t5x_adapt.checkpoints.errors import CorruptCheckpointError
 from t5x_adapt.checkpoints.errors import MissingTensorError
 from t5x_adapt.checkpoints.errors import ShapeMismatchError

@@ -29,6 +29,10 @@ class CorruptCheckpointError(CheckpointError):
   """A file is truncated, corrupt or not in the expected format."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (a full disk, say); earlier ones are kept."""
+
+
 def _listing(names, limit=8):
   names = sorted(names)
   shown = ', '.join(repr(n) for n in names[:limit])
@@ -58,5 +62,5 @@ def read_json(file, hint: str) -> dict:
     raise FileNotFoundError(f'{file.parent}: no {file.name} ({hint})')
   try:
     return json.loads(file.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CorruptCheckpointError(f'{file}: not valid JSON: {e}') from e

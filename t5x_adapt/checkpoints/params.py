@@ -11,6 +11,11 @@ records the layout of each stack ('scanned' or 'unrolled', see
   encoder = restore_params(path, model, subtrees=('encoder',))  # only these
   read_info(path)['metadata']
 
+Every file of a checkpoint has its size and SHA-256 in
+`t5x_adapt_checksums.json` (`t5x_adapt.checkpoints.integrity`), checked by
+`restore_params` before it reads anything: a corrupt file is an error that
+names it.
+
 Saving never leaves a half-written checkpoint at `path`: orbax writes into a
 staging directory next to `path` (itself through an orbax temporary directory
 that is renamed when complete), and only a complete checkpoint is renamed to
@@ -41,6 +46,7 @@ import orbax.checkpoint as ocp
 
 from t5x_adapt import layout
 from t5x_adapt.checkpoints import errors
+from t5x_adapt.checkpoints import integrity
 from t5x_adapt.checkpoints import training
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.config import config_to_dict
@@ -189,6 +195,7 @@ def save_params(path: str | os.PathLike, params: Params, *,
       checkpointer.close()
     if primary:
       (new / INFO_FILE).write_text(info)
+      integrity.write(new)
       _move_into_place(new, path)
   finally:
     if primary:
@@ -374,10 +381,12 @@ def restore_params(path: str | os.PathLike, model, *,
     MissingTensorError, UnexpectedTensorError, ShapeMismatchError (all
       ValueErrors): the checkpoint's tree differs from the model's; the
       message names the first differing parameter path and its shapes.
-    CorruptCheckpointError: `path` is not a readable orbax checkpoint.
+    CorruptCheckpointError: `path` is not a readable orbax checkpoint, or
+      one of its files differs from its checksum (the error names it).
   """
   path = pathlib.Path(path).absolute()
   _check_exists(path)
+  integrity.verify_on_main(path)
   model_shapes = only_subtrees(model.param_shapes({}), subtrees)
   shardings = only_subtrees(shardings, subtrees)
   item_path, subtree = _params_item(path)

@@ -13,12 +13,22 @@ step:
                               (`InputIterator.save`), the same on every host,
                               so process 0 writes it and every host reads it
   checkpoints/<step>/_CHECKPOINT_METADATA   orbax: commit time, eval metrics
+  checkpoints/<step>/t5x_adapt_checksums.json   size and SHA-256 of every
+                              other file (`t5x_adapt.checkpoints.integrity`)
 
 Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and
-renames it to `<step>` only after every host has finished writing every item,
-so a process killed during a save leaves the earlier steps as they were.
-`latest_step` additionally skips step directories that are not complete
-(no commit timestamp, or an item missing), e.g. a half-copied directory.
+renames it to `<step>` only after every host has finished writing every item
+(and the main process has written the checksums), so a process killed
+during a save, or a save that fails (a full disk), leaves the earlier steps
+as they were; a failed save is a `CheckpointSaveError` naming the step and
+the newest intact one. `latest_step` additionally skips step directories
+that are not complete (no commit timestamp, or an item missing), e.g. a
+half-copied directory.
+
+Integrity: `restore` verifies the step's checksums first. `restore_latest`
+goes back from the newest step to the newest one that verifies, moving each
+corrupt one aside (to `<step>.corrupt-<time>`, kept for inspection) with an
+error in the log that names the file.
 
 Saving is asynchronous: `save` returns once the arrays are copied to host
 memory, and the files are written in a background thread while training goes
@@ -27,9 +37,12 @@ on (the next `save`, `wait` and `close` wait for it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import time
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from absl import logging
@@ -39,6 +52,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t5x_adapt import distributed
+from t5x_adapt.checkpoints import errors
+from t5x_adapt.checkpoints import integrity
 
 if TYPE_CHECKING:  # The handler only calls the iterator's save/restore.
   from t5x_adapt.data.pipeline import InputIterator
@@ -95,8 +110,10 @@ class InputRestore(ocp.args.CheckpointArgs):
 
 
 def _loss(metrics: Mapping[str, float]) -> float:
-  """The ranking metric of a checkpoint (+inf: saved without an eval)."""
-  return float(metrics.get(BEST_METRIC, float('inf')))
+  """The ranking metric of a checkpoint (+inf: saved without an eval, or
+  with a non-finite one, which is never the best)."""
+  loss = float(metrics.get(BEST_METRIC, float('inf')))
+  return loss if math.isfinite(loss) else float('inf')
 
 
 def abstract_tree(shapes: Any, shardings: Any) -> Any:
@@ -158,8 +175,10 @@ class CheckpointManager:
         enable_async_checkpointing=async_save,
         # A killed save leaves a tmp directory; remove it when we start again.
         cleanup_tmp_directories=True,
+        temporary_path_class=integrity.ChecksummedTemporaryPath,
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._in_flight: Optional[int] = None  # The step an async save writes.
 
   def all_steps(self) -> list[int]:
     """Steps of complete checkpoints, ascending."""
@@ -201,20 +220,27 @@ class CheckpointManager:
     """
     if step in self._manager.all_steps():
       return  # Already saved (e.g. a final save right after a periodic one).
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                   INPUT: InputSave(iterator)}),
-        metrics=dict(metrics or {}) if self.keep_best else None, force=True)
+    self.wait()  # An earlier save's error is that save's.
+    self._in_flight = step
+    with self._naming_failures():
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                     INPUT: InputSave(iterator)}),
+          metrics=dict(metrics or {}) if self.keep_best else None,
+          force=True)
 
   def restore(self, step: int, target: Any,
-              iterator: Optional[InputIterator] = None) -> Any:
+              iterator: Optional[InputIterator] = None,
+              defaults: Optional[Mapping[str, Any]] = None) -> Any:
     """Restores the TrainState of `step` onto `target`'s shardings.
 
     Args:
       step: A step of `all_steps()`.
       target: Tree of ShapeDtypeStructs with shardings (`abstract_tree`);
         the arrays are read (resharded as needed) onto those shardings.
+      defaults: Values of top-level fields of `target` (a TrainState) that
+        checkpoints of older versions lack (e.g. `guard`), used for them.
       iterator: If given, moved to the input position saved with `step`
         (the same for any number of hosts), or left at its start, with a
         warning, if the step has none (e.g. one saved before the position
@@ -222,18 +248,107 @@ class CheckpointManager:
 
     Returns:
       The restored TrainState.
+
+    Raises:
+      CorruptCheckpointError: a file of the step differs from its checksum.
     """
-    args = {STATE: ocp.args.StandardRestore(target)}
+    integrity.verify_on_main(self.directory / str(step))
+    absent = self._absent_fields(step, defaults or {})
+    item = target
+    if absent:
+      item = {name: getattr(target, name) for name in
+              (f.name for f in dataclasses.fields(target))
+              if name not in absent}
+    args = {STATE: ocp.args.StandardRestore(item)}
     if iterator is not None:
       args[INPUT] = InputRestore(iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    if absent:
+      logging.warning('%s predates %s; they start from their defaults',
+                      self.directory / str(step), sorted(absent))
+      return target.replace(**restored[STATE], **absent)
     return restored[STATE]
 
+  def _absent_fields(self, step: int, defaults: Mapping[str, Any]) -> dict:
+    """The `defaults` whose fields the saved state of `step` lacks."""
+    if not defaults:
+      return {}
+    saved = ocp.StandardCheckpointHandler().metadata(
+        self.directory / str(step) / STATE)
+    return {k: v for k, v in defaults.items() if k not in saved}
+
+  def restore_latest(self, target: Any,
+                     iterator: Optional[InputIterator] = None,
+                     defaults: Optional[Mapping[str, Any]] = None
+                     ) -> Optional[tuple[int, Any]]:
+    """(step, TrainState) of the newest checkpoint whose files verify.
+
+    `target`, `iterator`, `defaults`: as for `restore`.
+
+    A newer checkpoint whose checksums fail is logged as an error naming the
+    file, moved aside to `<step>.corrupt-<time>` and passed over.
+
+    Returns:
+      None when there is no complete checkpoint.
+
+    Raises:
+      CorruptCheckpointError: every checkpoint is corrupt (training never
+        silently starts over).
+    """
+    steps = self.all_steps()
+    if not steps:
+      return None
+    failures = []
+    for step in reversed(steps):
+      try:
+        return step, self.restore(step, target, iterator, defaults)
+      except errors.CorruptCheckpointError as e:
+        moved = self._move_aside(step)
+        logging.error('CORRUPT CHECKPOINT: %s. Moved it to %s; resuming from '
+                      'an older checkpoint instead.', e, moved)
+        failures.append(str(e))
+    raise errors.CorruptCheckpointError(
+        f'{self.directory}: every checkpoint is corrupt ('
+        + '; '.join(failures) + ')')
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Renames a corrupt step directory out of the way of the step numbers."""
+    source = self.directory / str(step)
+    moved = self.directory / f'{step}.corrupt-{time.time_ns()}'
+    if distributed.is_main_process():
+      source.rename(moved)
+    ocp.multihost.sync_global_processes(f't5x_adapt_corrupt_{step}')
+    self._manager.reload()
+    return moved
+
+  @contextlib.contextmanager
+  def _naming_failures(self):
+    """Turns a failed save into a CheckpointSaveError naming its step."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      step, self._in_flight = self._in_flight, None
+      latest = self.latest_step()
+      intact = ('no earlier checkpoint exists' if latest is None else
+                f'the newest checkpoint, {self.directory / str(latest)}, is '
+                'intact')
+      raise errors.CheckpointSaveError(
+          f'{self.directory}: saving step {step} failed ({e}); no part of '
+          f'it became a checkpoint and {intact}') from e
+
   def wait(self) -> None:
-    """Blocks until pending saves are committed."""
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are committed.
+
+    Raises:
+      CheckpointSaveError: a pending save failed.
+    """
+    with self._naming_failures():
+      self._manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
