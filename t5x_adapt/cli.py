@@ -22,6 +22,8 @@ import tqdm
 
 from t5x_adapt import distributed
 from t5x_adapt import gin_utils
+from t5x_adapt import step_guard
+from t5x_adapt.checkpoints import errors as checkpoint_errors
 
 _GIN_FILES = flags.DEFINE_multi_string(
     'gin_file', [], 'Gin files, parsed in order (relative to the working '
@@ -100,6 +102,11 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
+# Errors whose message says all a user needs: printed without a traceback.
+_STOPS = (step_guard.TrainingDiverged, checkpoint_errors.CheckpointSaveError,
+          checkpoint_errors.CorruptCheckpointError)
+
+
 def run(entry: Callable[[], object],
         argv: Optional[Sequence[str]] = None,
         defaults: Sequence[str] = ()) -> None:
@@ -122,6 +129,9 @@ def run(entry: Callable[[], object],
                            _PROCESS_ID.value, mode=_DISTRIBUTED.value)
     gin_utils.parse_gin(_GIN_FILES.value,
                         [*defaults, *_GIN_BINDINGS.value], finalize=True)
-    entry()
+    try:
+      entry()
+    except _STOPS as e:  # A run that stops for a reason it explains.
+      sys.exit(f'error: {e}')
 
   app.run(main, argv=rewrite_gin_args(sys.argv if argv is None else argv))

@@ -19,8 +19,8 @@ Reasons a step is skipped (bits of the `skip_reasons` metric):
   loss        the loss is NaN or infinite
   grad_norm   the gradient norm is NaN or infinite (a NaN anywhere in the
               gradients makes the norm NaN)
-  params      the updated parameters would not be finite (an update that
-              overflows)
+  params      with finite gradients, the updated parameters' norm would
+              not be finite (an update that overflows)
   loss_spike  with `spike_factor` k: the loss exceeds k times the running
               mean of the applied steps' losses (after `spike_warmup_steps`
               applied steps)
@@ -97,8 +97,10 @@ class StepGuard:
 
   def _reasons(self, guard: GuardState, loss, grad_norm, param_norm):
     """int32 bit mask of SKIP_REASONS that hold."""
-    bad = [~jnp.isfinite(loss), ~jnp.isfinite(grad_norm),
-           ~jnp.isfinite(param_norm)]
+    grads_finite = jnp.isfinite(grad_norm)
+    # Non-finite gradients make non-finite parameters: name only the cause.
+    bad = [~jnp.isfinite(loss), ~grads_finite,
+           grads_finite & ~jnp.isfinite(param_norm)]
     if self.spike_factor is not None:
       bad.append((guard.applied >= self.spike_warmup_steps)
                  & (loss > self.spike_factor * guard.loss_mean))

@@ -528,7 +528,9 @@ class Loop:
     self.writer.write('train', step, {
         **{k: metrics[k] for k in ('loss', 'accuracy', 'grad_norm',
                                    'param_norm', 'skipped_steps')},
-        'learning_rate': float(self.learning_rate(step - 1)),
+        # The schedule counts applied updates (a skipped step takes none).
+        'learning_rate': float(self.learning_rate(
+            max(step - 1 - int(metrics['skipped_steps']), 0))),
         **self.throughput(seconds)})
     self._window = (time.perf_counter(), 0)
 

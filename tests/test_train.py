@@ -9,99 +9,30 @@ of each model and mesh pays for compiling.
 """
 
 import json
-import os
 import pathlib
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from t5x_adapt import checkpoints
 from t5x_adapt import gin_utils
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-# Small shapes keep every step well under a second on the 2-core CPU.
-FAST = ('TASK_FEATURE_LENGTHS={"targets": 64}', 'BATCH_SIZE=8', 'LOG_EVERY=1',
-        'EVAL_EVERY=0')
-DECODER_ONLY = ('gemma2_tiny', 'corpus_lm_spm8k')
-ENCODER_DECODER = ('t5gemma_tiny', 'corpus_prefix_lm_spm8k')
-
-
-@pytest.fixture(scope='session')
-def compile_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp('xla_cache')
-
-
-def _env(compile_cache, devices=1):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             PYTHONPATH=str(REPO_ROOT))
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
-
-
-def _args(model_dir, steps, *bindings, preset='gemma2_tiny',
-          task='corpus_lm_spm8k', run='pretrain'):
-  args = [f'--gin_file=gin/runs/{run}.gin',
-          f'--gin_file=gin/models/{preset}.gin',
-          f'--gin.MODEL_DIR="{model_dir}"', f'--gin.TRAIN_STEPS={steps}',
-          f'--gin.MIXTURE_OR_TASK_NAME="{task}"']
-  return args + [f'--gin.{b}' for b in bindings]
-
-
-def _train(compile_cache, model_dir, steps, *bindings, driver=None,
-           devices=1, check=True, **kwargs):
-  """Runs the CLI (or `driver`, which calls it) to completion."""
-  args = _args(model_dir, steps, *bindings, **kwargs)
-  if driver is None:
-    command = [sys.executable, '-m', 't5x_adapt.train', *args]
-  else:
-    command = [sys.executable, '-c', textwrap.dedent(driver), *args]
-  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env=_env(compile_cache, devices))
-  if check and result.returncode:
-    pytest.fail(f'training exited with {result.returncode}:\n'
-                f'{result.stderr[-4000:]}')
-  return result
-
-
-def _metrics(model_dir):
-  lines = (pathlib.Path(model_dir) / 'metrics.jsonl').read_text().splitlines()
-  return [json.loads(line) for line in lines]
-
-
-def _train_losses(model_dir):
-  return {m['step']: m['loss'] for m in _metrics(model_dir) if 'loss' in m}
-
-
-def _steps(model_dir):
-  """Complete checkpoint steps, as the manager sees them."""
-  manager = checkpoints.training.CheckpointManager(
-      pathlib.Path(model_dir) / 'checkpoints')
-  try:
-    return manager.all_steps()
-  finally:
-    manager.close()
-
-
-def _saved_state(model_dir, step):
-  """The TrainState tree of a checkpoint, as numpy arrays."""
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    return checkpointer.restore(
-        pathlib.Path(model_dir) / 'checkpoints' / str(step) / 'state')
-  finally:
-    checkpointer.close()
+from train_cli import DECODER_ONLY, ENCODER_DECODER, FAST, REPO_ROOT
+from train_cli import FakeIterator as _FakeIterator
+from train_cli import args as _args
+from train_cli import env as _env
+from train_cli import flatten as _flatten
+from train_cli import metrics as _metrics
+from train_cli import saved_state as _saved_state
+from train_cli import steps as _steps
+from train_cli import train as _train
+from train_cli import train_losses as _train_losses
 
 
 # ------------------------------------------------------------ CLI runs --
@@ -219,34 +150,6 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, compile_cache):
     assert np.array_equal(flat_actual[key], value), key
   # The resumed runs logged the same losses as the reference at every step.
   assert _train_losses(resumed) == _train_losses(reference)
-
-
-def _flatten(tree, prefix=''):
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f'{prefix}/{key}'))
-    return out
-  if isinstance(tree, (list, tuple)):
-    out = {}
-    for i, value in enumerate(tree):
-      out.update(_flatten(value, f'{prefix}/{i}'))
-    return out
-  return {prefix: np.asarray(tree)}
-
-
-class _FakeIterator:
-  """Stands in for InputIterator: a position in a file per host."""
-
-  def __init__(self, position=0):
-    self.position = position
-
-  def save(self, directory):
-    os.makedirs(directory, exist_ok=True)
-    pathlib.Path(directory, 'position').write_text(str(self.position))
-
-  def restore(self, directory):
-    self.position = int(pathlib.Path(directory, 'position').read_text())
 
 
 def test_restore_skips_incomplete_step_directories(tmp_path):
