@@ -567,8 +567,10 @@ class Loop:
 
   def close(self) -> None:
     self.preemption.close()
-    self.manager.close()
-    self.writer.close()
+    try:
+      self.manager.close()  # Raises if the last save failed.
+    finally:
+      self.writer.close()
 
 
 # ------------------------------------------------------------------ CLI --
