@@ -50,6 +50,7 @@ import threading
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
+from absl import logging
 import gin
 import jax
 from jax.experimental import multihost_utils
@@ -423,9 +424,12 @@ def train(model_dir: str = gin.REQUIRED,
               log_every=log_every, eval_every=eval_every,
               save_every=save_every)
   try:
-    return loop.run(state, start, train_steps)
-  finally:
-    loop.close()
+    state = loop.run(state, start, train_steps)
+  except BaseException:
+    loop.close(quietly=True)  # The error in flight is the one to report.
+    raise
+  loop.close()
+  return state
 
 
 @dataclasses.dataclass
@@ -565,10 +569,15 @@ class Loop:
     self._window = (window_start + time.perf_counter() - started,
                     window_steps)
 
-  def close(self) -> None:
+  def close(self, quietly: bool = False) -> None:
+    """Waits for the last save and closes; `quietly`: log its failure."""
     self.preemption.close()
     try:
       self.manager.close()  # Raises if the last save failed.
+    except checkpoints.CheckpointSaveError as e:
+      if not quietly:
+        raise
+      logging.error('%s', e)
     finally:
       self.writer.close()
 

@@ -147,6 +147,19 @@ def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
   manager.close()
 
 
+def test_a_malformed_checksum_listing_counts_as_corrupt(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  listing = tmp_path / '2' / integrity.CHECKSUMS_FILE
+  listing.write_text('{"format": "t5x_adapt.checksums", "files": {"x": {}}}')
+  manager = checkpoints.training.CheckpointManager(tmp_path, keep=None)
+  step, _ = manager.restore_latest(_TARGET)
+  manager.close()
+  assert step == 1
+  with pytest.raises(checkpoints.CorruptCheckpointError,
+                     match='not a t5x_adapt.checksums listing'):
+    integrity.verify(next(tmp_path.glob('2.corrupt-*')))
+
+
 def test_a_checkpoint_without_checksums_restores_unverified(tmp_path, caplog):
   """Checkpoints of older versions have no listing: read, with a warning."""
   _save_steps(tmp_path, [1])

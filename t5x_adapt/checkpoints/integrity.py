@@ -88,11 +88,14 @@ def _listed(directory: pathlib.Path) -> Optional[dict]:
   if not file.exists():
     return None
   listing = errors.read_json(file, 'written with the checkpoint')
-  if listing.get('format') != FORMAT or not isinstance(
-      listing.get('files'), dict):
-    raise errors.CorruptCheckpointError(
-        f'{file}: not a {FORMAT} listing')
-  return listing['files']
+  files = None
+  if isinstance(listing, dict) and listing.get('format') == FORMAT:
+    files = listing.get('files')
+  if not isinstance(files, dict) or not all(
+      isinstance(entry, dict) and isinstance(entry.get('size'), int)
+      and isinstance(entry.get('sha256'), str) for entry in files.values()):
+    raise errors.CorruptCheckpointError(f'{file}: not a {FORMAT} listing')
+  return files
 
 
 def _check_file(file: pathlib.Path, expected: dict) -> Optional[str]:
@@ -144,18 +147,24 @@ def verify_on_main(directory: os.PathLike) -> bool:
   """
   if jax.process_count() == 1:
     return verify(directory)
-  problem, verified = '', False
+  # Every process reaches the broadcast, whatever process 0 met.
+  failure, verified = None, False
   if jax.process_index() == 0:
     try:
       verified = verify(directory)
-    except errors.CorruptCheckpointError as e:
-      problem = str(e)
-  status = multihost_utils.broadcast_one_to_all(
-      np.int32(2 if problem else int(verified)))
-  if int(status) == 2:
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failure = e
+  corrupt = isinstance(failure, errors.CorruptCheckpointError)
+  status = int(multihost_utils.broadcast_one_to_all(np.int32(
+      2 if corrupt else 3 if failure is not None else int(verified))))
+  if failure is not None:
+    raise failure
+  if status == 2:
     raise errors.CorruptCheckpointError(
-        problem or f'{directory}: process 0 found a corrupt file (its log '
-        'names it)')
+        f'{directory}: process 0 found a corrupt file (its log names it)')
+  if status == 3:
+    raise OSError(f'{directory}: process 0 could not verify the checkpoint '
+                  '(its log says why)')
   return bool(status)
 
 

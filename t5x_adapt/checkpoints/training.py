@@ -315,9 +315,17 @@ class CheckpointManager:
     """Renames a corrupt step directory out of the way of the step numbers."""
     source = self.directory / str(step)
     moved = self.directory / f'{step}.corrupt-{time.time_ns()}'
+    failure = None
     if distributed.is_main_process():
-      source.rename(moved)
+      try:
+        source.rename(moved)
+      except OSError as e:
+        failure = e
+    # Every process reaches the barrier, whatever the rename met.
     ocp.multihost.sync_global_processes(f't5x_adapt_corrupt_{step}')
+    if failure is not None:
+      raise errors.CheckpointSaveError(
+          f'{source} is corrupt and could not be moved aside: {failure}')
     self._manager.reload()
     return moved
 
