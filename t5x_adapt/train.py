@@ -142,12 +142,11 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
   teacher's), which the adaptation takes instead of reading them again.
   """
   if manager.latest_step() is not None:
+    shardings = trainer.state_shardings(input_shapes)
     target = checkpoints.training.abstract_tree(
-        trainer.state_shapes(input_shapes),
-        trainer.state_shardings(input_shapes))
+        trainer.state_shapes(input_shapes), shardings)
     # Checkpoints from before the step guard have no counters: start them.
-    guard = jax.device_put(trainer.guard.init(),
-                           trainer.state_shardings(input_shapes).guard)
+    guard = jax.device_put(trainer.guard.init(), shardings.guard)
     step, state = manager.restore_latest(target, iterator,
                                          defaults={'guard': guard})
     _say(f'Resuming from {manager.directory / str(step)}')
