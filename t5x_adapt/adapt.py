@@ -1,4 +1,5 @@
-"""Adaptation: a decoder-only checkpoint becomes an encoder-decoder (T5Gemma).
+"""Adaptation: a decoder-only checkpoint becomes an encoder-decoder (T5Gemma,
+T5Gemma 2).
 
 The encoder-decoder's parameters are assembled from decoder-only ones:
 
@@ -11,6 +12,12 @@ The encoder-decoder's parameters are assembled from decoder-only ones:
   decoder/.../{pre,post}_cross_attention_norm  <- fresh init (scale 0, i.e.
                                         the identity, as the reference
                                         implementations do)
+  */token_embedder/eoi_embedding     <- fresh init (zeros, as transformers'
+                                        T5Gemma 2)
+
+T5Gemma 2 (`encoder_attention = 'merged'`) has no cross-attention: its
+decoder's self-attention reads the encoder output with the same projections,
+so every tensor but the end-of-image embedding comes from the source.
 
 With `EncoderDecoderConfig.tie_embeddings` the encoder's table is the
 decoder's (they then train as one; see `EncoderDecoderModel.tie_gradients`).
@@ -84,6 +91,8 @@ def _source_key(key: Key, copy_cross_attention: bool) -> Origin:
   Returns None for parameters that keep their fresh initialisation.
   """
   stack, *rest = key
+  if rest[-1] == 'eoi_embedding':
+    return None
   if stack == 'encoder':
     return 'encoder', ('decoder', *rest)
   if any(part.endswith('cross_attention_norm') for part in rest):
@@ -267,7 +276,8 @@ class Adaptation:
         instead of being read again.
     """
     config = model.config
-    stacks = {'encoder': config.encoder, 'decoder': config.decoder}
+    stacks = {'encoder': config.encoder.as_decoder_only(),
+              'decoder': config.decoder.as_decoder_only()}
     paths = {'encoder': self.checkpoint,
              'decoder': self.decoder_checkpoint or self.checkpoint}
     mode = resolve_cross_attention_init(config, self.cross_attention_init)

@@ -37,6 +37,14 @@ class StackConfig:
       `('local', 'global')` for Gemma 2, five locals then a global for Gemma 3.
       Layer `i` has kind `attention_pattern[i % len(attention_pattern)]`.
     sliding_window: Window of the local layers (`None`: all layers global).
+      A causal layer sees the `sliding_window` keys up to its query; a
+      bidirectional one as `bidirectional_window` says.
+    bidirectional_window: How a bidirectional (encoder) local layer lays
+      its window W around the query: 'symmetric' sees |q - k| < W (2W - 1
+      keys; T5Gemma's encoder, whose transformers config says W - 1);
+      'split' sees W keys, (W + 1) // 2 up to and including the query and
+      W // 2 after it (T5Gemma 2's encoder, as transformers' t5gemma2
+      masks it).
     rope_local_base: RoPE base of local layers.
     rope_global_base: RoPE base of global layers.
     rope_global_scale: Linear RoPE scaling factor of global layers (positions
@@ -44,6 +52,8 @@ class StackConfig:
     attn_logit_softcap: `c * tanh(s / c)` on attention scores, before masking.
     final_logit_softcap: The same on the output logits (decoders only).
     use_qk_norm: Per-head RMSNorm of queries and keys (Gemma 3).
+    eoi_token_id: A token embedded by a vector of its own instead of its
+      table row (T5Gemma 2's end-of-image token, 256000), or None.
     rms_norm_eps: Epsilon of every RMSNorm.
     family: `'gemma2'` or `'gemma3'`; picks the transformers class on export.
     dtype: Activation dtype.
@@ -65,12 +75,14 @@ class StackConfig:
   query_pre_attn_scalar: Optional[float] = None
   attention_pattern: tuple[str, ...] = (LOCAL, GLOBAL)
   sliding_window: Optional[int] = 4096
+  bidirectional_window: str = 'symmetric'
   rope_local_base: float = 10_000.0
   rope_global_base: float = 10_000.0
   rope_global_scale: float = 1.0
   attn_logit_softcap: Optional[float] = 50.0
   final_logit_softcap: Optional[float] = 30.0
   use_qk_norm: bool = False
+  eoi_token_id: Optional[int] = None
   rms_norm_eps: float = 1e-6
   family: str = 'gemma2'
   dtype: str = 'float32'
@@ -88,6 +100,9 @@ class StackConfig:
       if kind not in (LOCAL, GLOBAL):
         raise ValueError(f'attention_pattern entries must be {LOCAL!r} or '
                          f'{GLOBAL!r}, got {kind!r}')
+    if self.bidirectional_window not in ('symmetric', 'split'):
+      raise ValueError("bidirectional_window must be 'symmetric' or 'split',"
+                       f' got {self.bidirectional_window!r}')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
@@ -112,6 +127,15 @@ class StackConfig:
   def layer_window(self, layer: int) -> Optional[int]:
     return self.sliding_window if self.layer_kind(layer) == LOCAL else None
 
+  def layer_window_bounds(self, layer: int, causal: bool
+                          ) -> tuple[Optional[int], Optional[int]]:
+    """(window, window_ahead) of layer `layer` (`kernels.masks`): its keys
+    satisfy q - k < window and k - q < window_ahead (None: window)."""
+    window = self.layer_window(layer)
+    if window is None or causal or self.bidirectional_window == 'symmetric':
+      return window, None
+    return (window + 1) // 2, window // 2 + 1
+
   def layer_rope(self, layer: int) -> tuple[float, float]:
     """(base, linear scale factor) of the RoPE of layer `layer`."""
     if self.layer_kind(layer) == LOCAL:
@@ -128,6 +152,12 @@ class StackConfig:
 
   def replace(self, **changes) -> 'StackConfig':
     return dataclasses.replace(self, **changes)
+
+  def as_decoder_only(self) -> 'StackConfig':
+    """The decoder-only stack this one is adapted (and distilled) from: the
+    same, less what only an encoder-decoder's stacks have (T5Gemma 2's split
+    encoder window and end-of-image embedding)."""
+    return self.replace(bidirectional_window='symmetric', eoi_token_id=None)
 
   # A model's config is a StackConfig (decoder-only) or an
   # EncoderDecoderConfig; both answer these, so code that walks a model's
@@ -149,11 +179,15 @@ class StackConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EncoderDecoderConfig:
-  """A T5Gemma encoder-decoder: two stacks, possibly of different sizes.
+  """A T5Gemma or T5Gemma 2 encoder-decoder: two stacks, possibly of
+  different sizes.
 
   The decoder's cross-attention reads the final-normed encoder output; its key
   and value projections take the encoder width as input, so an unbalanced
-  model (e.g. 9B encoder, 2B decoder) needs nothing else.
+  model (e.g. 9B encoder, 2B decoder) needs nothing else. T5Gemma 2 merges
+  cross-attention into the decoder's self-attention (`encoder_attention`),
+  whose key/value projections then read the encoder output too, so both
+  stacks must be as wide.
 
   Attributes:
     encoder: The encoder stack.
@@ -163,17 +197,30 @@ class EncoderDecoderConfig:
       checkpoints and converters see one layout); they start equal and
       every step gives both the sum of their gradients, so they stay
       bitwise equal (`EncoderDecoderModel.tie_gradients`).
+    encoder_attention: How the decoder reads the encoder output: 'cross'
+      (a cross-attention sublayer per block, T5Gemma) or 'merged' (T5Gemma
+      2: one softmax over the self and encoder keys, see
+      `layers.attention.Attention`).
   """
 
   encoder: StackConfig = dataclasses.field(default_factory=StackConfig)
   decoder: StackConfig = dataclasses.field(default_factory=StackConfig)
   tie_embeddings: bool = False
+  encoder_attention: str = 'cross'
 
   def __post_init__(self):
     if self.tie_embeddings and (self.encoder.embed_dim !=
                                 self.decoder.embed_dim):
       raise ValueError('tie_embeddings needs equal encoder and decoder widths:'
                        f' {self.encoder.embed_dim} != {self.decoder.embed_dim}')
+    if self.encoder_attention not in ('cross', 'merged'):
+      raise ValueError("encoder_attention must be 'cross' or 'merged', got "
+                       f'{self.encoder_attention!r}')
+    if self.encoder_attention == 'merged' and not self.is_balanced:
+      raise ValueError('merged attention projects the encoder output with '
+                       "the decoder's key/value projections: it needs equal "
+                       f'widths, got encoder {self.encoder.embed_dim} and '
+                       f'decoder {self.decoder.embed_dim}')
     if self.encoder.vocab_size != self.decoder.vocab_size:
       raise ValueError('encoder and decoder must share a vocabulary: '
                        f'{self.encoder.vocab_size} != '
@@ -210,7 +257,8 @@ def config_to_dict(config: StackConfig | EncoderDecoderConfig) -> dict:
   if isinstance(config, EncoderDecoderConfig):
     return {'encoder': config_to_dict(config.encoder),
             'decoder': config_to_dict(config.decoder),
-            'tie_embeddings': config.tie_embeddings}
+            'tie_embeddings': config.tie_embeddings,
+            'encoder_attention': config.encoder_attention}
   return dict(dataclasses.asdict(config),
               attention_pattern=list(config.attention_pattern))
 
@@ -220,7 +268,8 @@ def config_from_dict(data: dict) -> StackConfig | EncoderDecoderConfig:
   if {'encoder', 'decoder'} <= set(data):
     return EncoderDecoderConfig(config_from_dict(data['encoder']),
                                 config_from_dict(data['decoder']),
-                                data.get('tie_embeddings', False))
+                                data.get('tie_embeddings', False),
+                                data.get('encoder_attention', 'cross'))
   known = {f.name for f in dataclasses.fields(StackConfig)}
   unknown = set(data) - known
   if unknown:

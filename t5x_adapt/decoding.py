@@ -250,7 +250,9 @@ def _map_cache_rows(fn, cache: Any, skip_cross_attention: bool = False):
   """Applies `fn(leaf, axis)` to each cache leaf that has a batch axis."""
   def apply(path, leaf):
     axis = _cache_batch_axis(path, leaf)
-    cross = any(getattr(e, 'key', None) == 'cross_attention' for e in path)
+    keys = [getattr(e, 'key', '') or '' for e in path]
+    # Cross-attention's cache, and merged attention's encoder keys.
+    cross = 'cross_attention' in keys or keys[-1].startswith('encoder_')
     if axis is None or (skip_cross_attention and cross):
       return leaf
     return fn(leaf, axis)
@@ -266,7 +268,7 @@ def repeat_cache(cache: Any, num_beams: int) -> Any:
 def reorder_cache(cache: Any, rows: jax.Array) -> Any:
   """Row i of the new cache is row `rows[i]` of `cache`.
 
-  Cross-attention caches stay: a row's beams share its encoder output.
+  Caches of the encoder keys stay: a row's beams share its encoder output.
   """
   return _map_cache_rows(lambda leaf, axis: jnp.take(leaf, rows, axis=axis),
                          cache, skip_cross_attention=True)

@@ -135,7 +135,7 @@ class DistillationModel(EncoderDecoderModel):
                temperature: float = 1.0, top_k: Optional[int] = None,
                label_weight: float = 0.0, **kwargs):
     super().__init__(config, **kwargs)
-    teacher_config = teacher_config or config.encoder
+    teacher_config = teacher_config or config.encoder.as_decoder_only()
     if teacher_config.vocab_size != config.decoder.vocab_size:
       raise ValueError(f'teacher vocabulary {teacher_config.vocab_size} != '
                        f'student vocabulary {config.decoder.vocab_size}')

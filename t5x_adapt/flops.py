@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from t5x_adapt.config import EncoderDecoderConfig, LOCAL, StackConfig
+from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 
 # bf16 dense matmul peaks, FLOP/s per device, by `device_kind` prefix.
 PEAK_FLOPS = {
@@ -81,9 +81,10 @@ def _attention_flops(cfg: StackConfig, queries: int, keys: int,
   """Forward FLOPs of scores and weighted values over a whole sequence."""
   total = 0
   for layer in range(cfg.num_layers):
-    window = cfg.sliding_window if cfg.layer_kind(layer) == LOCAL else None
+    window, ahead = cfg.layer_window_bounds(layer, causal)
+    ahead = window if ahead is None else ahead
     visible = keys if window is None else min(keys, (window if causal else
-                                                     2 * window - 1))
+                                                     window + ahead - 1))
     if causal:
       visible = min(visible, (keys + 1) / 2 if window is None else visible)
     total += 4 * cfg.num_heads * cfg.head_dim * queries * visible
@@ -109,7 +110,10 @@ def encoder_decoder_flops(config: EncoderDecoderConfig, inputs: int,
   decoder += _attention_flops(dec, targets, targets, causal=True)
   hd = dec.num_heads * dec.head_dim
   kv = dec.num_kv_heads * dec.head_dim
-  cross = dec.num_layers * (2 * 2 * dec.embed_dim * hd * targets   # q, o
+  # Merged attention (T5Gemma 2) reuses the self-attention's queries and
+  # output projection; cross-attention has its own.
+  own_q_o = config.encoder_attention == 'cross'
+  cross = dec.num_layers * (own_q_o * 2 * 2 * dec.embed_dim * hd * targets
                             + 2 * 2 * enc.embed_dim * kv * inputs  # k, v
                             + 4 * hd * targets * inputs)           # scores
   head = 2 * dec.embed_dim * dec.vocab_size * targets

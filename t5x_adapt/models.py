@@ -363,14 +363,8 @@ class EncoderDecoderModel(BaseModel):
     variables = super().get_initial_variables(rng, input_shapes)
     if self.config.tie_embeddings:
       params = variables['params']
-      table, _ = self._embeddings(params)
-      params['encoder']['token_embedder'] = {'embedding': table}
+      params['encoder']['token_embedder'] = params['decoder']['token_embedder']
     return variables
-
-  def _embeddings(self, tree):
-    """(decoder table, encoder table) entries of a params-shaped tree."""
-    return tuple(tree[stack]['token_embedder']['embedding']
-                 for stack in ('decoder', 'encoder'))
 
   def train_step_flops(self, batch_shapes):
     batch, inputs = batch_shapes['encoder_input_tokens']
@@ -382,8 +376,10 @@ class EncoderDecoderModel(BaseModel):
     """With tied embeddings, both tables get the sum of their gradients."""
     if not self.config.tie_embeddings:
       return grads
-    total = sum(self._embeddings(grads))
-    return {stack: {**grads[stack], 'token_embedder': {'embedding': total}}
+    total = jax.tree_util.tree_map(jnp.add,
+                                   grads['decoder']['token_embedder'],
+                                   grads['encoder']['token_embedder'])
+    return {stack: {**grads[stack], 'token_embedder': total}
             for stack in grads}
 
   def _init_args(self, input_shapes):

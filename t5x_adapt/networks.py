@@ -5,7 +5,8 @@ stack that returns hidden states, a decoder a causal stack with
 cross-attention and the tied LM head. Parameter trees:
 
   decoder-only:     {'decoder': stack}
-  encoder-decoder:  {'encoder': stack, 'decoder': stack (+ cross_attention)}
+  encoder-decoder:  {'encoder': stack, 'decoder': stack (+ cross_attention,
+                    unless merged into self-attention: T5Gemma 2)}
 
 so adapting a decoder-only checkpoint copies one subtree into two.
 """
@@ -50,7 +51,7 @@ class DecoderOnlyTransformer(nn.Module):
 
 
 class EncoderDecoderTransformer(nn.Module):
-  """T5Gemma encoder-decoder (balanced or unbalanced)."""
+  """T5Gemma (balanced or unbalanced) or T5Gemma 2 encoder-decoder."""
 
   config: EncoderDecoderConfig
 
@@ -58,7 +59,7 @@ class EncoderDecoderTransformer(nn.Module):
     self.encoder = Stack(self.config.encoder, causal=False,
                          produce_logits=False)
     self.decoder = Stack(self.config.decoder, causal=True,
-                         cross_attention=True)
+                         encoder_attention=self.config.encoder_attention)
 
   def encode(self,
              tokens: jax.Array,

@@ -14,6 +14,7 @@ import transformers
 VOCAB = 128
 SEQ = 16
 WINDOW = 5
+EOI = VOCAB - 1  # T5Gemma 2's end-of-image token, inside the tiny vocabulary
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -38,7 +39,7 @@ def gemma2(layers=4):
   return _randomize(transformers.Gemma2ForCausalLM(config), 0)
 
 
-def gemma3(layers=7):
+def _gemma3_kwargs(layers):
   kwargs = _module_kwargs(64, layers)
   kwargs.update(attn_logit_softcapping=None, final_logit_softcapping=None,
                 rope_parameters={
@@ -46,8 +47,27 @@ def gemma3(layers=7):
                                        'rope_theta': 1_000_000.0},
                     'sliding_attention': {'rope_type': 'default',
                                           'rope_theta': 10_000.0}})
-  config = transformers.Gemma3TextConfig(**kwargs)
+  return kwargs
+
+
+def gemma3(layers=7):
+  config = transformers.Gemma3TextConfig(**_gemma3_kwargs(layers))
   return _randomize(transformers.Gemma3ForCausalLM(config), 1)
+
+
+def t5gemma2(layers=7):
+  """Gemma 3 stacks, merged attention, one table; a tiny vision tower
+  (T5Gemma2ForConditionalGeneration always has one)."""
+  from transformers.models.t5gemma2 import configuration_t5gemma2 as c
+  vision = transformers.SiglipVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, image_size=28, patch_size=14)
+  encoder = c.T5Gemma2EncoderConfig(
+      text_config=c.T5Gemma2TextConfig(**_gemma3_kwargs(layers)),
+      vision_config=vision, mm_tokens_per_image=4, eoi_token_index=EOI)
+  decoder = c.T5Gemma2DecoderConfig(**_gemma3_kwargs(layers))
+  config = transformers.T5Gemma2Config(encoder=encoder, decoder=decoder)
+  return _randomize(transformers.T5Gemma2ForConditionalGeneration(config), 3)
 
 
 def t5gemma(encoder_hidden=64, decoder_hidden=64, layers=4):

@@ -126,6 +126,43 @@ def test_wrong_sources_are_named(balanced):
     adapt.adapt_params(model, flax.traverse_util.unflatten_dict(extra))
 
 
+def test_t5gemma2_from_a_transformers_gemma3(tmp_path):
+  """Gemma 3 (a transformers directory) -> T5Gemma 2: every tensor is its
+  source's (merged attention adds none), the tables are one, the
+  end-of-image vectors start at zero; the result exported with save_hf is
+  transformers' T5Gemma2ForConditionalGeneration, with our logits."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from t5x_adapt import convert  # pylint: disable=g-import-not-at-top
+  from t5x_adapt.config import EncoderDecoderConfig  # pylint: disable=g-import-not-at-top
+  from t5x_adapt.models import EncoderDecoderModel  # pylint: disable=g-import-not-at-top
+  path = hf_fixtures.save(hf_fixtures.gemma3(), tmp_path / 'gemma3')
+  gemma3, source = convert.load_hf(path)
+  stack = gemma3.config.replace(bidirectional_window='split',
+                                eoi_token_id=hf_fixtures.EOI)
+  model = EncoderDecoderModel(EncoderDecoderConfig(
+      stack, stack, tie_embeddings=True, encoder_attention='merged'))
+  params = adapt.Adaptation(str(path)).init_params(model)
+  adapted, source = _flat(params), _flat(source)
+  for prefix in ('encoder/', 'decoder/'):
+    assert _check_stack(adapted, prefix, source,
+                        skip=('eoi_embedding',)) == len(source)
+    assert not adapted[prefix + 'token_embedder/eoi_embedding'].any()
+  assert len(adapted) == 2 * (len(source) + 1)
+  np.testing.assert_array_equal(adapted['encoder/token_embedder/embedding'],
+                                adapted['decoder/token_embedder/embedding'])
+
+  convert.save_hf(model, params, tmp_path / 't5gemma2')
+  reference = hf_fixtures.load(tmp_path / 't5gemma2',
+                               transformers.T5Gemma2ForConditionalGeneration)
+  batch = hf_fixtures.seq2seq_batch(seed=2)
+  error = hf_fixtures.relative_error(
+      model.compute_logits(params, batch),
+      hf_fixtures.seq2seq_logits(reference, batch),
+      batch['decoder_target_tokens'] > 0)
+  print(f'\nGemma 3 -> T5Gemma 2, exported: relative error {error:.2e}')
+  assert error <= 1e-4
+
+
 def test_hf_source_is_checked_against_the_stack(tmp_path):
   """An HF checkpoint loads for its own architecture; another names fields."""
   from t5x_adapt import convert  # pylint: disable=g-import-not-at-top
@@ -236,11 +273,14 @@ def test_held_parameters_stay_out_of_the_clipping_norm():
   assert not np.asarray(updates['decoder']['mlp']).any()
 
 
-def test_tied_embeddings_start_equal_and_stay_equal():
-  model = gin_utils.load_model('t5gemma_tiny', [
+@pytest.mark.parametrize('preset', ['t5gemma_tiny', 't5gemma2_tiny'])
+def test_tied_embeddings_start_equal_and_stay_equal(preset):
+  """T5Gemma with tied tables, and T5Gemma 2 (its end-of-image vectors
+  tied too)."""
+  model = gin_utils.load_model(preset, [
       'EncoderDecoderConfig.tie_embeddings = True'])
   assert model.config.tie_embeddings
-  source = _source(model.config.encoder, seed=11)
+  source = _source(model.config.encoder.as_decoder_only(), seed=11)
   params = adapt.adapt_params(model, source)
   trainer = trainer_lib.Trainer(
       model, partitioning.Partitioner(),
@@ -248,14 +288,24 @@ def test_tied_embeddings_start_equal_and_stay_equal():
   batch = _batch(0)
   state = trainer.init_state({k: v.shape for k, v in batch.items()},
                              params=params)
-  table = lambda s, stack: np.asarray(
-      s.params[stack]['token_embedder']['embedding'])
+  table = lambda s, stack, name='embedding': np.asarray(
+      s.params[stack]['token_embedder'][name])
   before = table(state, 'decoder')
-  for step in range(3):
-    state, _ = trainer.train_step(state, _batch(step))
-  np.testing.assert_array_equal(table(state, 'encoder'),
-                                table(state, 'decoder'))
+  batches = [_batch(step) for step in range(3)]
+  if model.config.decoder.eoi_token_id is not None:
+    for b in batches:  # the end-of-image token in both stacks' inputs
+      b['encoder_input_tokens'][:, 1] = model.config.encoder.eoi_token_id
+      b['decoder_input_tokens'][:, 2] = model.config.decoder.eoi_token_id
+  for b in batches:
+    state, _ = trainer.train_step(state, b)
+  names = ['embedding'] + (['eoi_embedding']
+                           if model.config.decoder.eoi_token_id else [])
+  for name in names:
+    np.testing.assert_array_equal(table(state, 'encoder', name),
+                                  table(state, 'decoder', name))
   assert not np.array_equal(table(state, 'decoder'), before)
+  if len(names) > 1:
+    assert table(state, 'decoder', 'eoi_embedding').any()
   # A fresh tied model starts with one table too.
   fresh = model.get_initial_variables(jax.random.PRNGKey(3), {})['params']
   np.testing.assert_array_equal(fresh['encoder']['token_embedder']['embedding'],

@@ -165,6 +165,18 @@ def test_self_attention(causal, window, rows, heads, kv_heads, cap, length,
                                block_q=block_q, block_kv=block_kv)
 
 
+@pytest.mark.parametrize('window,ahead,ordered', [(3, 5, True), (5, 3, True),
+                                                  (4, 5, False)])
+def test_lopsided_window(window, ahead, ordered):
+  """T5Gemma 2's encoder window: q - W < k < q + A, tiles skipped by it."""
+  rng = np.random.RandomState(window * 10 + ahead)
+  mask = self_attention_mask(rng, 2, 37, 'packed')
+  spec = MaskSpec(causal=False, window=window, index_ordered=ordered,
+                  window_ahead=ahead)
+  assert_blocked_matches_dense(*qkv(rng, 2, 37, 37, 4, 2), mask, spec,
+                               logit_softcap=None, block_q=4, block_kv=4)
+
+
 # -- decoding caches and cross-attention (every tile) ------------------------
 
 
@@ -269,6 +281,22 @@ def test_tile_schedule_follows_the_visible_band():
                                          4096, 512, 512)
   assert list(q_tiles[:5]) == [0, 1, 1, 2, 2]
   assert list(kv_tiles[:5]) == [0, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize('window,ahead', [(5, 9), (9, 5), (8, None)])
+def test_tile_schedule_of_a_two_sided_window_is_the_visible_tiles(window,
+                                                                   ahead):
+  """Exactly the tiles holding a pair i - W < j < i + A (brute force)."""
+  length, block = 64, 4
+  spec = MaskSpec(False, window, True, window_ahead=ahead)
+  i, j = np.meshgrid(np.arange(length), np.arange(length), indexing='ij')
+  visible = (i - j < window) & (j - i < (ahead or window))
+  tiles = visible.reshape(length // block, block, length // block,
+                          block).any(axis=(1, 3))
+  q_tiles, kv_tiles = blocked.tile_pairs(spec, False, length, length, block,
+                                         block)
+  np.testing.assert_array_equal(sorted(zip(q_tiles, kv_tiles)),
+                                sorted(zip(*np.nonzero(tiles))))
 
 
 # -- compiled memory ---------------------------------------------------------

@@ -37,7 +37,7 @@ LOGITS_ATOL = 1e-5
 
 DECODER_ONLY = ('gemma2_tiny', 'gemma3_tiny')
 ENCODER_DECODER = ('t5gemma_tiny', 't5gemma_tiny_unbalanced',
-                   't5gemma3_tiny')
+                   't5gemma3_tiny', 't5gemma2_tiny')
 
 
 def _fan_in(name: str, shape: tuple[int, ...]) -> int:
@@ -67,7 +67,7 @@ def random_params(model, input_shapes, seed: int):
     mean = 0.0
     if name.endswith("['scale']"):
       std, mean = 0.5, (1.0 if 'post_' in name else 0.0)
-    elif name.endswith("['embedding']"):
+    elif name.endswith(("['embedding']", "['eoi_embedding']")):
       std = 0.02
     else:
       std = 1.2 / np.sqrt(_fan_in(name, leaf.shape))

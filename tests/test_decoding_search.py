@@ -442,17 +442,23 @@ def _varied(model: torch.nn.Module, seed: int) -> torch.nn.Module:
   return model.eval()
 
 
-def test_greedy_matches_transformers_generate(tmp_path):
+@pytest.mark.parametrize('name', ['t5gemma', 't5gemma2'])
+def test_greedy_matches_transformers_generate(name, tmp_path):
+  """T5Gemma (cross-attention) and T5Gemma 2 (merged attention)."""
   num_tokens = 16  # > the fixture's sliding window of 5
-  path = hf.save(_varied(hf.t5gemma(), seed=4), tmp_path / 't5gemma')
-  reference = hf.load(path, transformers.T5GemmaForConditionalGeneration)
+  build, cls = {
+      't5gemma': (hf.t5gemma, transformers.T5GemmaForConditionalGeneration),
+      't5gemma2': (hf.t5gemma2,
+                   transformers.T5Gemma2ForConditionalGeneration)}[name]
+  path = hf.save(_varied(build(), seed=4), tmp_path / name)
+  reference = hf.load(path, cls)
   prompts = hf.padded_tokens(seed=7)  # right-padded, lengths 16, 11, 6
   ids = torch.tensor(prompts, dtype=torch.long)
   with torch.no_grad():
     expected = reference.generate(
         input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False,
         num_beams=1, max_new_tokens=num_tokens).numpy()
-  model, params = convert.load_hf(path)
+  model, params = convert.load_hf(path, text_only=True)
   ours = np.asarray(model.predict_batch(
       params, {'encoder_input_tokens': jnp.asarray(prompts)}, num_tokens))
 

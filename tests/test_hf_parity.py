@@ -33,6 +33,20 @@ def t5gemma_checkpoint(request, tmp_path_factory):
   return request.param, path
 
 
+@pytest.fixture(scope='module')
+def t5gemma2_checkpoint(tmp_path_factory):
+  return hf.save(hf.t5gemma2(), tmp_path_factory.mktemp('t5gemma2'))
+
+
+def _with_eoi(batch):
+  """The batch with T5Gemma 2's end-of-image token in both stacks' inputs."""
+  batch = {k: v.copy() for k, v in batch.items()}
+  batch['encoder_input_tokens'][0, 2] = hf.EOI
+  batch['decoder_input_tokens'][1, 3] = hf.EOI
+  batch['decoder_target_tokens'][1, 2] = hf.EOI
+  return batch
+
+
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_decoder_only_logits_match_transformers(decoder_only_checkpoint,
                                                 scan_layers):
@@ -59,6 +73,45 @@ def test_t5gemma_logits_match_transformers(t5gemma_checkpoint, scan_layers):
                             batch['decoder_target_tokens'] > 0)
   print(f't5gemma {name} scan={scan_layers}: relative error {error:.2e}')
   assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_t5gemma2_logits_match_transformers(t5gemma2_checkpoint, scan_layers):
+  """Merged attention, the split encoder window (5 < 16 tokens), GQA, the
+  end-of-image embedding, padded rows."""
+  reference_model = hf.load(t5gemma2_checkpoint,
+                            transformers.T5Gemma2ForConditionalGeneration)
+  batch = _with_eoi(hf.seq2seq_batch(seed=5))
+  reference = hf.seq2seq_logits(reference_model, batch)
+  model, params = convert.load_hf(t5gemma2_checkpoint,
+                                  scan_layers=scan_layers, text_only=True)
+  assert model.config.encoder_attention == 'merged'
+  ours = model.compute_logits(params, batch)
+  error = hf.relative_error(ours, reference,
+                            batch['decoder_target_tokens'] > 0)
+  print(f't5gemma2 scan={scan_layers}: relative error {error:.2e}')
+  assert error <= TOLERANCE
+
+
+def test_t5gemma2_round_trip_and_vision_tower(t5gemma2_checkpoint, tmp_path):
+  """load_hf -> save_hf -> transformers gives the same logits; a vision
+  tower is named, and read past only when asked."""
+  with pytest.raises(convert.UnsupportedArchitectureError,
+                     match='vision tower.*text_only'):
+    convert.load_hf(t5gemma2_checkpoint)
+  cls = transformers.T5Gemma2ForConditionalGeneration
+  model, params = convert.load_hf(t5gemma2_checkpoint, text_only=True)
+  np.testing.assert_array_equal(
+      params['encoder']['token_embedder']['embedding'],
+      params['decoder']['token_embedder']['embedding'])
+  convert.save_hf(model, params, tmp_path)
+  batch = _with_eoi(hf.seq2seq_batch(seed=9))
+  original = hf.seq2seq_logits(hf.load(t5gemma2_checkpoint, cls), batch)
+  exported = hf.seq2seq_logits(hf.load(tmp_path, cls), batch)
+  error = hf.relative_error(exported, original,
+                            batch['decoder_target_tokens'] > 0)
+  print(f't5gemma2 round trip: relative error {error:.2e}')
+  assert error <= 1e-6
 
 
 def test_decoder_only_round_trip(decoder_only_checkpoint, tmp_path):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t5x_adapt.config import StackConfig
 from t5x_adapt.kernels.masks import attention_mask
 from t5x_adapt.layers.norms import RMSNorm
 from t5x_adapt.layers.rope import apply_rope
@@ -179,6 +180,30 @@ def test_sliding_window_definitions():
   np.testing.assert_array_equal(np.flatnonzero(causal[6]), [4, 5, 6])
   np.testing.assert_array_equal(np.flatnonzero(two_sided[6]),
                                 [4, 5, 6, 7, 8])
+
+
+@pytest.mark.parametrize('window', [4, 5, 8, 9])
+def test_split_window_is_transformers_t5gemma2(window):
+  """T5Gemma 2's encoder window (`bidirectional_window='split'`) sees what
+  transformers' t5gemma2 mask function lets it see."""
+  from transformers.models.t5gemma2 import modeling_t5gemma2
+  rule = modeling_t5gemma2.sliding_window_mask_function(window,
+                                                        is_causal=False)
+  n = 3 * window
+  expected = np.array([[bool(rule(0, 0, q, k)) for k in range(n)]
+                       for q in range(n)])
+  stack = StackConfig(attention_pattern=('local',), sliding_window=window,
+                      bidirectional_window='split')
+  behind, ahead = stack.layer_window_bounds(0, causal=False)
+  positions = np.tile(np.arange(n, dtype=np.int32), (BATCH, 1))
+  segments = np.ones((BATCH, n), np.int32)
+  ours = np.asarray(attention_mask(
+      positions, positions, segments, segments, causal=False,
+      window=behind, window_ahead=ahead))[0, 0]
+  np.testing.assert_array_equal(ours, expected)
+  assert ours[n // 2].sum() == window  # W keys, split around the query
+  # The causal decoder of the same stack keeps the plain causal window.
+  assert stack.layer_window_bounds(0, causal=True) == (window, None)
 
 
 def reference_rope(x: np.ndarray, positions: np.ndarray, base: float,

@@ -100,7 +100,18 @@ PRESETS = {
     't5gemma_tiny': ('gemma2_tiny', 'gemma2_tiny'),
     't5gemma_tiny_unbalanced': ('gemma2_tiny_wide', 'gemma2_tiny'),
     't5gemma3_tiny': ('gemma3_tiny', 'gemma3_tiny'),
+    't5gemma2_tiny': ('gemma3_tiny', 'gemma3_tiny'),
+    't5gemma2_270m_270m': ('gemma3_270m', 'gemma3_270m'),
+    't5gemma2_1b_1b': ('gemma3_1b', 'gemma3_1b'),
+    't5gemma2_4b_4b': ('gemma3_4b', 'gemma3_4b'),
 }
+# T5Gemma 2: merged attention (no cross-attention weights), one table for
+# encoder, decoder and head, and an end-of-image vector per embedder.
+T5GEMMA2 = {name for name in PRESETS if name.startswith('t5gemma2_')}
+# The released T5Gemma 2 models add a SigLIP vision encoder of about 417M
+# parameters (arXiv 2512.14856); it is not built here, so only text counts
+# are checked (the totals with the tower are printed).
+VISION_TOWER = 417e6
 
 # Published totals of the decoder-only models (model cards / technical
 # reports; Gemma 3 4B: the language model without its vision encoder).
@@ -142,9 +153,13 @@ def analytic_stack_params(a: Arch, cross_kv_width: Optional[int] = None) -> int:
 
 
 def analytic_params(preset: str) -> int:
+  """Parameters in the tree (T5Gemma 2's tied table counted per stack)."""
   encoder, decoder = PRESETS[preset]
   if encoder is None:
     return analytic_stack_params(ARCH[decoder])
+  if preset in T5GEMMA2:  # No cross-attention; an end-of-image vector each.
+    return sum(analytic_stack_params(ARCH[s]) + ARCH[s].d
+               for s in (encoder, decoder))
   return (analytic_stack_params(ARCH[encoder]) +
           analytic_stack_params(ARCH[decoder], cross_kv_width=ARCH[encoder].d))
 
@@ -207,6 +222,16 @@ def test_preset(preset):
     _check_stack(built.model.config.decoder, decoder)
     assert set(built.shapes) == {'encoder', 'decoder'}
   assert built.count == analytic_params(preset)
+  if preset in T5GEMMA2:
+    config = built.model.config
+    assert (config.encoder_attention, config.tie_embeddings) == ('merged',
+                                                                 True)
+    assert config.encoder.bidirectional_window == 'split'
+    assert config.encoder.eoi_token_id == config.decoder.eoi_token_id
+    unique = built.count - ARCH[decoder].vocab * ARCH[decoder].d - (
+        ARCH[decoder].d)  # the tied table and end-of-image vector, once
+    print(f'\n{preset}: {unique / 1e6:.1f}M text parameters (one table), '
+          f'{(unique + VISION_TOWER) / 1e6:.0f}M with the vision encoder')
   if preset in PUBLISHED:
     assert built.count == pytest.approx(PUBLISHED[preset], rel=PUBLISHED_RTOL)
 

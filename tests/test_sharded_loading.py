@@ -8,9 +8,9 @@ one transformers directory (both stacks and the cross-attention from the
 same arrays). Every leaf must carry the partitioner's
 sharding, the sourced leaves must equal their sources, and no device may
 ever have held the whole tree: the fullest device's peak, sampled during the
-load, stays under half the tree's bytes (a whole tree committed to one
-device would hold all of it; the control, which does just that, must fail
-the same check). Run with `-s` to see the figures.
+load, stays under three quarters of the tree's bytes (a whole tree
+committed to one device would hold all of it; the control, which does just
+that, must fail the same check). Run with `-s` to see the figures.
 """
 
 import json
@@ -22,9 +22,12 @@ import sys
 import pytest
 
 WORKER = pathlib.Path(__file__).with_name('sharded_loading_worker.py')
-# A device holding the whole tree would be at 1.0; a sharded load of these
-# tiny models is near 0.2 (small replicated norms and GQA key/value heads).
-MAX_FRACTION_ON_ONE_DEVICE = 0.5
+# A device holding the whole tree would be at 1.0. A sharded load of these
+# tiny models puts about a quarter of the tree on the fullest device (small
+# replicated norms and GQA key/value heads); an orbax checkpoint saved in
+# another stack layout is converted after the read, so for a moment each
+# device holds its shards in both layouts (0.50 measured for the teacher).
+MAX_FRACTION_ON_ONE_DEVICE = 0.75
 
 
 @pytest.fixture(scope='module')

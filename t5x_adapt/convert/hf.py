@@ -1,4 +1,5 @@
-"""Hugging Face transformers checkpoints: Gemma 2, Gemma 3 (text), T5Gemma.
+"""Hugging Face transformers checkpoints: Gemma 2, Gemma 3 (text), T5Gemma,
+T5Gemma 2 (text).
 
 `load_hf(path)` reads a directory written by `save_pretrained` (config.json +
 safetensors, sharded or not); `save_hf(model, params, path)` writes one that
@@ -7,7 +8,13 @@ small functions beside them.
 
 Window convention: transformers' T5Gemma encoder lets a local layer see
 `|q - k| <= sliding_window`, our masks `|q - k| < window`, so the encoder's
-window is stored one larger here than in the HF config.
+window is stored one larger here than in the HF config. T5Gemma 2's encoder
+splits its `sliding_window` W around the query (`bidirectional_window =
+'split'`, `StackConfig`), the window stored as is.
+
+T5Gemma 2 checkpoints carry a vision tower (SigLIP and a projector); the text
+model is what is read (`text_only`), and `save_hf` writes the text model
+with a minimal, untrained vision tower in its config.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from safetensors import SafetensorError
@@ -26,8 +33,8 @@ from t5x_adapt import layout
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.config import GLOBAL, LOCAL, EncoderDecoderConfig, StackConfig
 from t5x_adapt.convert import lazy
-from t5x_adapt.convert.tables import NameScheme, export_tensors
-from t5x_adapt.convert.tables import lazy_tensors, stack_rules
+from t5x_adapt.convert.tables import IDENTITY, NameScheme, Rule
+from t5x_adapt.convert.tables import export_tensors, lazy_tensors, stack_rules
 from t5x_adapt.models import model_for_config
 
 _PROJECTIONS = {'query': 'q_proj', 'key': 'k_proj', 'value': 'v_proj',
@@ -61,6 +68,20 @@ _DECODER_ONLY = {
 _ENCODER_DECODER = {
     'T5GemmaForConditionalGeneration': ('gemma2', 'lm_head.out_proj.weight'),
 }
+T5GEMMA2 = 'T5Gemma2ForConditionalGeneration'
+# T5Gemma 2: the tensors tied to the encoder's table (absent from files
+# transformers writes, ignored when present), and the vision tower's.
+_T5GEMMA2_TIED = ('lm_head.out_proj.weight', 'model.decoder.embed_tokens.weight',
+                  'model.decoder.embed_tokens.eoi_embedding')
+_T5GEMMA2_VISION = ('model.encoder.vision_tower.',
+                    'model.encoder.multi_modal_projector.')
+# The smallest SigLIP tower transformers builds: `save_hf` writes the text
+# model, and T5Gemma2ForConditionalGeneration always has a tower.
+_PLACEHOLDER_VISION = {
+    'model_type': 'siglip_vision_model', 'hidden_size': 16,
+    'intermediate_size': 32, 'num_hidden_layers': 1, 'num_attention_heads': 2,
+    'image_size': 28, 'patch_size': 14, 'num_channels': 3,
+    'layer_norm_eps': 1e-6, 'hidden_act': 'gelu_pytorch_tanh'}
 _MODEL_TYPES = {'gemma2': ('gemma2', 'Gemma2ForCausalLM'),
                 'gemma3': ('gemma3_text', 'Gemma3ForCausalLM')}
 
@@ -167,6 +188,66 @@ def stack_config_to_hf(cfg: StackConfig, window_offset: int = 0) -> dict:
   }
 
 
+def t5gemma2_config_from_hf(hf: dict, source: str) -> EncoderDecoderConfig:
+  """A T5Gemma2Config dict (text part) -> EncoderDecoderConfig."""
+  encoder_hf = hf['encoder']
+  eoi = encoder_hf.get('eoi_token_index', 256_000)
+  if not hf.get('tie_word_embeddings', True):
+    raise errors.UnsupportedArchitectureError(
+        f'{source}: untied LM head is not supported')
+  enc = stack_config_from_hf(encoder_hf['text_config'], 'gemma3', source)
+  dec = stack_config_from_hf(hf['decoder'], 'gemma3', source)
+  return EncoderDecoderConfig(
+      enc.replace(bidirectional_window='split', eoi_token_id=eoi),
+      dec.replace(eoi_token_id=eoi), tie_embeddings=True,
+      encoder_attention='merged')
+
+
+def t5gemma2_rules(cfg: EncoderDecoderConfig) -> list[Rule]:
+  """T5Gemma 2's text tensors: both embedders read the encoder's table."""
+  table = 'model.encoder.embed_tokens.'
+  rules = (stack_rules(T5GEMMA_NAMES, 'model.encoder.', 'encoder',
+                       cfg.encoder, False) +
+           stack_rules(T5GEMMA_NAMES, 'model.decoder.', 'decoder',
+                       cfg.decoder, False))
+  rules = [Rule(table + 'weight', r.target, r.transform)
+           if r.target[1:] == ('token_embedder', 'embedding') else r
+           for r in rules]
+  return rules + [Rule(table + 'eoi_embedding',
+                       (stack, 'token_embedder', 'eoi_embedding'), IDENTITY)
+                  for stack in ('encoder', 'decoder')]
+
+
+def _t5gemma2_hf_config(config: EncoderDecoderConfig) -> dict:
+  """The T5Gemma2Config dict of a T5Gemma 2 model (text, placeholder
+  vision tower)."""
+  enc, dec = config.encoder, config.decoder
+  problems = []
+  if not config.tie_embeddings:
+    problems.append('tie_embeddings=False (T5Gemma 2 has one table)')
+  if enc.bidirectional_window != 'split':
+    problems.append(f"encoder bidirectional_window={enc.bidirectional_window!r}"
+                    " (T5Gemma 2 splits it: 'split')")
+  if enc.eoi_token_id is None or enc.eoi_token_id != dec.eoi_token_id:
+    problems.append(f'eoi_token_id {enc.eoi_token_id} / {dec.eoi_token_id} '
+                    '(T5Gemma 2 gives both stacks the same one)')
+  if problems:
+    raise errors.UnsupportedArchitectureError(
+        'not a T5Gemma 2 model: ' + '; '.join(problems))
+  text = dict(stack_config_to_hf(enc), model_type='t5gemma2_text')
+  return {
+      'architectures': [T5GEMMA2], 'model_type': 't5gemma2',
+      'encoder': {'model_type': 't5gemma2_encoder', 'text_config': text,
+                  'vision_config': dict(_PLACEHOLDER_VISION),
+                  'mm_tokens_per_image': 4,
+                  'eoi_token_index': enc.eoi_token_id,
+                  'tie_word_embeddings': True},
+      'decoder': dict(stack_config_to_hf(dec), model_type='t5gemma2_decoder'),
+      'eoi_token_index': enc.eoi_token_id, 'vocab_size': dec.vocab_size,
+      'tie_word_embeddings': True, 'is_encoder_decoder': True,
+      'pad_token_id': 0, 'eos_token_id': 1, 'bos_token_id': 2}
+
+
 def read_config(path: pathlib.Path) -> dict:
   return errors.read_json(path / 'config.json',
                           'is this a directory written by save_pretrained?')
@@ -195,7 +276,11 @@ def model_from_hf_config(hf: dict, source: str, scan_layers: bool = True):
              stack_rules(T5GEMMA_NAMES, 'model.decoder.', 'decoder',
                          cfg.decoder, True))
     return model_for_config(cfg), rules, head
-  supported = sorted(_DECODER_ONLY) + sorted(_ENCODER_DECODER)
+  if arch == T5GEMMA2:
+    cfg = t5gemma2_config_from_hf(hf, source).map_stacks(
+        scan_layers=scan_layers)
+    return model_for_config(cfg), t5gemma2_rules(cfg), None
+  supported = sorted(_DECODER_ONLY) + sorted(_ENCODER_DECODER) + [T5GEMMA2]
   raise errors.UnsupportedArchitectureError(
       f'{source}/config.json: architecture {arch!r} is not supported; '
       f'supported: {", ".join(supported)}')
@@ -266,8 +351,30 @@ def _expected_unrolled_shapes(model):
   return model_for_config(unrolled).param_shapes({})
 
 
+def _ignorable(hf: dict, head: Optional[str], text_only: bool):
+  """Names that may be in the checkpoint without a rule."""
+  architectures = hf.get('architectures') or [None]
+  if architectures[0] != T5GEMMA2:
+    return lambda name: name == head
+
+  def ignorable(name):
+    return name in _T5GEMMA2_TIED or (text_only and
+                                      name.startswith(_T5GEMMA2_VISION))
+  return ignorable
+
+
+def _check_vision(names, text_only: bool, source: str) -> None:
+  vision = sorted(n for n in names if n.startswith(_T5GEMMA2_VISION))
+  if vision and not text_only:
+    raise errors.UnsupportedArchitectureError(
+        f'{source}: the checkpoint has a vision tower ({len(vision)} tensors, '
+        f'e.g. {vision[0]!r}), which t5x_adapt does not build; pass '
+        'text_only=True (`python -m t5x_adapt.convert --text_only`) to read '
+        'the text model without it')
+
+
 def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
-                dtype=np.float32):
+                dtype=np.float32, text_only: bool = False):
   """A transformers checkpoint directory, opened but not read.
 
   Args:
@@ -275,6 +382,8 @@ def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
       writes it).
     scan_layers: Layout of the returned tree (see `t5x_adapt.layout`).
     dtype: Parameter dtype.
+    text_only: Read a T5Gemma 2 checkpoint's text model and leave its
+      vision tower (without it, a vision tower is an error).
 
   Returns:
     (model, tree of `lazy.LazyTensor`s): a DecoderOnlyModel or
@@ -289,16 +398,20 @@ def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
   hf = read_config(path)
   model, rules, head = model_from_hf_config(hf, str(path), scan_layers)
   tensors = _SafetensorsDir(path)
+  _check_vision(tensors.names(), text_only, str(path))
   params = lazy_tensors(
       rules, tensors.read, tensors.names(), _expected_unrolled_shapes(model),
-      str(path), ignorable=lambda name: name == head, dtype=dtype)
+      str(path), ignorable=_ignorable(hf, head, text_only),
+      dtype=dtype)
   return model, layout.to_model_layout(params, model.config,
                                        stack=lazy.stacked)
 
 
 def load_hf(path: str | os.PathLike, scan_layers: bool = True,
-            dtype=np.float32):
+            dtype=np.float32, text_only: bool = False):
   """Loads a transformers checkpoint directory into host memory.
+
+  `text_only`: see `lazy_params`.
 
   Returns:
     (model, params): a DecoderOnlyModel or EncoderDecoderModel and its
@@ -307,26 +420,35 @@ def load_hf(path: str | os.PathLike, scan_layers: bool = True,
   Raises:
     See `lazy_params`.
   """
-  model, params = lazy_params(path, scan_layers, dtype)
+  model, params = lazy_params(path, scan_layers, dtype, text_only)
   return model, lazy.place(params)
 
 
 def save_hf(model, params, path: str | os.PathLike) -> pathlib.Path:
   """Writes `params` as a transformers checkpoint (config.json + safetensors).
 
-  Encoder-decoders are written as T5GemmaForConditionalGeneration,
-  decoder-only models as Gemma2ForCausalLM or Gemma3ForCausalLM by family.
+  Encoder-decoders are written as T5GemmaForConditionalGeneration (cross
+  attention, Gemma 2 stacks) or T5Gemma2ForConditionalGeneration (merged
+  attention: the text model, with a placeholder vision tower that
+  transformers initialises and text never reaches), decoder-only models as
+  Gemma2ForCausalLM or Gemma3ForCausalLM by family.
   """
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   config = model.config
   unrolled = layout.to_unrolled(params, config)
-  if isinstance(config, EncoderDecoderConfig):
+  if isinstance(config, EncoderDecoderConfig) and (
+      config.encoder_attention == 'merged'):
+    rules = t5gemma2_rules(config)
+    hf = _t5gemma2_hf_config(config)
+  elif isinstance(config, EncoderDecoderConfig):
     for cfg in (config.encoder, config.decoder):
       if cfg.family != 'gemma2':
         raise errors.UnsupportedArchitectureError(
             'transformers has T5Gemma for Gemma 2 style stacks only, got '
-            f'family {cfg.family!r}')
+            f'family {cfg.family!r} (T5Gemma 2, for Gemma 3 stacks, has '
+            "merged attention: EncoderDecoderConfig.encoder_attention = "
+            "'merged')")
     rules = (stack_rules(T5GEMMA_NAMES, 'model.encoder.', 'encoder',
                          config.encoder, False) +
              stack_rules(T5GEMMA_NAMES, 'model.decoder.', 'decoder',

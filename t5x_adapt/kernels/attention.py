@@ -16,7 +16,7 @@ kernels may give zeros); tests compare the rows that see a key.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,22 +58,35 @@ class MaskSpec:
 
   Attributes:
     causal: Queries see keys at or before their position.
-    window: Sliding window W (|q - k| < W), None for global attention.
+    window: Sliding window W (q - k < W and k - q < W), None for global
+      attention.
     index_ordered: Positions advance by one with the array index inside
       every segment, and queries and keys are the same tokens (self-attention
       over a training or prefill batch, packed or padded). Kernels may then
       skip tiles from indices alone; a decoding cache (a ring buffer) or
       cross-attention is not index-ordered.
+    window_ahead: For a lopsided two-sided window, the bound on k - q
+      instead of W (T5Gemma 2's encoder); None: W.
   """
 
   causal: bool
   window: Optional[int] = None
   index_ordered: bool = False
+  window_ahead: Optional[int] = None
+
+  @property
+  def ahead(self) -> Optional[int]:
+    """The bound on k - q of a windowed mask (None without a window)."""
+    if self.window is None:
+      return None
+    return self.window if self.window_ahead is None else self.window_ahead
 
   def describe(self) -> str:
     kind = 'causal' if self.causal else 'bidirectional'
     if self.window is not None:
       kind += f' window {self.window}'
+      if not self.causal and self.ahead != self.window:
+        kind += f' (ahead {self.ahead})'
     return kind
 
 
@@ -142,6 +155,7 @@ def dense_mask(mask: MaskInputs, spec: MaskSpec) -> jax.Array:
   return attention_mask(mask.query_positions, mask.key_positions,
                         mask.query_segment_ids, mask.key_segment_ids,
                         causal=spec.causal, window=spec.window,
+                        window_ahead=spec.window_ahead,
                         query_prefix=mask.query_prefix,
                         key_prefix=mask.key_prefix)
 
@@ -163,6 +177,40 @@ def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Returns:
     [b, t, n, h] in the query's dtype.
   """
+  return _dense(query, key, value, dense_mask(mask, spec), scale=scale,
+                logit_softcap=logit_softcap)
+
+
+def merged_attention(query: jax.Array,
+                     parts: Sequence[tuple[jax.Array, jax.Array, MaskInputs,
+                                           MaskSpec]],
+                     *, scale: float,
+                     logit_softcap: Optional[float] = None) -> jax.Array:
+  """One softmax over several key sets, each with its own mask.
+
+  T5Gemma 2's merged attention: a decoder query attends over its own
+  (causal, windowed) keys and the encoder's (global) in one softmax. Runs
+  densely (the joined [b, k, g, t, s1 + s2] scores).
+
+  Args:
+    query: [b, t, n, h].
+    parts: (key [b, s_i, k, h], value [b, s_i, k, h], mask, spec) per key set.
+    scale: Multiplies the raw scores.
+    logit_softcap: Softcap of the scaled scores, before masking.
+
+  Returns:
+    [b, t, n, h] in the query's dtype.
+  """
+  key = jnp.concatenate([part[0] for part in parts], axis=1)
+  value = jnp.concatenate([part[1] for part in parts], axis=1)
+  mask = jnp.concatenate([dense_mask(part[2], part[3]) for part in parts],
+                         axis=-1)
+  return _dense(query, key, value, mask, scale=scale,
+                logit_softcap=logit_softcap)
+
+
+def _dense(query, key, value, mask, *, scale, logit_softcap):
+  """`dense_attention` under a boolean mask [b, 1, t, s]."""
   batch, q_len, num_heads, head_dim = query.shape
   num_kv_heads = key.shape[2]
   groups = num_heads // num_kv_heads
@@ -175,7 +223,7 @@ def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   value = value.transpose(0, 2, 1, 3)  # [b, k, s, h]
   scores = jnp.einsum('bkgth,bksh->bkgts', query, key) * scale
   scores = softcap(scores, logit_softcap)
-  scores = jnp.where(dense_mask(mask, spec)[:, :, None], scores,
+  scores = jnp.where(mask[:, :, None], scores,
                      jnp.finfo(scores.dtype).min)  # mask: [b, 1, 1, t, s]
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
   out = jnp.einsum('bkgts,bksh->bkgth', probs.astype(value.dtype), value)

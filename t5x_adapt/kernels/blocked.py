@@ -57,7 +57,8 @@ def tile_pairs(spec: MaskSpec, has_prefix: bool, q_len: int, kv_len: int,
   Without `spec.index_ordered` (or when the query and key lengths differ)
   every pair. Otherwise a tile is left out when no query index i and key
   index j inside it (the real, unpadded ones) satisfy the index rules of the
-  mask: j <= i when causal without prefix flags, |i - j| < W with a window.
+  mask: j <= i when causal without prefix flags, i - j < W and j - i < A
+  with a window (A = `spec.ahead`).
 
   Args:
     spec: The static mask.
@@ -78,9 +79,10 @@ def tile_pairs(spec: MaskSpec, has_prefix: bool, q_len: int, kv_len: int,
       first_k, last_k = kj * block_kv, min((kj + 1) * block_kv, kv_len) - 1
       if skip and spec.causal and not has_prefix and first_k > last_q:
         continue  # every key after every query
-      # Smallest |i - j| over the two index ranges.
-      distance = max(0, first_k - last_q, first_q - last_k)
-      if skip and spec.window is not None and distance >= spec.window:
+      # Smallest i - j (keys behind) and j - i (keys ahead) over the ranges.
+      behind, ahead = first_q - last_k, first_k - last_q
+      if skip and spec.window is not None and (behind >= spec.window or
+                                               ahead >= spec.ahead):
         continue
       q_tiles.append(qi)
       kv_tiles.append(kj)
@@ -193,7 +195,7 @@ class _TiledInputs:
         _tile(m.query_positions, qi), _tile(m.key_positions, kj),
         _tile(m.query_segment_ids, qi), _tile(m.key_segment_ids, kj),
         causal=self.plan.spec.causal, window=self.plan.spec.window,
-        query_prefix=pick(m.query_prefix, qi),
+        window_ahead=self.plan.spec.window_ahead, query_prefix=pick(m.query_prefix, qi),
         key_prefix=pick(m.key_prefix, kj))
     return visible[:, :, None]
 

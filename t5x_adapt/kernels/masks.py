@@ -5,8 +5,10 @@ Every mask used in the project is one call of `attention_mask`:
 * causal (decoder, decoder-only): `causal=True`;
 * bidirectional (encoder): `causal=False`;
 * causal sliding window, `q - W < k <= q`: `causal=True, window=W`;
-* two-sided sliding window, `|q - k| < W` (encoder local layers):
-  `causal=False, window=W`;
+* two-sided sliding window, `|q - k| < W` (T5Gemma encoder local layers):
+  `causal=False, window=W`; a lopsided one, `q - W < k < q + A` (T5Gemma 2
+  splits its window around the query): `causal=False, window=W,
+  window_ahead=A`;
 * padding and packing: segment id 0 is padding, keys attend only within their
   own segment;
 * prefix-LM: `causal=True` plus `query_prefix` / `key_prefix` flags (seqio's
@@ -20,7 +22,6 @@ ring-buffer cache (slots hold their token's position; -1 marks an empty slot).
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 
 def attention_mask(query_positions: jax.Array,
@@ -30,6 +31,7 @@ def attention_mask(query_positions: jax.Array,
                    *,
                    causal: bool,
                    window: Optional[int] = None,
+                   window_ahead: Optional[int] = None,
                    query_prefix: Optional[jax.Array] = None,
                    key_prefix: Optional[jax.Array] = None) -> jax.Array:
   """Boolean mask [batch, 1, q_length, k_length]: True where attention is allowed.
@@ -40,7 +42,10 @@ def attention_mask(query_positions: jax.Array,
     query_segment_ids: [batch, q_length]; 0 marks padding.
     key_segment_ids: [batch, k_length]; 0 marks padding (never attended to).
     causal: Whether a query may only see keys at or before its position.
-    window: Sliding-window size W: only keys with |q - k| < W are seen.
+    window: Sliding-window size W: only keys with q - k < W are seen, and
+      (unless `window_ahead` says otherwise) k - q < W.
+    window_ahead: Keys ahead of the query are seen while k - q < this
+      (default `window`); a causal mask sees none ahead anyway.
     query_prefix: [batch, q_length] bool, queries inside the prefix.
     key_prefix: [batch, k_length] bool, keys inside the prefix.
 
@@ -57,5 +62,6 @@ def attention_mask(query_positions: jax.Array,
       visible |= query_prefix[:, :, None] & key_prefix[:, None, :]
     mask &= visible
   if window is not None:
-    mask &= jnp.abs(q_pos - k_pos) < window
+    ahead = window if window_ahead is None else window_ahead
+    mask &= (q_pos - k_pos < window) & (k_pos - q_pos < ahead)
   return mask[:, None, :, :]

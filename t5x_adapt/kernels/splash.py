@@ -6,6 +6,7 @@ dynamic segment ids (equal ids attend). `MaskSpec` maps onto them as
   causal                    CausalMask
   causal window W           LocalMask(window_size=(W - 1, 0))
   two-sided window W        LocalMask(window_size=(W - 1, W - 1))
+  lopsided window W, A      LocalMask(window_size=(W - 1, A - 1))
   bidirectional             FullMask
   padding / packing         SegmentIds (padding is segment 0)
 
@@ -114,7 +115,7 @@ def _mask_kind(spec: MaskSpec, q_len: int,
     return 'local', (window - 1, 0)
   if window is None:
     return 'full', None
-  return 'local', (window - 1, window - 1)
+  return 'local', (window - 1, spec.ahead - 1)
 
 
 def _static_mask(kind: str, window: Optional[tuple[int, int]], q_len: int,

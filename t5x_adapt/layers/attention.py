@@ -1,4 +1,4 @@
-"""Grouped-query attention for self- and cross-attention, with decoding caches."""
+"""Grouped-query attention: self, cross and merged, with decoding caches."""
 
 from typing import Optional
 
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
 from t5x_adapt.kernels.attention import dot_product_attention, softcap
+from t5x_adapt.kernels.attention import merged_attention
 from t5x_adapt.layers.dense import Projection
 from t5x_adapt.layers.norms import RMSNorm
 from t5x_adapt.layers.rope import apply_rope
@@ -30,6 +31,13 @@ class Attention(nn.Module):
   time it is called (when the cache collection is created), and reads them
   afterwards.
 
+  Merged attention (`merged=True`, T5Gemma 2's decoder) is self-attention
+  whose queries also see the encoder output: its keys and values come from
+  the same key/value projections (and key norm), without RoPE, and join the
+  self keys in one softmax, unmasked but for padding and segments. There are
+  no cross-attention weights; the encoder keys are cached like
+  cross-attention's.
+
   Attributes:
     num_heads: Query heads.
     num_kv_heads: Key/value heads.
@@ -41,6 +49,8 @@ class Attention(nn.Module):
     rope_scale: Linear RoPE scaling factor.
     causal: Causal self-attention (decoder) or bidirectional (encoder).
     window: Sliding window of this layer, None for a global layer.
+    window_ahead: Bound on k - q of a bidirectional window (`MaskSpec`).
+    merged: Self-attention that also attends to `encoded` (see above).
     rms_norm_eps: Epsilon of the QK norms.
     attention_impl: `t5x_adapt.kernels` implementation ('dense', 'blocked',
       'splash', 'cudnn', 'auto').
@@ -58,6 +68,8 @@ class Attention(nn.Module):
   rope_scale: float = 1.0
   causal: bool = True
   window: Optional[int] = None
+  window_ahead: Optional[int] = None
+  merged: bool = False
   rms_norm_eps: float = 1e-6
   attention_impl: str = 'dense'
   dtype: jnp.dtype = jnp.float32
@@ -71,17 +83,23 @@ class Attention(nn.Module):
     return Projection(features, axes, dtype=self.dtype,
                       param_dtype=self.param_dtype, name=name)
 
-  def _project_kv(self, inputs_kv, kv_positions):
+  def _kv_projector(self):
+    """inputs [batch, kv_len, kv_embed] -> (key, value), before RoPE, each
+    [batch, kv_len, kv_heads, head_dim]. Its layers are made once, so
+    merged attention applies them to both the decoder and the encoder."""
     shape = (self.num_kv_heads, self.head_dim)
     axes = ('embed', 'kv_heads', 'head_dim')
-    key = self._projection('key', shape, axes)(inputs_kv)
-    value = self._projection('value', shape, axes)(inputs_kv)
-    if self.use_qk_norm:
-      key = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
-                    name='key_norm')(key)
-    if not self.is_cross_attention:
-      key = apply_rope(key, kv_positions, self.rope_base, self.rope_scale)
-    return key, value  # [batch, kv_length, kv_heads, head_dim]
+    key_projection = self._projection('key', shape, axes)
+    value_projection = self._projection('value', shape, axes)
+    key_norm = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
+                       name='key_norm') if self.use_qk_norm else None
+
+    def project(inputs_kv):
+      key = key_projection(inputs_kv)
+      if key_norm is not None:
+        key = key_norm(key)
+      return key, value_projection(inputs_kv)
+    return project
 
   @nn.compact
   def __call__(self,
@@ -95,7 +113,10 @@ class Attention(nn.Module):
                key_prefix: Optional[jax.Array] = None,
                decode: bool = False,
                cache_length: Optional[int] = None,
-               index_ordered: bool = True) -> jax.Array:
+               index_ordered: bool = True,
+               encoded: Optional[jax.Array] = None,
+               encoder_positions: Optional[jax.Array] = None,
+               encoder_segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Attends from `inputs_q` [batch, q_len, embed] to `inputs_kv` [batch, kv_len, kv_embed].
 
     Args:
@@ -113,6 +134,11 @@ class Attention(nn.Module):
         decoding length); created on the first decoding call.
       index_ordered: The tokens' positions follow their indices inside
         contiguous segments (`kernels.attention.MaskSpec`).
+      encoded: Merged attention only: the encoder output
+        [batch, enc_len, embed].
+      encoder_positions: Merged attention only: [batch, enc_len].
+      encoder_segment_ids: Merged attention only: [batch, enc_len]; 0 is
+        padding.
 
     Returns:
       [batch, q_len, embed].
@@ -128,11 +154,15 @@ class Attention(nn.Module):
     query = nn.with_logical_constraint(
         query, ('batch', 'length', 'heads', 'head_dim'))
 
+    own_query_segment_ids = query_segment_ids
+    project_kv = self._kv_projector()
     if decode and self.is_cross_attention:
       key, value, key_segment_ids = self._cached_cross_kv(
-          inputs_kv, key_positions, key_segment_ids)
+          project_kv, inputs_kv, key_segment_ids)
     else:
-      key, value = self._project_kv(inputs_kv, key_positions)
+      key, value = project_kv(inputs_kv)
+      if not self.is_cross_attention:
+        key = apply_rope(key, key_positions, self.rope_base, self.rope_scale)
     if decode and not self.is_cross_attention:
       key, value, key_positions, key_segment_ids, key_prefix = (
           self._update_self_cache(key, value, key_positions, key_segment_ids,
@@ -145,32 +175,56 @@ class Attention(nn.Module):
     self_over_own_tokens = not (decode or self.is_cross_attention)
     spec = MaskSpec(causal=self.causal and not self.is_cross_attention,
                     window=None if self.is_cross_attention else self.window,
+                    window_ahead=None if self.is_cross_attention else
+                    self.window_ahead,
                     index_ordered=self_over_own_tokens and index_ordered)
     mask = MaskInputs(query_positions, key_positions, query_segment_ids,
                       key_segment_ids,
                       None if self.is_cross_attention else query_prefix,
                       None if self.is_cross_attention else key_prefix)
-    out = dot_product_attention(query, key, value, mask, spec,
-                                scale=self.query_scale,
-                                logit_softcap=self.attn_logit_softcap,
-                                impl=self.attention_impl)
+    if self.merged:
+      encoder_part = self._encoder_part(
+          project_kv, encoded, encoder_positions, encoder_segment_ids,
+          query_positions, own_query_segment_ids, decode)
+      out = merged_attention(query, [(key, value, mask, spec), encoder_part],
+                             scale=self.query_scale,
+                             logit_softcap=self.attn_logit_softcap)
+    else:
+      out = dot_product_attention(query, key, value, mask, spec,
+                                  scale=self.query_scale,
+                                  logit_softcap=self.attn_logit_softcap,
+                                  impl=self.attention_impl)
     out = nn.with_logical_constraint(
         out, ('batch', 'length', 'heads', 'head_dim'))
     return Projection((inputs_q.shape[-1],), ('heads', 'head_dim', 'embed'),
                       contract=2, dtype=self.dtype,
                       param_dtype=self.param_dtype, name='out')(out)
 
-  def _cached_cross_kv(self, inputs_kv, key_positions, key_segment_ids):
+  def _encoder_part(self, project_kv, encoded, encoder_positions,
+                    encoder_segment_ids, query_positions, query_segment_ids,
+                    decode):
+    """Merged attention's encoder keys: (key, value, mask, spec)."""
+    if encoded is None:
+      raise ValueError('merged attention needs the encoder output')
+    if decode:
+      key, value, encoder_segment_ids = self._cached_cross_kv(
+          project_kv, encoded, encoder_segment_ids, prefix='encoder_')
+    else:
+      key, value = project_kv(encoded)
+    mask = MaskInputs(query_positions, encoder_positions, query_segment_ids,
+                      encoder_segment_ids)
+    return key, value, mask, MaskSpec(causal=False)
+
+  def _cached_cross_kv(self, project_kv, inputs_kv, key_segment_ids,
+                       prefix: str = 'cached_'):
     """Encoder keys/values, projected once per encoder output."""
-    def project():
-      return self._project_kv(inputs_kv, key_positions)
-    if self.has_variable('cache', 'cached_key'):
+    if self.has_variable('cache', prefix + 'key'):
       key, value = None, None
     else:
-      key, value = project()
-    cached_key = self.variable('cache', 'cached_key', lambda: key)
-    cached_value = self.variable('cache', 'cached_value', lambda: value)
-    cached_segments = self.variable('cache', 'cached_segment_ids',
+      key, value = project_kv(inputs_kv)
+    cached_key = self.variable('cache', prefix + 'key', lambda: key)
+    cached_value = self.variable('cache', prefix + 'value', lambda: value)
+    cached_segments = self.variable('cache', prefix + 'segment_ids',
                                     lambda: key_segment_ids)
     return cached_key.value, cached_value.value, cached_segments.value
 

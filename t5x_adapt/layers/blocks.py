@@ -1,28 +1,37 @@
-"""One Gemma block: sandwich-normed self-attention, optional cross-attention, MLP."""
+"""One Gemma block: sandwich-normed self-attention, optional cross-attention, MLP.
 
-from typing import Any, Optional
+A decoder block attends to the encoder output in one of two ways
+(`encoder_attention`): 'cross', a cross-attention sublayer of its own
+(T5Gemma), or 'merged', its self-attention's queries also seeing the encoder
+keys (T5Gemma 2: no extra weights).
+"""
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from t5x_adapt.config import StackConfig
 from t5x_adapt.layers.attention import Attention
 from t5x_adapt.layers.mlp import GeGLU
 from t5x_adapt.layers.norms import RMSNorm
 
+ENCODER_ATTENTION = (None, 'cross', 'merged')
+
 
 class Block(nn.Module):
   """`h = h + PostNorm(Sublayer(PreNorm(h)))` for each sublayer.
 
-  The decoder of an encoder-decoder adds a cross-attention sublayer between
-  self-attention and the MLP; the encoder and the decoder-only stack do not.
+  The decoder of a T5Gemma encoder-decoder adds a cross-attention sublayer
+  between self-attention and the MLP; T5Gemma 2's merges it into
+  self-attention; the encoder and the decoder-only stack have neither.
 
   Attributes:
     config: The stack's configuration.
     layer: Index of this block in the stack (decides local / global).
     causal: Causal (decoder) or bidirectional (encoder) self-attention.
-    cross_attention: Whether the block has a cross-attention sublayer.
+    encoder_attention: How the block reads the encoder output: None (it
+      does not), 'cross' (a cross-attention sublayer) or 'merged'.
     deterministic: Disable dropout.
     decode: Use and update the decoding caches.
     cache_length: Total decoding length (slots of a global layer's cache).
@@ -33,7 +42,7 @@ class Block(nn.Module):
   config: StackConfig
   layer: int
   causal: bool = True
-  cross_attention: bool = False
+  encoder_attention: Optional[str] = None
   deterministic: bool = True
   decode: bool = False
   cache_length: Optional[int] = None
@@ -43,7 +52,7 @@ class Block(nn.Module):
     return RMSNorm(self.config.rms_norm_eps, 'embed',
                    self.config.weight_dtype, name=name)
 
-  def _attention(self, name, rope, window):
+  def _attention(self, name, rope, window, window_ahead=None, merged=False):
     cfg = self.config
     rope_base, rope_scale = rope
     return Attention(
@@ -52,6 +61,7 @@ class Block(nn.Module):
         attn_logit_softcap=cfg.attn_logit_softcap,
         use_qk_norm=cfg.use_qk_norm, rope_base=rope_base,
         rope_scale=rope_scale, causal=self.causal, window=window,
+        window_ahead=window_ahead, merged=merged,
         rms_norm_eps=cfg.rms_norm_eps, attention_impl=cfg.attention_impl,
         dtype=cfg.activation_dtype,
         param_dtype=cfg.weight_dtype, name=name)
@@ -73,17 +83,26 @@ class Block(nn.Module):
                encoder_segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """[batch, length, embed] -> [batch, length, embed]."""
     cfg = self.config
+    if self.encoder_attention not in ENCODER_ATTENTION:
+      raise ValueError(f'encoder_attention {self.encoder_attention!r}: '
+                       f'choose one of {ENCODER_ATTENTION}')
+    merged = self.encoder_attention == 'merged'
     h = self._norm('pre_self_attention_norm')(x)
     h = self._attention('self_attention', cfg.layer_rope(self.layer),
-                        cfg.layer_window(self.layer))(
+                        *cfg.layer_window_bounds(self.layer, self.causal),
+                        merged=merged)(
                             h, h, positions, positions, segment_ids,
                             segment_ids, prefix, prefix, decode=self.decode,
                             cache_length=self.cache_length,
-                            index_ordered=self.index_ordered)
+                            index_ordered=self.index_ordered,
+                            **(dict(encoded=encoded,
+                                    encoder_positions=encoder_positions,
+                                    encoder_segment_ids=encoder_segment_ids)
+                               if merged else {}))
     h = self._norm('post_self_attention_norm')(h)
     x = self._residual(x, h)
 
-    if self.cross_attention:
+    if self.encoder_attention == 'cross':
       h = self._norm('pre_cross_attention_norm')(x)
       h = self._attention('cross_attention', (None, 1.0), None)(
           h, encoded, positions, encoder_positions, segment_ids,

@@ -12,19 +12,31 @@ from t5x_adapt.kernels.lm_head_loss import lm_head_logits
 class Embed(nn.Module):
   """Embedding table used both to embed tokens and as the tied output layer.
 
+  With `eoi_token_id` (T5Gemma 2), that token embeds as a vector of its own,
+  `eoi_embedding` (zeros at first, not scaled), and the table's row is used
+  by the LM head only.
+
   Attributes:
     vocab_size: Rows of the table.
     features: Model width.
+    eoi_token_id: The token with its own embedding vector, or None.
     dtype: Activation dtype.
     param_dtype: Parameter dtype.
   """
 
   vocab_size: int
   features: int
+  eoi_token_id: Optional[int] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
+    if self.eoi_token_id is not None:
+      self.eoi_embedding = self.param(
+          'eoi_embedding',
+          nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                       ('embed',)),
+          (self.features,), self.param_dtype)
     self.embedding = self.param(
         'embedding',
         nn.with_logical_partitioning(
@@ -36,7 +48,11 @@ class Embed(nn.Module):
     """Embeds `tokens` [batch, length] -> [batch, length, embed]."""
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
     # Gemma rounds the normaliser to the activation dtype before multiplying.
-    return x * jnp.asarray(self.features**0.5, dtype=self.dtype)
+    x = x * jnp.asarray(self.features**0.5, dtype=self.dtype)
+    if self.eoi_token_id is None:
+      return x
+    return jnp.where((tokens == self.eoi_token_id)[..., None],
+                     self.eoi_embedding.astype(self.dtype), x)
 
   def attend(self, x: jax.Array,
              softcap: Optional[float] = None) -> jax.Array:

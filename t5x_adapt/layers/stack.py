@@ -35,7 +35,7 @@ class Period(nn.Module):
 
   config: StackConfig
   causal: bool
-  cross_attention: bool
+  encoder_attention: Optional[str]
   deterministic: bool = True
   decode: bool = False
   cache_length: Optional[int] = None
@@ -46,7 +46,7 @@ class Period(nn.Module):
                encoder_positions, encoder_segment_ids):
     for j in range(self.config.period):
       x = Block(self.config, layer=j, causal=self.causal,
-                cross_attention=self.cross_attention,
+                encoder_attention=self.encoder_attention,
                 deterministic=self.deterministic, decode=self.decode,
                 cache_length=self.cache_length,
                 index_ordered=self.index_ordered, name=f'block_{j}')(
@@ -71,14 +71,15 @@ class Stack(nn.Module):
   Attributes:
     config: The stack's configuration.
     causal: Causal self-attention (decoders) or bidirectional (encoder).
-    cross_attention: Blocks attend to an encoder output.
+    encoder_attention: How blocks attend to an encoder output: None, 'cross'
+      or 'merged' (`layers.blocks`).
     produce_logits: End with the tied LM head (decoders) or return the
       final-normed hidden states (encoder).
   """
 
   config: StackConfig
   causal: bool = True
-  cross_attention: bool = False
+  encoder_attention: Optional[str] = None
   produce_logits: bool = True
 
   @nn.compact
@@ -123,8 +124,9 @@ class Stack(nn.Module):
       [batch, length, embed].
     """
     cfg = self.config
-    embedder = Embed(cfg.vocab_size, cfg.embed_dim, cfg.activation_dtype,
-                     cfg.weight_dtype, name='token_embedder')
+    embedder = Embed(cfg.vocab_size, cfg.embed_dim, cfg.eoi_token_id,
+                     cfg.activation_dtype, cfg.weight_dtype,
+                     name='token_embedder')
     x = embedder(tokens)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
@@ -142,13 +144,13 @@ class Stack(nn.Module):
           in_axes=(nn.broadcast,) * len(block_args),
           length=cfg.num_periods,
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = scanned(cfg, self.causal, self.cross_attention, **flags,
+      x, _ = scanned(cfg, self.causal, self.encoder_attention, **flags,
                      name='layers')(x, *block_args)
       first_unrolled = cfg.num_periods * cfg.period
     block_cls = _maybe_remat(Block, cfg.remat_policy, scanned=False)
     for i in range(first_unrolled, cfg.num_layers):
       x = block_cls(cfg, layer=i, causal=self.causal,
-                    cross_attention=self.cross_attention, **flags,
+                    encoder_attention=self.encoder_attention, **flags,
                     name=f'layer_{i}')(x, *block_args)
 
     x = RMSNorm(cfg.rms_norm_eps, 'embed', cfg.weight_dtype,
