@@ -9,8 +9,9 @@ The encoder-decoder's parameters are assembled from decoder-only ones:
   decoder/.../cross_attention/...    <- decoder source  .../self_attention/...
                                         (balanced, 'self_attention' mode), or
                                         a fresh random init ('random' mode)
-  decoder/.../{pre,post}_cross_attention_norm  <- fresh init (scale 0, i.e.
-                                        the identity, as the reference
+  decoder/.../{pre,post}_cross_attention_norm  <- fresh init (the identity:
+                                        scale 0 for Gemma's norms, 1 for
+                                        Llama-style ones, as the reference
                                         implementations do)
   */token_embedder/eoi_embedding     <- fresh init (zeros, as transformers'
                                         T5Gemma 2)
@@ -140,7 +141,9 @@ def assembly_plan(target: Mapping[Key, Any],
                        f'{tuple(value.shape)}')
     used[name].add(source_key)
   for name, flat in sources.items():
-    unused = sorted('/'.join(k) for k in set(flat) - used[name])
+    # An encoder has no LM head: an untied one of its source goes unused.
+    unused = sorted('/'.join(k) for k in set(flat) - used[name]
+                    if not (name == 'encoder' and 'lm_head' in k))
     if unused:
       raise ValueError(f'the {name} source has tensors the encoder-decoder '
                        f'does not use: {unused[:5]}')

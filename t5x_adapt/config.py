@@ -1,9 +1,12 @@
-"""Architecture configuration of a Gemma-style transformer stack.
+"""Architecture configuration of a transformer stack.
 
-One `StackConfig` describes one stack of Gemma blocks: the decoder-only model
-has one, an encoder-decoder has two (an encoder and a decoder, which may differ
-in size: the unbalanced T5Gemma models). Gin binds these dataclasses in the
-preset files under `gin/models/`.
+One `StackConfig` describes one stack of blocks: the decoder-only model has
+one, an encoder-decoder has two (an encoder and a decoder, which may differ
+in size: the unbalanced T5Gemma models). The defaults are Gemma's; a few
+settings give the other source families (Llama, Qwen 2, Qwen 3, Mistral:
+SwiGLU, plain RMSNorm weights, no post-norms, unscaled embeddings, QKV
+biases, an untied LM head, Llama 3 RoPE scaling). Gin binds these
+dataclasses in the preset files under `gin/models/`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import jax.numpy as jnp
 
 LOCAL = 'local'
 GLOBAL = 'global'
+MLP_ACTIVATIONS = ('gelu_tanh', 'silu')
+NORM_STYLES = ('gemma', 'plain')
 
 
 @gin.configurable
@@ -47,15 +52,30 @@ class StackConfig:
       masks it).
     rope_local_base: RoPE base of local layers.
     rope_global_base: RoPE base of global layers.
-    rope_global_scale: Linear RoPE scaling factor of global layers (positions
-      are divided by it; Gemma 3 4B uses 8).
+    rope_global_scale: RoPE scaling factor of global layers: linear
+      (positions are divided by it; Gemma 3 4B uses 8), or Llama 3's with
+      `rope_llama3`.
+    rope_llama3: Llama 3's frequency-dependent RoPE scaling of global layers,
+      `(low_freq_factor, high_freq_factor, original_max_position_embeddings)`
+      with `rope_global_scale` as its factor; None: linear scaling.
     attn_logit_softcap: `c * tanh(s / c)` on attention scores, before masking.
     final_logit_softcap: The same on the output logits (decoders only).
     use_qk_norm: Per-head RMSNorm of queries and keys (Gemma 3).
     eoi_token_id: A token embedded by a vector of its own instead of its
       table row (T5Gemma 2's end-of-image token, 256000), or None.
     rms_norm_eps: Epsilon of every RMSNorm.
-    family: `'gemma2'` or `'gemma3'`; picks the transformers class on export.
+    mlp_activation: The gated MLP's activation: 'gelu_tanh' (GeGLU, Gemma)
+      or 'silu' (SwiGLU, Llama, Qwen, Mistral).
+    norm_style: 'gemma' (`x * (1 + scale)`, scale initialised to 0) or
+      'plain' (`x * scale`, initialised to 1).
+    post_norms: Gemma's sandwich norms after each sublayer; without them a
+      block has only pre-norms (Llama).
+    scale_embeddings: Multiply embeddings by sqrt(embed_dim) (Gemma).
+    qkv_bias: Biases on the query, key and value projections (Qwen 2).
+    tie_lm_head: The LM head is the embedding table; otherwise a table of
+      its own (`lm_head`).
+    family: The transformers class family on export: 'gemma2', 'gemma3',
+      'llama', 'qwen2', 'qwen3' or 'mistral'.
     dtype: Activation dtype.
     param_dtype: Parameter dtype.
     scan_layers: Stack the repeating period with `nn.scan` (flat compile time).
@@ -79,11 +99,18 @@ class StackConfig:
   rope_local_base: float = 10_000.0
   rope_global_base: float = 10_000.0
   rope_global_scale: float = 1.0
+  rope_llama3: Optional[tuple[float, float, int]] = None
   attn_logit_softcap: Optional[float] = 50.0
   final_logit_softcap: Optional[float] = 30.0
   use_qk_norm: bool = False
   eoi_token_id: Optional[int] = None
   rms_norm_eps: float = 1e-6
+  mlp_activation: str = 'gelu_tanh'
+  norm_style: str = 'gemma'
+  post_norms: bool = True
+  scale_embeddings: bool = True
+  qkv_bias: bool = False
+  tie_lm_head: bool = True
   family: str = 'gemma2'
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -96,6 +123,13 @@ class StackConfig:
     # Gin hands lists where the dataclass wants tuples.
     object.__setattr__(self, 'attention_pattern',
                        tuple(self.attention_pattern))
+    if self.rope_llama3 is not None:
+      object.__setattr__(self, 'rope_llama3', tuple(self.rope_llama3))
+    for name, value, choices in (
+        ('mlp_activation', self.mlp_activation, MLP_ACTIVATIONS),
+        ('norm_style', self.norm_style, NORM_STYLES)):
+      if value not in choices:
+        raise ValueError(f'{name} must be one of {choices}, got {value!r}')
     for kind in self.attention_pattern:
       if kind not in (LOCAL, GLOBAL):
         raise ValueError(f'attention_pattern entries must be {LOCAL!r} or '
@@ -136,11 +170,12 @@ class StackConfig:
       return window, None
     return (window + 1) // 2, window // 2 + 1
 
-  def layer_rope(self, layer: int) -> tuple[float, float]:
-    """(base, linear scale factor) of the RoPE of layer `layer`."""
+  def layer_rope(self, layer: int) -> tuple[float, float, Optional[tuple]]:
+    """(base, scale factor, Llama 3 scaling or None) of layer `layer`'s
+    RoPE (`layers.rope.apply_rope`)."""
     if self.layer_kind(layer) == LOCAL:
-      return self.rope_local_base, 1.0
-    return self.rope_global_base, self.rope_global_scale
+      return self.rope_local_base, 1.0, None
+    return self.rope_global_base, self.rope_global_scale, self.rope_llama3
 
   @property
   def activation_dtype(self) -> jnp.dtype:

@@ -171,10 +171,12 @@ class BaseModel(abc.ABC):
 
   def lm_head(self, params: Params,
               hidden: jax.Array) -> lm_head_loss.Head:
-    """The tied LM head of this model's decoder on `hidden` [b, t, e]."""
+    """The LM head of this model's decoder on `hidden` [b, t, e]: the
+    embedding table, or the decoder's own `lm_head` table when untied."""
     config = self.config.stacks()['decoder']
+    head = 'token_embedder' if config.tie_lm_head else 'lm_head'
     return lm_head_loss.Head(
-        hidden, params['decoder']['token_embedder']['embedding'],
+        hidden, params['decoder'][head]['embedding'],
         config.final_logit_softcap, config.activation_dtype)
 
   def loss_chunk(self, target_length: int) -> Optional[int]:

@@ -17,12 +17,16 @@ WINDOW = 5
 EOI = VOCAB - 1  # T5Gemma 2's end-of-image token, inside the tiny vocabulary
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def _randomize(model: torch.nn.Module, seed: int,
+               norm_mean: float = 0.0) -> torch.nn.Module:
+  """Every parameter redrawn; norms around `norm_mean` (Gemma's scale
+  `1 + w` is centred by 0, the plain weight of Llama-style norms by 1)."""
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, param in model.named_parameters():
       std = 0.5 if 'norm' in name else 0.15
-      param.copy_(torch.randn(param.shape, generator=generator) * std)
+      mean = norm_mean if 'norm' in name else 0.0
+      param.copy_(mean + torch.randn(param.shape, generator=generator) * std)
   return model.eval()
 
 
@@ -53,6 +57,38 @@ def _gemma3_kwargs(layers):
 def gemma3(layers=7):
   config = transformers.Gemma3TextConfig(**_gemma3_kwargs(layers))
   return _randomize(transformers.Gemma3ForCausalLM(config), 1)
+
+
+def _plain_kwargs(layers):
+  return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5)
+
+
+# The Llama-style source families: (transformers config, model) classes and
+# what each fixture sets to exercise its difference (Llama 3 RoPE scaling
+# with an original context shorter than SEQ and an untied head; Qwen 2's
+# QKV biases; Qwen 3's QK norm; Mistral's window shorter than SEQ).
+PLAIN_FAMILIES = {
+    'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_parameters={'rope_type': 'llama3', 'rope_theta': 500_000.0,
+                         'factor': 8.0, 'low_freq_factor': 1.0,
+                         'high_freq_factor': 4.0,
+                         'original_max_position_embeddings': 8},
+        tie_word_embeddings=False)),
+    'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(tie_word_embeddings=True)),
+    'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(tie_word_embeddings=True)),
+    'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(sliding_window=WINDOW, tie_word_embeddings=False)),
+}
+
+
+def plain_family(name: str, layers=3):
+  config_cls, model_cls, changes = PLAIN_FAMILIES[name]
+  config = config_cls(**_plain_kwargs(layers), **changes)
+  return _randomize(model_cls(config), 4, norm_mean=1.0)
 
 
 def t5gemma2(layers=7):

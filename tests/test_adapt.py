@@ -163,6 +163,42 @@ def test_t5gemma2_from_a_transformers_gemma3(tmp_path):
   assert error <= 1e-4
 
 
+@pytest.mark.parametrize('encoder_attention', ['cross', 'merged'])
+def test_llama_source_into_an_encoder_decoder(encoder_attention, tmp_path):
+  """A Llama (transformers, Llama 3 RoPE, untied head) adapted into a
+  T5Gemma-style encoder-decoder (cross-attention from self-attention) and a
+  merged-attention one: every tensor is its source's; the encoder leaves the
+  untied head; fresh cross-attention norms are the identity (ones)."""
+  from t5x_adapt import convert  # pylint: disable=g-import-not-at-top
+  from t5x_adapt.config import EncoderDecoderConfig  # pylint: disable=g-import-not-at-top
+  from t5x_adapt.models import EncoderDecoderModel  # pylint: disable=g-import-not-at-top
+  path = hf_fixtures.save(hf_fixtures.plain_family('llama'), tmp_path / 'l')
+  llama, source = convert.load_hf(path)
+  stack = llama.config
+  assert stack.rope_llama3 is not None and not stack.tie_lm_head
+  model = EncoderDecoderModel(EncoderDecoderConfig(
+      stack, stack, encoder_attention=encoder_attention))
+  params = adapt.Adaptation(str(path)).init_params(model)
+  adapted, source = _flat(params), _flat(source)
+  assert _check_stack(adapted, 'encoder/', source) == len(source) - 1
+  assert not any('lm_head' in p for p in adapted if p.startswith('encoder/'))
+  assert _check_stack(adapted, 'decoder/', source,
+                      skip=('cross_',)) == len(source)
+  cross = [p for p in adapted if '/cross_attention/' in p]
+  norms = [p for p in adapted if 'cross_attention_norm' in p]
+  if encoder_attention == 'merged':
+    assert not cross and not norms
+  else:
+    assert len(cross) == 4 and norms  # q, k, v, out (scanned: one leaf each)
+    for p in cross:
+      np.testing.assert_array_equal(
+          adapted[p], adapted[p.replace('cross_attention', 'self_attention')])
+    for p in norms:  # only pre-norms in a Llama block
+      assert 'pre_' in p and np.all(adapted[p] == 1.0)
+  batch = hf_fixtures.seq2seq_batch(seed=1)
+  assert np.isfinite(np.asarray(model.compute_logits(params, batch))).all()
+
+
 def test_hf_source_is_checked_against_the_stack(tmp_path):
   """An HF checkpoint loads for its own architecture; another names fields."""
   from t5x_adapt import convert  # pylint: disable=g-import-not-at-top

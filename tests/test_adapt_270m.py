@@ -102,3 +102,66 @@ def test_270m_adaptation_and_teacher_load_within_1_5x_of_their_bytes():
         f'{figures["distinct_bytes"] / gib:.2f} GiB: the encoder, the '
         'decoder and the teacher share the arrays of their one source)')
   assert ratio <= 1.5
+
+
+@pytest.mark.slow
+def test_270m_t5gemma2_trains_and_exports_to_transformers(tmp_path):
+  """The real Gemma 3 270M becomes T5Gemma 2 270M-270M (UL2, merged
+  attention, one table), trains a few steps on this CPU, and `save_hf`
+  writes what transformers' T5Gemma2ForConditionalGeneration loads with our
+  logits."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from t5x_adapt import checkpoints  # pylint: disable=g-import-not-at-top
+  from t5x_adapt import convert  # pylint: disable=g-import-not-at-top
+  from t5x_adapt import gin_utils  # pylint: disable=g-import-not-at-top
+  assets.gemma3_270m_gguf()
+  model_dir = tmp_path / 't5gemma2_270m'
+  steps = 6
+  command = [
+      sys.executable, '-m', 't5x_adapt.train',
+      '--gin_file=gin/adapt/t5gemma2_270m_270m_ul2.gin',
+      f'--gin.MODEL_DIR="{model_dir}"', f'--gin.TRAIN_STEPS={steps}',
+      '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 32}',
+      '--gin.BATCH_SIZE=2', "--gin.StackConfig.dtype='float32'",
+      "--gin.StackConfig.remat_policy='none'", '--gin.FSDP_PARALLELISM=1',
+      '--gin.LEARNING_RATE=1e-4', '--gin.WARMUP_STEPS=1',
+      "--gin.SCHEDULE='constant'", '--gin.LOG_EVERY=1', '--gin.EVAL_EVERY=0',
+      f'--gin.SAVE_EVERY={steps}', '--gin.KEEP=1']
+  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=1500)
+  assert result.returncode == 0, result.stderr[-4000:]
+  train = [json.loads(x)['loss'] for x in
+           (model_dir / 'metrics.jsonl').read_text().splitlines()
+           if '"loss"' in x]
+  assert len(train) == steps
+  assert np.mean(train[-2:]) < np.mean(train[:2])
+
+  model = gin_utils.load_model('t5gemma2_270m_270m', param_dtype='float32')
+  params = checkpoints.restore_params(
+      model_dir / 'checkpoints' / str(steps), model)
+  convert.save_hf(model, params, tmp_path / 'hf')
+  reference = transformers.T5Gemma2ForConditionalGeneration.from_pretrained(
+      tmp_path / 'hf', dtype=torch.float32, attn_implementation='eager').eval()
+  rng = np.random.default_rng(0)
+  encoder = rng.integers(3, 256_000, (2, 40)).astype(np.int32)
+  decoder = np.concatenate([np.full((2, 1), 2), rng.integers(
+      3, 256_000, (2, 19))], axis=1).astype(np.int32)
+  encoder[1, 30:] = 0
+  decoder[1, 12:] = 0
+  batch = {'encoder_input_tokens': encoder, 'decoder_input_tokens': decoder,
+           'decoder_target_tokens': decoder}
+  ours = np.asarray(model.compute_logits(params, batch))
+  with torch.no_grad():
+    theirs = reference(
+        input_ids=torch.tensor(encoder, dtype=torch.long),
+        attention_mask=torch.tensor(encoder > 0, dtype=torch.long),
+        decoder_input_ids=torch.tensor(decoder, dtype=torch.long),
+        decoder_attention_mask=torch.tensor(decoder > 0, dtype=torch.long)
+    ).logits.numpy()
+  valid = decoder > 0
+  error = np.abs(ours - theirs)[valid].max() / np.abs(theirs[valid]).max()
+  print(f'\n270M -> T5Gemma 2 270M-270M, UL2 loss per step '
+        f'{" ".join(f"{x:.3f}" for x in train)}; exported to transformers: '
+        f'maximum relative logit error {error:.2e}')
+  assert error <= 1e-4

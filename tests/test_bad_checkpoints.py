@@ -146,14 +146,17 @@ def test_corrupt_shard_index(good_sharded_checkpoint, tmp_path, text):
 
 def test_unknown_architecture(checkpoint):
   _edit_config(checkpoint,
-               lambda config: config.update(architectures=['LlamaForCausalLM']))
+               lambda config: config.update(architectures=['PhiForCausalLM']))
   with pytest.raises(errors.UnsupportedArchitectureError,
-                     match='LlamaForCausalLM') as info:
+                     match='PhiForCausalLM') as info:
     convert.load_hf(checkpoint)
   message = str(info.value)
   assert str(checkpoint / 'config.json') in message
   for supported in ('Gemma2ForCausalLM', 'Gemma3ForCausalLM',
-                    'T5GemmaForConditionalGeneration'):
+                    'T5GemmaForConditionalGeneration',
+                    'T5Gemma2ForConditionalGeneration', 'LlamaForCausalLM',
+                    'Qwen2ForCausalLM', 'Qwen3ForCausalLM',
+                    'MistralForCausalLM'):
     assert supported in message
 
 

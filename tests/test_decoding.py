@@ -35,7 +35,7 @@ NUM_TOKENS = 20  # generated tokens: more than twice the window of 8
 LENGTHS = (3, 12, 7)  # prompt / encoder input lengths; padded width 12
 LOGITS_ATOL = 1e-5
 
-DECODER_ONLY = ('gemma2_tiny', 'gemma3_tiny')
+DECODER_ONLY = ('gemma2_tiny', 'gemma3_tiny', 'llama_tiny', 'mistral_tiny')
 ENCODER_DECODER = ('t5gemma_tiny', 't5gemma_tiny_unbalanced',
                    't5gemma3_tiny', 't5gemma2_tiny')
 
@@ -59,18 +59,23 @@ def random_params(model, input_shapes, seed: int):
   and their float32 round-off small. Heavier parameters (e.g. everything
   std 0.3) make these tiny models chaotic: a 1e-7 relative change of the
   parameters then moves logits by ~1e-4, more than the tolerance.
+  Llama-style stacks (plain norm weights, no post-norms): norm weights mean
+  1, std 0.5; their residual stream is unnormed, so kernels std
+  0.8 / sqrt(fan_in).
   """
   rng = np.random.RandomState(seed)
+  plain = any(stack.norm_style == 'plain'
+              for stack in model.config.stacks().values())
 
   def draw(path, leaf):
     name = jax.tree_util.keystr(path)
     mean = 0.0
     if name.endswith("['scale']"):
-      std, mean = 0.5, (1.0 if 'post_' in name else 0.0)
-    elif name.endswith(("['embedding']", "['eoi_embedding']")):
+      std, mean = 0.5, (1.0 if 'post_' in name or plain else 0.0)
+    elif name.endswith(("['embedding']", "['eoi_embedding']", "['bias']")):
       std = 0.02
     else:
-      std = 1.2 / np.sqrt(_fan_in(name, leaf.shape))
+      std = (0.8 if plain else 1.2) / np.sqrt(_fan_in(name, leaf.shape))
     value = mean + std * rng.standard_normal(leaf.shape)
     return jnp.asarray(value, leaf.dtype)
 
@@ -119,8 +124,8 @@ class Harness:
     self.is_encdec = isinstance(self.model.config, EncoderDecoderConfig)
     cfg = (self.model.config.decoder if self.is_encdec else
            self.model.config)
-    assert cfg.sliding_window is not None
-    assert cfg.sliding_window < NUM_TOKENS
+    # A window, where there is one, that the generated tokens overrun.
+    assert cfg.sliding_window is None or cfg.sliding_window < NUM_TOKENS
     self.vocab_size = cfg.vocab_size
     self.padded, self.rows = padded_inputs(0, self.vocab_size)
     shapes = {'decoder_input_tokens': (1, 8)}
@@ -306,8 +311,9 @@ def test_reference_is_causal(harness, decoded):
 def _force_eos(harness, out):
   """Params under which a row emits EOS in the middle of its output.
 
-  The EOS row of the (tied) decoder embedding becomes 1.01 times that of a
-  token `g` some row first generates at a middle step. The head then scores
+  The EOS row of the decoder's LM head (its embedding, or its own table when
+  untied) becomes 1.01 times that of a token `g` some row first generates
+  at a middle step. The head then scores
   EOS above every token wherever `g` scored within 1% of the top; at that
   step `g` was the top, so the row ends there at the latest.
   """
@@ -315,7 +321,8 @@ def _force_eos(harness, out):
                    for r in range(len(out)) if out[r, k] not in out[r, :k])
   params = jax.tree_util.tree_map(lambda x: x, harness.params)  # new dicts
   # An encoder-decoder's encoder has its own table; the decoder's is the head.
-  embedder = params['decoder']['token_embedder']
+  embedder = params['decoder'].get('lm_head',
+                                   params['decoder']['token_embedder'])
   embedding = embedder['embedding']
   embedder['embedding'] = embedding.at[EOS].set(
       1.01 * embedding[out[row, step]])

@@ -12,6 +12,8 @@ TOLERANCE = 1e-4
 DECODER_ONLY = {
     'gemma2': (hf.gemma2, transformers.Gemma2ForCausalLM),
     'gemma3': (hf.gemma3, transformers.Gemma3ForCausalLM),
+    **{name: (lambda name=name: hf.plain_family(name), classes[1])
+       for name, classes in hf.PLAIN_FAMILIES.items()},
 }
 ENCODER_DECODER = {
     'balanced': dict(encoder_hidden=64, decoder_hidden=64),

@@ -32,6 +32,13 @@ G3 = dict(family='gemma3', pattern=('local',) * 5 + ('global',),
           rope=(10_000.0, 1_000_000.0, 1.0))
 
 
+def _plain(family, theta, scale=1.0, window=False, **changes):
+  """A Llama-style family's stack style."""
+  return dict(family=family, pattern=('local',) if window else ('global',),
+              softcaps=(None, None), qk_norm=False,
+              rope=(theta, theta, scale), plain=True, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
   """What the papers and model cards say about one stack."""
@@ -48,7 +55,10 @@ class Arch:
   pattern: tuple
   softcaps: tuple  # (attention logits, final logits)
   qk_norm: bool
-  rope: tuple  # (local base, global base, global linear scale)
+  rope: tuple  # (local base, global base, global scale factor)
+  plain: bool = False  # Llama-style block: pre-norms only, SwiGLU
+  qkv_bias: bool = False
+  tied: bool = True  # the LM head is the embedding table
 
 
 def _arch(layers, d, mlp, heads, kv, head_dim, vocab, window, qpas, style,
@@ -75,6 +85,25 @@ ARCH = {
     'gemma2_tiny': _arch(4, 64, 128, 4, 2, 16, 512, 8, 16, G2),
     'gemma2_tiny_wide': _arch(6, 96, 192, 6, 3, 16, 512, 8, 16, G2),
     'gemma3_tiny': _arch(6, 64, 128, 4, 1, 16, 512, 8, 16, G3),
+    # Llama 3.2 1B, Qwen2.5 0.5B, Qwen3 0.6B, Mistral 7B v0.1 (HF configs).
+    'llama3_2_1b': _arch(16, 2048, 8192, 32, 8, 64, 128256, None, 64,
+                         _plain('llama', 500_000.0, 32.0)),
+    'qwen2_5_0_5b': _arch(24, 896, 4864, 14, 2, 64, 151936, None, 64,
+                          _plain('qwen2', 1e6, qkv_bias=True)),
+    'qwen3_0_6b': _arch(28, 1024, 3072, 16, 8, 128, 151936, None, 128,
+                        _plain('qwen3', 1e6), qk_norm=True),
+    'mistral_7b': _arch(32, 4096, 14336, 32, 8, 128, 32000, 4096, 128,
+                        _plain('mistral', 10_000.0, window=True),
+                        tied=False),
+    'llama_tiny': _arch(3, 64, 128, 4, 2, 16, 512, None, 16,
+                        _plain('llama', 500_000.0, 8.0), tied=False),
+    'qwen2_tiny': _arch(3, 64, 128, 4, 2, 16, 512, None, 16,
+                        _plain('qwen2', 1e6, qkv_bias=True)),
+    'qwen3_tiny': _arch(3, 64, 128, 4, 2, 16, 512, None, 16,
+                        _plain('qwen3', 1e6), qk_norm=True),
+    'mistral_tiny': _arch(3, 64, 128, 4, 2, 16, 512, 8, 16,
+                          _plain('mistral', 10_000.0, window=True),
+                          tied=False),
 }
 
 # preset: (encoder stack or None for decoder-only, decoder stack)
@@ -104,6 +133,14 @@ PRESETS = {
     't5gemma2_270m_270m': ('gemma3_270m', 'gemma3_270m'),
     't5gemma2_1b_1b': ('gemma3_1b', 'gemma3_1b'),
     't5gemma2_4b_4b': ('gemma3_4b', 'gemma3_4b'),
+    'llama3_2_1b': (None, 'llama3_2_1b'),
+    'qwen2_5_0_5b': (None, 'qwen2_5_0_5b'),
+    'qwen3_0_6b': (None, 'qwen3_0_6b'),
+    'mistral_7b': (None, 'mistral_7b'),
+    'llama_tiny': (None, 'llama_tiny'),
+    'qwen2_tiny': (None, 'qwen2_tiny'),
+    'qwen3_tiny': (None, 'qwen3_tiny'),
+    'mistral_tiny': (None, 'mistral_tiny'),
 }
 # T5Gemma 2: merged attention (no cross-attention weights), one table for
 # encoder, decoder and head, and an end-of-image vector per embedder.
@@ -122,6 +159,10 @@ PUBLISHED = {
     'gemma3_270m': 268e6,
     'gemma3_1b': 1.0e9,
     'gemma3_4b': 3.88e9,
+    'llama3_2_1b': 1.24e9,
+    'qwen2_5_0_5b': 0.49e9,
+    'qwen3_0_6b': 0.6e9,
+    'mistral_7b': 7.24e9,
 }
 PUBLISHED_RTOL = 0.01
 
@@ -146,10 +187,13 @@ def analytic_stack_params(a: Arch, cross_kv_width: Optional[int] = None) -> int:
   norms; a decoder block of an encoder-decoder adds cross-attention (keys and
   values projected from the encoder width) and its two norms.
   """
-  block = _attention_params(a, a.d) + 3 * a.d * a.mlp + 4 * a.d
+  norms = 2 if a.plain else 4  # Llama-style blocks have pre-norms only
+  biases = (a.heads + 2 * a.kv) * a.head_dim if a.qkv_bias else 0
+  block = _attention_params(a, a.d) + biases + 3 * a.d * a.mlp + norms * a.d
   if cross_kv_width is not None:
-    block += _attention_params(a, cross_kv_width) + 2 * a.d
-  return a.vocab * a.d + a.layers * block + a.d
+    block += _attention_params(a, cross_kv_width) + biases + norms // 2 * a.d
+  tables = 1 if a.tied else 2
+  return tables * a.vocab * a.d + a.layers * block + a.d
 
 
 def analytic_params(preset: str) -> int:
@@ -206,6 +250,11 @@ def _check_stack(config, name):
   assert config.use_qk_norm == a.qk_norm, name
   assert (config.rope_local_base, config.rope_global_base,
           config.rope_global_scale) == a.rope, name
+  assert (config.norm_style == 'plain') == a.plain, name
+  assert config.post_norms != a.plain, name
+  assert config.mlp_activation == ('silu' if a.plain else 'gelu_tanh'), name
+  assert config.scale_embeddings != a.plain, name
+  assert config.qkv_bias == a.qkv_bias and config.tie_lm_head == a.tied, name
 
 
 @pytest.mark.parametrize('preset', sorted(PRESETS))

@@ -1,6 +1,5 @@
 """The adaptation recipes under gin/adapt/ parse and build what they promise."""
 
-import pathlib
 
 import gin
 import jax
@@ -11,7 +10,7 @@ from t5x_adapt import gin_utils
 from t5x_adapt.models import EncoderDecoderModel
 
 RECIPES = sorted(p.name for p in (gin_utils.REPO_ROOT / 'gin' / 'adapt').glob(
-    't5gemma_*.gin'))
+    't5gemma*.gin'))
 # Macros a launch command supplies.
 REQUIRED = ["MODEL_DIR = '/tmp/unused'", 'TRAIN_STEPS = 10',
             "MIXTURE_OR_TASK_NAME = 'corpus_prefix_lm_spm8k'"]
@@ -28,7 +27,8 @@ def _parse(recipe):
 def test_every_size_has_both_objectives():
   sizes = {name.rsplit('_', 1)[0].removesuffix('_prefixlm') for name in RECIPES}
   assert sizes == {'t5gemma_tiny', 't5gemma_270m_270m', 't5gemma_2b_2b',
-                   't5gemma_9b_9b', 't5gemma_9b_2b'}
+                   't5gemma_9b_9b', 't5gemma_9b_2b', 't5gemma2_tiny',
+                   't5gemma2_270m_270m'}
   for size in sizes:
     assert {f'{size}_prefixlm_kd.gin', f'{size}_ul2.gin'} <= set(RECIPES)
 
@@ -41,6 +41,9 @@ def test_recipe_builds_its_model(recipe):
   assert isinstance(model, EncoderDecoderModel)
   lengths = gin.query_parameter('%TASK_FEATURE_LENGTHS')
   assert set(lengths) == {'inputs', 'targets'}
+  if recipe.startswith('t5gemma2_'):
+    assert model.config.encoder_attention == 'merged'
+    assert model.config.tie_embeddings
   unbalanced = not model.config.is_balanced
   assert gin.query_parameter('%CROSS_ATTENTION_WARMUP_STEPS') == (
       1000 if unbalanced else 0)

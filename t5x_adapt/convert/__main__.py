@@ -1,6 +1,7 @@
 """Command line for checkpoint conversion.
 
   python -m t5x_adapt.convert hf-to-orbax HF_DIR CKPT_DIR [--unrolled]
+      [--text_only]
   python -m t5x_adapt.convert gguf-to-orbax FILE.gguf CKPT_DIR [--unrolled]
   python -m t5x_adapt.convert orbax-to-hf CKPT_DIR HF_DIR
   python -m t5x_adapt.convert tokenizer FILE.gguf OUT.model
@@ -27,8 +28,9 @@ def _save_orbax(model, params, out):
 
 
 def _to_orbax(args):
-  _save_orbax(*load.model_and_params(args.src, scan_layers=not args.unrolled),
-              args.out)
+  _save_orbax(*load.model_and_params(
+      args.src, scan_layers=not args.unrolled,
+      text_only=getattr(args, 'text_only', False)), args.out)
 
 
 def _orbax_to_hf(args):
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
     if name.endswith('to-orbax'):
       command.add_argument('--unrolled', action='store_true',
                            help='store unrolled (per-layer) parameters')
+    if name == 'hf-to-orbax':
+      command.add_argument('--text_only', action='store_true',
+                           help="read a T5Gemma 2 checkpoint's text model, "
+                           'leaving its vision tower')
     command.set_defaults(fn=fn)
   args = parser.parse_args(argv)
   try:

@@ -1,5 +1,6 @@
 """Hugging Face transformers checkpoints: Gemma 2, Gemma 3 (text), T5Gemma,
-T5Gemma 2 (text).
+T5Gemma 2 (text), and the decoder-only source families Llama, Qwen 2, Qwen 3
+and Mistral.
 
 `load_hf(path)` reads a directory written by `save_pretrained` (config.json +
 safetensors, sharded or not); `save_hf(model, params, path)` writes one that
@@ -19,6 +20,7 @@ with a minimal, untrained vision tower in its config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -60,6 +62,33 @@ T5GEMMA_NAMES = NameScheme(
            'post_mlp_norm': 'post_feedforward_layernorm'},
     attention=_ATTENTION, projections=_PROJECTIONS, mlp=_MLP)
 
+# Llama-style blocks (Llama, Qwen 2, Qwen 3, Mistral): pre-norms only.
+PLAIN_NAMES = NameScheme(
+    embedding='embed_tokens', final_norm='norm', layer='layers.{i}.',
+    norms={'pre_self_attention_norm': 'input_layernorm',
+           'pre_mlp_norm': 'post_attention_layernorm'},
+    attention=_ATTENTION, projections=_PROJECTIONS, mlp=_MLP)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A Llama-style decoder-only family: its transformers class and what
+  sets it apart (one row of `FAMILIES`)."""
+
+  architecture: str
+  model_type: str
+  qkv_bias: bool = False
+  qk_norm: bool = False
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family('LlamaForCausalLM', 'llama'),
+    Family('Qwen2ForCausalLM', 'qwen2', qkv_bias=True),
+    Family('Qwen3ForCausalLM', 'qwen3', qk_norm=True),
+    Family('MistralForCausalLM', 'mistral'),
+)}
+_FAMILY_OF_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
+
 # Architecture -> (family, tied LM head name).
 _DECODER_ONLY = {
     'Gemma2ForCausalLM': ('gemma2', 'lm_head.weight'),
@@ -98,14 +127,26 @@ def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
   raise errors.UnsupportedArchitectureError(f'{source}: bad layer_types')
 
 
-def _rope(params: Optional[dict], source: str) -> tuple[float, float]:
+def _rope(params: Optional[dict], source: str, llama3: bool = False
+          ) -> tuple[float, float] | tuple[float, float, Optional[tuple]]:
+  """(base, factor) of a rope_parameters dict; with `llama3`, also Llama
+  3's (low, high, original) or None."""
   params = params or {}
   kind = params.get('rope_type', 'default')
-  if kind not in ('default', 'linear'):
+  kinds = ('default', 'linear') + (('llama3',) if llama3 else ())
+  if kind not in kinds:
     raise errors.UnsupportedArchitectureError(
-        f'{source}: rope_type {kind!r} is not supported (default, linear)')
-  factor = float(params.get('factor', 1.0)) if kind == 'linear' else 1.0
-  return float(params.get('rope_theta', 10_000.0)), factor
+        f'{source}: rope_type {kind!r} is not supported ({", ".join(kinds)})')
+  factor = float(params.get('factor', 1.0)) if kind != 'default' else 1.0
+  base = float(params.get('rope_theta', 10_000.0))
+  if not llama3:
+    return base, factor
+  scaling = None
+  if kind == 'llama3':
+    scaling = (float(params['low_freq_factor']),
+               float(params['high_freq_factor']),
+               int(params['original_max_position_embeddings']))
+  return base, factor, scaling
 
 
 def stack_config_from_hf(hf: dict, family: str, source: str,
@@ -248,6 +289,100 @@ def _t5gemma2_hf_config(config: EncoderDecoderConfig) -> dict:
       'pad_token_id': 0, 'eos_token_id': 1, 'bos_token_id': 2}
 
 
+def plain_stack_config_from_hf(hf: dict, family: Family,
+                               source: str) -> StackConfig:
+  """A Llama / Qwen 2 / Qwen 3 / Mistral config dict -> StackConfig."""
+  unsupported = [name for name in ('mlp_bias', 'attention_bias')
+                 if hf.get(name)]
+  if hf.get('hidden_act', 'silu') != 'silu':
+    unsupported.append(f'hidden_act {hf["hidden_act"]!r}')
+  if unsupported:
+    raise errors.UnsupportedArchitectureError(
+        f'{source}: {", ".join(unsupported)} not supported for '
+        f'{family.architecture}')
+  rope = hf.get('rope_parameters') or dict(
+      hf.get('rope_scaling') or {}, rope_theta=hf.get('rope_theta', 10_000.0))
+  base, factor, llama3 = _rope(rope, source, llama3=True)
+  num_layers = hf['num_hidden_layers']
+  window = hf.get('sliding_window')
+  if family.model_type == 'mistral' or hf.get('use_sliding_window'):
+    default_type = 'sliding_attention' if window else 'full_attention'
+  else:
+    default_type, window = 'full_attention', None
+  layer_types = hf.get('layer_types') or [default_type] * num_layers
+  pattern = _pattern(layer_types[:num_layers], source)
+  head_dim = hf.get('head_dim') or hf['hidden_size'] // hf[
+      'num_attention_heads']
+  return StackConfig(
+      vocab_size=hf['vocab_size'], num_layers=num_layers,
+      embed_dim=hf['hidden_size'], mlp_dim=hf['intermediate_size'],
+      num_heads=hf['num_attention_heads'],
+      num_kv_heads=hf['num_key_value_heads'], head_dim=head_dim,
+      query_pre_attn_scalar=head_dim, attention_pattern=pattern,
+      sliding_window=window if LOCAL in pattern else None,
+      rope_local_base=base, rope_global_base=base, rope_global_scale=factor,
+      rope_llama3=llama3, attn_logit_softcap=None, final_logit_softcap=None,
+      use_qk_norm=family.qk_norm, rms_norm_eps=hf['rms_norm_eps'],
+      mlp_activation='silu', norm_style='plain', post_norms=False,
+      scale_embeddings=False, qkv_bias=family.qkv_bias,
+      tie_lm_head=hf.get('tie_word_embeddings', True),
+      family=family.model_type)
+
+
+def plain_stack_config_to_hf(cfg: StackConfig) -> dict:
+  """StackConfig of a Llama-style family -> its transformers config dict."""
+  family = FAMILIES[cfg.family]
+  expected = dict(mlp_activation='silu', norm_style='plain', post_norms=False,
+                  scale_embeddings=False, qkv_bias=family.qkv_bias,
+                  use_qk_norm=family.qk_norm, attn_logit_softcap=None,
+                  final_logit_softcap=None,
+                  query_pre_attn_scalar=cfg.head_dim)
+  differing = [f'{k}={getattr(cfg, k)!r} (expected {v!r})'
+               for k, v in expected.items()
+               if getattr(cfg, k) != v and not (
+                   k == 'query_pre_attn_scalar' and getattr(cfg, k) is None)]
+  if differing:
+    raise errors.UnsupportedArchitectureError(
+        f'{family.architecture} has no equivalent of {", ".join(differing)}')
+  rope = {'rope_type': 'default', 'rope_theta': cfg.rope_global_base}
+  if cfg.rope_llama3 is not None:
+    low, high, original = cfg.rope_llama3
+    rope = dict(rope, rope_type='llama3', factor=cfg.rope_global_scale,
+                low_freq_factor=low, high_freq_factor=high,
+                original_max_position_embeddings=original)
+  elif cfg.rope_global_scale != 1.0:
+    rope = dict(rope, rope_type='linear', factor=cfg.rope_global_scale)
+  local = [cfg.layer_kind(i) == LOCAL for i in range(cfg.num_layers)]
+  hf = {
+      'architectures': [family.architecture], 'model_type': cfg.family,
+      'vocab_size': cfg.vocab_size, 'num_hidden_layers': cfg.num_layers,
+      'hidden_size': cfg.embed_dim, 'intermediate_size': cfg.mlp_dim,
+      'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
+      'hidden_act': 'silu', 'rms_norm_eps': cfg.rms_norm_eps,
+      'rope_parameters': rope, 'tie_word_embeddings': cfg.tie_lm_head,
+      'max_position_embeddings': 8192,
+      'sliding_window': cfg.sliding_window if any(local) else None,
+  }
+  if cfg.family != 'mistral':
+    hf['layer_types'] = ['sliding_attention' if is_local else
+                         'full_attention' for is_local in local]
+    hf['use_sliding_window'] = any(local)
+    hf['max_window_layers'] = 0
+  elif any(local) and not all(local):
+    raise errors.UnsupportedArchitectureError(
+        'MistralForCausalLM slides the window on every layer or none')
+  return hf
+
+
+def _plain_rules(cfg: StackConfig) -> list[Rule]:
+  rules = stack_rules(PLAIN_NAMES, 'model.', 'decoder', cfg, False)
+  if not cfg.tie_lm_head:
+    rules.append(Rule('lm_head.weight', ('decoder', 'lm_head', 'embedding'),
+                      IDENTITY))
+  return rules
+
+
 def read_config(path: pathlib.Path) -> dict:
   return errors.read_json(path / 'config.json',
                           'is this a directory written by save_pretrained?')
@@ -280,7 +415,13 @@ def model_from_hf_config(hf: dict, source: str, scan_layers: bool = True):
     cfg = t5gemma2_config_from_hf(hf, source).map_stacks(
         scan_layers=scan_layers)
     return model_for_config(cfg), t5gemma2_rules(cfg), None
-  supported = sorted(_DECODER_ONLY) + sorted(_ENCODER_DECODER) + [T5GEMMA2]
+  if arch in _FAMILY_OF_ARCHITECTURE:
+    cfg = plain_stack_config_from_hf(hf, _FAMILY_OF_ARCHITECTURE[arch],
+                                     source).replace(scan_layers=scan_layers)
+    head = 'lm_head.weight' if cfg.tie_lm_head else None
+    return model_for_config(cfg), _plain_rules(cfg), head
+  supported = (sorted(_DECODER_ONLY) + sorted(_ENCODER_DECODER) + [T5GEMMA2]
+               + sorted(_FAMILY_OF_ARCHITECTURE))
   raise errors.UnsupportedArchitectureError(
       f'{source}/config.json: architecture {arch!r} is not supported; '
       f'supported: {", ".join(supported)}')
@@ -431,7 +572,8 @@ def save_hf(model, params, path: str | os.PathLike) -> pathlib.Path:
   attention, Gemma 2 stacks) or T5Gemma2ForConditionalGeneration (merged
   attention: the text model, with a placeholder vision tower that
   transformers initialises and text never reaches), decoder-only models as
-  Gemma2ForCausalLM or Gemma3ForCausalLM by family.
+  Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM,
+  Qwen3ForCausalLM or MistralForCausalLM by family.
   """
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
@@ -462,6 +604,9 @@ def save_hf(model, params, path: str | os.PathLike) -> pathlib.Path:
           'vocab_size': config.decoder.vocab_size,
           'tie_word_embeddings': True, 'is_encoder_decoder': True,
           'pad_token_id': 0, 'eos_token_id': 1, 'bos_token_id': 2}
+  elif config.family in FAMILIES:
+    rules = _plain_rules(config)
+    hf = plain_stack_config_to_hf(config)
   else:
     model_type, arch = _MODEL_TYPES[config.family]
     rules = stack_rules(GEMMA_NAMES, 'model.', 'decoder', config, False)

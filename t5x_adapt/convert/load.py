@@ -121,14 +121,15 @@ def _check_stacks(loaded_config, config, names: Optional[Sequence[str]],
 # ------------------------------------------------------------------ loading --
 
 
-def lazy_params(path: str | os.PathLike, scan_layers: bool = True):
+def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
+                text_only: bool = False):
   """(model, tree of float32 `lazy.LazyTensor`s) of a transformers or GGUF
-  file."""
+  file; `text_only`: see `hf.lazy_params`."""
   kind = checkpoint_kind(path)
   if kind == GGUF:
     return gguf.lazy_params(path, scan_layers)
   if kind == TRANSFORMERS:
-    return hf.lazy_params(path, scan_layers)
+    return hf.lazy_params(path, scan_layers, text_only=text_only)
   raise ValueError(f'{path}: an orbax checkpoint has no lazy reader '
                    '(use load_params)')
 
@@ -149,8 +150,9 @@ def _cast(tree, config) -> Any:
 
 
 def _lazy_model_params(path, model, subtrees):
-  """A transformers / GGUF checkpoint as `model`'s lazy parameter tree."""
-  loaded, tree = lazy_params(path, scan_layers=False)
+  """A transformers / GGUF checkpoint as `model`'s lazy parameter tree
+  (`model` has no vision tower, so a checkpoint's is left unread)."""
+  loaded, tree = lazy_params(path, scan_layers=False, text_only=True)
   _check_stacks(loaded.config, model.config, subtrees, str(path))
   # Cast layer by layer, before the scanned layout stacks the layers.
   tree = _cast(only_subtrees(tree, subtrees), model.config)
@@ -201,15 +203,17 @@ def load_decoder_only(path: str | os.PathLike, stack: StackConfig,
   return load_params(path, DecoderOnlyModel(stack), shardings=shardings)
 
 
-def model_and_params(path: str | os.PathLike, scan_layers: bool = True):
+def model_and_params(path: str | os.PathLike, scan_layers: bool = True,
+                     text_only: bool = False):
   """(model, host parameters) of the model a checkpoint describes.
 
   Orbax checkpoints need the model config in their metadata (as
   `python -m t5x_adapt.convert` and `python -m t5x_adapt.adapt` write it)
-  and keep the layout it names; `scan_layers` is for the other kinds.
+  and keep the layout it names; `scan_layers` and `text_only` are for the
+  other kinds.
   """
   if checkpoint_kind(path) != ORBAX:
-    model, tree = lazy_params(path, scan_layers)
+    model, tree = lazy_params(path, scan_layers, text_only)
     return model, lazy.place(tree)
   metadata = checkpoints.read_info(path).get('metadata') or {}
   if 'config' not in metadata:

@@ -73,6 +73,19 @@ class MergeHeads(Transform):
     return (embed, heads * head_dim)
 
 
+class SplitHeadsBias(Transform):
+  """torch q/k/v bias [heads * head_dim] <-> ours [heads, head_dim]."""
+
+  def load(self, x, target_shape):
+    return x.reshape(target_shape)
+
+  def save(self, x):
+    return x.reshape(-1)
+
+  def source_shape(self, target_shape):
+    return (int(np.prod(target_shape)),)
+
+
 class UnitOffset(Transform):
   """Norm weights stored as `1 + scale` (GGUF) <-> ours as `scale`."""
 
@@ -102,6 +115,7 @@ class NameScheme:
   projections: Mapping[str, str]
   mlp: Mapping[str, str]
   suffix: str = '.weight'
+  bias_suffix: str = '.bias'
   norm_transform: Transform = IDENTITY
 
 
@@ -146,11 +160,15 @@ def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
     for attention in attentions:
       for proj in projections:
         is_norm = proj.endswith('norm')
+        name = layer + scheme.attention[attention] + scheme.projections[proj]
         rules.append(Rule(
-            layer + scheme.attention[attention] + scheme.projections[proj] + s,
-            ours + (attention, proj, 'scale' if is_norm else 'kernel'),
+            name + s, ours + (attention, proj, 'scale' if is_norm else 'kernel'),
             scheme.norm_transform if is_norm else
             _PROJECTION_TRANSFORMS[proj]))
+        if cfg.qkv_bias and proj in ('query', 'key', 'value'):
+          rules.append(Rule(name + scheme.bias_suffix,
+                            ours + (attention, proj, 'bias'),
+                            SplitHeadsBias()))
     for part, name in scheme.mlp.items():
       rules.append(Rule(layer + name + s, ours + ('mlp', part, 'kernel'),
                         Transpose()))

@@ -46,7 +46,11 @@ class Attention(nn.Module):
     attn_logit_softcap: Softcap of the scores, applied before masking.
     use_qk_norm: RMSNorm of each query and key head (Gemma 3).
     rope_base: RoPE base; None for cross-attention.
-    rope_scale: Linear RoPE scaling factor.
+    rope_scale: RoPE scaling factor (linear, or Llama 3's with
+      `rope_llama3`).
+    rope_llama3: Llama 3 RoPE scaling (`layers.rope.inverse_frequencies`).
+    qkv_bias: Biases on the query, key and value projections (Qwen 2).
+    norm_style: The QK norms' parameterisation ('gemma' or 'plain').
     causal: Causal self-attention (decoder) or bidirectional (encoder).
     window: Sliding window of this layer, None for a global layer.
     window_ahead: Bound on k - q of a bidirectional window (`MaskSpec`).
@@ -66,6 +70,9 @@ class Attention(nn.Module):
   use_qk_norm: bool = False
   rope_base: Optional[float] = 10_000.0
   rope_scale: float = 1.0
+  rope_llama3: Optional[tuple[float, float, int]] = None
+  qkv_bias: bool = False
+  norm_style: str = 'gemma'
   causal: bool = True
   window: Optional[int] = None
   window_ahead: Optional[int] = None
@@ -80,8 +87,17 @@ class Attention(nn.Module):
     return self.rope_base is None
 
   def _projection(self, name, features, axes):
-    return Projection(features, axes, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name=name)
+    return Projection(features, axes, use_bias=self.qkv_bias,
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=name)
+
+  def _qk_norm(self, name):
+    return RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
+                   style=self.norm_style, name=name)
+
+  def _rope(self, x, positions):
+    return apply_rope(x, positions, self.rope_base, self.rope_scale,
+                      self.rope_llama3)
 
   def _kv_projector(self):
     """inputs [batch, kv_len, kv_embed] -> (key, value), before RoPE, each
@@ -91,8 +107,7 @@ class Attention(nn.Module):
     axes = ('embed', 'kv_heads', 'head_dim')
     key_projection = self._projection('key', shape, axes)
     value_projection = self._projection('value', shape, axes)
-    key_norm = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
-                       name='key_norm') if self.use_qk_norm else None
+    key_norm = self._qk_norm('key_norm') if self.use_qk_norm else None
 
     def project(inputs_kv):
       key = key_projection(inputs_kv)
@@ -146,11 +161,9 @@ class Attention(nn.Module):
     query = self._projection('query', (self.num_heads, self.head_dim),
                              ('embed', 'heads', 'head_dim'))(inputs_q)
     if self.use_qk_norm:
-      query = RMSNorm(self.rms_norm_eps, 'head_dim', self.param_dtype,
-                      name='query_norm')(query)
+      query = self._qk_norm('query_norm')(query)
     if not self.is_cross_attention:
-      query = apply_rope(query, query_positions, self.rope_base,
-                         self.rope_scale)
+      query = self._rope(query, query_positions)
     query = nn.with_logical_constraint(
         query, ('batch', 'length', 'heads', 'head_dim'))
 
@@ -162,7 +175,7 @@ class Attention(nn.Module):
     else:
       key, value = project_kv(inputs_kv)
       if not self.is_cross_attention:
-        key = apply_rope(key, key_positions, self.rope_base, self.rope_scale)
+        key = self._rope(key, key_positions)
     if decode and not self.is_cross_attention:
       key, value, key_positions, key_segment_ids, key_prefix = (
           self._update_self_cache(key, value, key_positions, key_segment_ids,
@@ -196,6 +209,7 @@ class Attention(nn.Module):
                                   impl=self.attention_impl)
     out = nn.with_logical_constraint(
         out, ('batch', 'length', 'heads', 'head_dim'))
+    # The output projection has no bias in any supported family.
     return Projection((inputs_q.shape[-1],), ('heads', 'head_dim', 'embed'),
                       contract=2, dtype=self.dtype,
                       param_dtype=self.param_dtype, name='out')(out)

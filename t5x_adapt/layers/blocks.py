@@ -13,14 +13,16 @@ import jax
 
 from t5x_adapt.config import StackConfig
 from t5x_adapt.layers.attention import Attention
-from t5x_adapt.layers.mlp import GeGLU
+from t5x_adapt.layers.mlp import GatedMLP
 from t5x_adapt.layers.norms import RMSNorm
 
 ENCODER_ATTENTION = (None, 'cross', 'merged')
 
 
 class Block(nn.Module):
-  """`h = h + PostNorm(Sublayer(PreNorm(h)))` for each sublayer.
+  """`h = h + PostNorm(Sublayer(PreNorm(h)))` for each sublayer (Gemma), or
+  `h = h + Sublayer(PreNorm(h))` without `config.post_norms` (Llama, Qwen,
+  Mistral).
 
   The decoder of a T5Gemma encoder-decoder adds a cross-attention sublayer
   between self-attention and the MLP; T5Gemma 2's merges it into
@@ -50,17 +52,23 @@ class Block(nn.Module):
 
   def _norm(self, name):
     return RMSNorm(self.config.rms_norm_eps, 'embed',
-                   self.config.weight_dtype, name=name)
+                   self.config.weight_dtype, style=self.config.norm_style,
+                   name=name)
+
+  def _post_norm(self, name, h):
+    return self._norm(name)(h) if self.config.post_norms else h
 
   def _attention(self, name, rope, window, window_ahead=None, merged=False):
     cfg = self.config
-    rope_base, rope_scale = rope
+    rope_base, rope_scale, rope_llama3 = rope
     return Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, query_scale=cfg.query_scale,
         attn_logit_softcap=cfg.attn_logit_softcap,
         use_qk_norm=cfg.use_qk_norm, rope_base=rope_base,
-        rope_scale=rope_scale, causal=self.causal, window=window,
+        rope_scale=rope_scale, rope_llama3=rope_llama3,
+        qkv_bias=cfg.qkv_bias, norm_style=cfg.norm_style,
+        causal=self.causal, window=window,
         window_ahead=window_ahead, merged=merged,
         rms_norm_eps=cfg.rms_norm_eps, attention_impl=cfg.attention_impl,
         dtype=cfg.activation_dtype,
@@ -99,19 +107,19 @@ class Block(nn.Module):
                                     encoder_positions=encoder_positions,
                                     encoder_segment_ids=encoder_segment_ids)
                                if merged else {}))
-    h = self._norm('post_self_attention_norm')(h)
+    h = self._post_norm('post_self_attention_norm', h)
     x = self._residual(x, h)
 
     if self.encoder_attention == 'cross':
       h = self._norm('pre_cross_attention_norm')(x)
-      h = self._attention('cross_attention', (None, 1.0), None)(
+      h = self._attention('cross_attention', (None, 1.0, None), None)(
           h, encoded, positions, encoder_positions, segment_ids,
           encoder_segment_ids, decode=self.decode)
-      h = self._norm('post_cross_attention_norm')(h)
+      h = self._post_norm('post_cross_attention_norm', h)
       x = self._residual(x, h)
 
     h = self._norm('pre_mlp_norm')(x)
-    h = GeGLU(cfg.mlp_dim, cfg.activation_dtype, cfg.weight_dtype,
-              name='mlp')(h)
-    h = self._norm('post_mlp_norm')(h)
+    h = GatedMLP(cfg.mlp_dim, cfg.mlp_activation, cfg.activation_dtype,
+                 cfg.weight_dtype, name='mlp')(h)
+    h = self._post_norm('post_mlp_norm', h)
     return self._residual(x, h)

@@ -1,4 +1,4 @@
-"""Bias-free projections whose kernels carry logical axis names."""
+"""Projections whose kernels (and optional biases) carry logical axis names."""
 
 import math
 from typing import Sequence
@@ -21,6 +21,8 @@ class Projection(nn.Module):
     features: Output dimensions.
     axes: Logical names of the kernel's dimensions (inputs, then outputs).
     contract: Trailing input dimensions contracted.
+    use_bias: Add a bias over the output dimensions (zeros at first; Qwen 2's
+      query, key and value projections).
     dtype: Activation dtype (inputs and kernel are cast to it).
     param_dtype: Kernel dtype.
   """
@@ -28,6 +30,7 @@ class Projection(nn.Module):
   features: Sequence[int]
   axes: Sequence[str]
   contract: int = 1
+  use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -44,5 +47,12 @@ class Projection(nn.Module):
                         (*in_shape, *features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     contracted = tuple(range(x.ndim - self.contract, x.ndim))
-    return jax.lax.dot_general(
+    y = jax.lax.dot_general(
         x, kernel, ((contracted, tuple(range(self.contract))), ((), ())))
+    if not self.use_bias:
+      return y
+    bias = self.param(
+        'bias', nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), tuple(self.axes)[-len(features):]),
+        features, self.param_dtype)
+    return y + bias.astype(self.dtype)

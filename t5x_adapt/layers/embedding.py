@@ -1,4 +1,4 @@
-"""Token embedding, scaled by sqrt(d_model), tied to the LM head."""
+"""Token embedding (scaled by sqrt(d_model) in Gemma), tied to the LM head."""
 
 from typing import Optional
 
@@ -20,6 +20,7 @@ class Embed(nn.Module):
     vocab_size: Rows of the table.
     features: Model width.
     eoi_token_id: The token with its own embedding vector, or None.
+    scale: Multiply embeddings by sqrt(features) (Gemma; not Llama / Qwen).
     dtype: Activation dtype.
     param_dtype: Parameter dtype.
   """
@@ -27,6 +28,7 @@ class Embed(nn.Module):
   vocab_size: int
   features: int
   eoi_token_id: Optional[int] = None
+  scale: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -47,8 +49,9 @@ class Embed(nn.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Embeds `tokens` [batch, length] -> [batch, length, embed]."""
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
-    # Gemma rounds the normaliser to the activation dtype before multiplying.
-    x = x * jnp.asarray(self.features**0.5, dtype=self.dtype)
+    if self.scale:
+      # Gemma rounds the normaliser to the activation dtype first.
+      x = x * jnp.asarray(self.features**0.5, dtype=self.dtype)
     if self.eoi_token_id is None:
       return x
     return jnp.where((tokens == self.eoi_token_id)[..., None],

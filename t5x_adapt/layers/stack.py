@@ -125,8 +125,8 @@ class Stack(nn.Module):
     """
     cfg = self.config
     embedder = Embed(cfg.vocab_size, cfg.embed_dim, cfg.eoi_token_id,
-                     cfg.activation_dtype, cfg.weight_dtype,
-                     name='token_embedder')
+                     cfg.scale_embeddings, cfg.activation_dtype,
+                     cfg.weight_dtype, name='token_embedder')
     x = embedder(tokens)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
@@ -154,7 +154,10 @@ class Stack(nn.Module):
                     name=f'layer_{i}')(x, *block_args)
 
     x = RMSNorm(cfg.rms_norm_eps, 'embed', cfg.weight_dtype,
-                name='final_norm')(x)
+                style=cfg.norm_style, name='final_norm')(x)
     if return_hidden or not self.produce_logits:
       return x
-    return embedder.attend(x[:, first_logit:], cfg.final_logit_softcap)
+    head = embedder if cfg.tie_lm_head else Embed(
+        cfg.vocab_size, cfg.embed_dim, dtype=cfg.activation_dtype,
+        param_dtype=cfg.weight_dtype, name='lm_head')
+    return head.attend(x[:, first_logit:], cfg.final_logit_softcap)
