@@ -35,7 +35,8 @@ NUM_TOKENS = 20  # generated tokens: more than twice the window of 8
 LENGTHS = (3, 12, 7)  # prompt / encoder input lengths; padded width 12
 LOGITS_ATOL = 1e-5
 
-DECODER_ONLY = ('gemma2_tiny', 'gemma3_tiny', 'llama_tiny', 'mistral_tiny')
+DECODER_ONLY = ('gemma2_tiny', 'gemma3_tiny', 'llama_tiny', 'qwen2_tiny',
+                'qwen3_tiny', 'mistral_tiny')
 ENCODER_DECODER = ('t5gemma_tiny', 't5gemma_tiny_unbalanced',
                    't5gemma3_tiny', 't5gemma2_tiny')
 
