@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-all install clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,11 +28,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m t5x_adapt.demo
 
+# The suite CI runs: everything but the tests marked `slow` (README, "Tests").
 test: $(VENV)/.installed-test
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -rs $(PYTEST_ARGS)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -rs -m "not slow" $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.installed-test
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+# Everything, the slow tests included (about twice as long).
+test-all: $(VENV)/.installed-test
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -rs $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -240,6 +240,7 @@ def pretrained(tmp_path_factory):
   return source, demo.validation_batches(cfg)
 
 
+@pytest.mark.slow
 def test_adapted_step0_loss_is_far_below_random_init(pretrained):
   source, batches = pretrained
   student = demo.adapted_model()
@@ -348,6 +349,7 @@ def test_tied_embeddings_start_equal_and_stay_equal(preset):
                                 fresh['decoder']['token_embedder']['embedding'])
 
 
+@pytest.mark.slow
 def test_adapt_cli_writes_an_exportable_checkpoint(pretrained, tmp_path):
   from t5x_adapt import checkpoints  # pylint: disable=g-import-not-at-top
   from t5x_adapt.config import config_from_dict  # pylint: disable=g-import-not-at-top

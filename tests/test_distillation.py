@@ -158,6 +158,7 @@ def test_temperature_and_top_k_follow_their_definitions():
   np.testing.assert_allclose(loss, expected * temperature**2, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_teacher_receives_no_gradient(student, teacher_params):
   batch, _ = packed_batch()
   params = student.get_initial_variables(jax.random.PRNGKey(0), {})['params']

@@ -125,6 +125,7 @@ def test_eval_script_writes_a_checkpoints_metrics(model_dir, compile_cache):
   assert f'step 40 {TASK}: cross_entropy' in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_every_checkpoint_once(model_dir, compile_cache):
   output = model_dir / 'eval'
   _run([sys.executable, '-m', 't5x_adapt.eval', '--gin_file=gin/runs/eval.gin',

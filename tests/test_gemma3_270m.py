@@ -14,6 +14,8 @@ import transformers
 from t5x_adapt import assets
 from t5x_adapt import convert
 
+pytestmark = pytest.mark.slow  # see the README, "Tests"
+
 PASSAGE_TOKENS = 256
 
 # Charles Dickens, A Tale of Two Cities (1859), public domain.

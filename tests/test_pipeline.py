@@ -45,6 +45,7 @@ def test_resume_reads_the_same_batches(tmp_path):
                             expected[1]['encoder_input_tokens'])
 
 
+@pytest.mark.slow
 def test_hosts_read_their_rows_and_share_one_position(tmp_path):
   """Two hosts' rows make each global batch; one position resumes any host."""
   n, m = 2, 3

@@ -89,6 +89,7 @@ def test_tiny_recipe_compiles_for_v5p_2x2x1_and_reports_memory(tmp_path):
   assert report['analytic_flops'] > 0
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_fails_naming_the_chip(tmp_path):
   result, report = _precompile(
       tmp_path, '--topology=v5e:1x1', '--gin.BATCH_SIZE=2048',

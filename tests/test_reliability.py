@@ -28,6 +28,7 @@ from t5x_adapt.checkpoints import integrity
 # ------------------------------------------------------- diverging runs --
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_after_n_skipped_steps(tmp_path, compile_cache):
   """--gin.LEARNING_RATE=1e9: the loss is NaN from step 3; with N = 3 the
   run stops at step 5, names the last checkpoint, and wrote no NaNs."""

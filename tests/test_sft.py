@@ -215,6 +215,7 @@ def test_sft_steps_lower_the_loss_encoder_decoder(tmp_path):
   assert losses[-1] < losses[0] - 1.0
 
 
+@pytest.mark.slow
 def test_sft_steps_lower_the_loss_decoder_only_cli(tmp_path):
   """`python -m t5x_adapt.train` with the SFT recipe."""
   command = [sys.executable, '-m', 't5x_adapt.train',

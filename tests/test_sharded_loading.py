@@ -21,6 +21,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # see the README, "Tests"
+
 WORKER = pathlib.Path(__file__).with_name('sharded_loading_worker.py')
 # A device holding the whole tree would be at 1.0. A sharded load of these
 # tiny models puts about a quarter of the tree on the fullest device (small

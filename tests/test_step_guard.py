@@ -136,6 +136,7 @@ def test_an_update_that_overflows_is_not_applied():
   _assert_equal(states[2].params, states[1].params)
 
 
+@pytest.mark.slow
 def test_a_loss_spike_is_skipped_when_asked():
   guard = step_guard.StepGuard(spike_factor=3.0, spike_warmup_steps=2)
   states, metrics = _run(_trainer(guard), [1.0, 1.0, 1.0, 10.0, 2.0])

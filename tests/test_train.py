@@ -75,6 +75,7 @@ def test_cli_decoder_only(decoder_only_run):
   assert 'Model vocabulary: 512 -> 8192' in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_encoder_decoder(tmp_path, compile_cache):
   preset, task = ENCODER_DECODER
   result = _train(compile_cache, tmp_path, 6, *FAST, 'LOG_EVERY=2',
