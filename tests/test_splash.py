@@ -113,20 +113,22 @@ def splash_128(*args, **kwargs):
 # -- splash, interpret mode on CPU ---------------------------------------------
 
 
-@pytest.mark.parametrize('causal,window,packed', [
-    (True, None, False),  # decoder, GQA 4 / 2
-    (True, 64, True),  # causal sliding window, packed
-    (False, 64, True),  # encoder local layer, two-sided
-    (False, None, True),  # encoder global layer
+@pytest.mark.parametrize('causal,window,packed,ahead', [
+    (True, None, False, None),  # decoder, GQA 4 / 2
+    (True, 64, True, None),  # causal sliding window, packed
+    (False, 64, True, None),  # encoder local layer, two-sided
+    (False, 32, True, 33),  # T5Gemma 2's encoder: window 64 split
+    (False, None, True, None),  # encoder global layer
 ])
-def test_splash_matches_dense(causal, window, packed):
+def test_splash_matches_dense(causal, window, packed, ahead):
   mask = packed_batch()
   if not packed:
     ones = jnp.ones((BATCH, LENGTH), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(LENGTH), (BATCH, LENGTH))
     mask = MaskInputs(positions, positions, ones, ones)
   assert_matches_dense(splash_128, mask,
-                       MaskSpec(causal, window, index_ordered=True))
+                       MaskSpec(causal, window, index_ordered=True,
+                                window_ahead=ahead))
 
 
 def test_splash_softcap():
