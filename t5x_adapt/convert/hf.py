@@ -100,7 +100,8 @@ _ENCODER_DECODER = {
 T5GEMMA2 = 'T5Gemma2ForConditionalGeneration'
 # T5Gemma 2: the tensors tied to the encoder's table (absent from files
 # transformers writes, ignored when present), and the vision tower's.
-_T5GEMMA2_TIED = ('lm_head.out_proj.weight', 'model.decoder.embed_tokens.weight',
+_T5GEMMA2_TIED = ('lm_head.out_proj.weight',
+                  'model.decoder.embed_tokens.weight',
                   'model.decoder.embed_tokens.eoi_embedding')
 _T5GEMMA2_VISION = ('model.encoder.vision_tower.',
                     'model.encoder.multi_modal_projector.')
@@ -127,20 +128,18 @@ def _pattern(layer_types: list[str], source: str) -> tuple[str, ...]:
   raise errors.UnsupportedArchitectureError(f'{source}: bad layer_types')
 
 
-def _rope(params: Optional[dict], source: str, llama3: bool = False
-          ) -> tuple[float, float] | tuple[float, float, Optional[tuple]]:
-  """(base, factor) of a rope_parameters dict; with `llama3`, also Llama
-  3's (low, high, original) or None."""
+def _rope(params: Optional[dict], source: str,
+          kinds: tuple[str, ...] = ('default', 'linear')
+          ) -> tuple[float, float, Optional[tuple]]:
+  """(base, factor, Llama 3's (low, high, original) or None) of a
+  rope_parameters dict whose rope_type is one of `kinds`."""
   params = params or {}
   kind = params.get('rope_type', 'default')
-  kinds = ('default', 'linear') + (('llama3',) if llama3 else ())
   if kind not in kinds:
     raise errors.UnsupportedArchitectureError(
         f'{source}: rope_type {kind!r} is not supported ({", ".join(kinds)})')
   factor = float(params.get('factor', 1.0)) if kind != 'default' else 1.0
   base = float(params.get('rope_theta', 10_000.0))
-  if not llama3:
-    return base, factor
   scaling = None
   if kind == 'llama3':
     scaling = (float(params['low_freq_factor']),
@@ -163,10 +162,10 @@ def stack_config_from_hf(hf: dict, family: str, source: str,
   rope = hf.get('rope_parameters') or {'rope_theta': hf.get('rope_theta',
                                                             10_000.0)}
   if 'full_attention' in rope:
-    global_base, global_scale = _rope(rope['full_attention'], source)
-    local_base, local_scale = _rope(rope.get('sliding_attention'), source)
+    global_base, global_scale, _ = _rope(rope['full_attention'], source)
+    local_base, local_scale, _ = _rope(rope.get('sliding_attention'), source)
   else:
-    global_base, global_scale = _rope(rope, source)
+    global_base, global_scale, _ = _rope(rope, source)
     local_base, local_scale = global_base, global_scale
   if local_scale != 1.0:
     raise errors.UnsupportedArchitectureError(
@@ -302,7 +301,8 @@ def plain_stack_config_from_hf(hf: dict, family: Family,
         f'{family.architecture}')
   rope = hf.get('rope_parameters') or dict(
       hf.get('rope_scaling') or {}, rope_theta=hf.get('rope_theta', 10_000.0))
-  base, factor, llama3 = _rope(rope, source, llama3=True)
+  base, factor, llama3 = _rope(rope, source,
+                               kinds=('default', 'linear', 'llama3'))
   num_layers = hf['num_hidden_layers']
   window = hf.get('sliding_window')
   if family.model_type == 'mistral' or hf.get('use_sliding_window'):
@@ -335,12 +335,12 @@ def plain_stack_config_to_hf(cfg: StackConfig) -> dict:
   expected = dict(mlp_activation='silu', norm_style='plain', post_norms=False,
                   scale_embeddings=False, qkv_bias=family.qkv_bias,
                   use_qk_norm=family.qk_norm, attn_logit_softcap=None,
-                  final_logit_softcap=None,
-                  query_pre_attn_scalar=cfg.head_dim)
+                  final_logit_softcap=None)
   differing = [f'{k}={getattr(cfg, k)!r} (expected {v!r})'
-               for k, v in expected.items()
-               if getattr(cfg, k) != v and not (
-                   k == 'query_pre_attn_scalar' and getattr(cfg, k) is None)]
+               for k, v in expected.items() if getattr(cfg, k) != v]
+  if cfg.query_scale != cfg.head_dim**-0.5:
+    differing.append(f'query_pre_attn_scalar={cfg.query_pre_attn_scalar!r}'
+                     f' (expected {cfg.head_dim})')
   if differing:
     raise errors.UnsupportedArchitectureError(
         f'{family.architecture} has no equivalent of {", ".join(differing)}')

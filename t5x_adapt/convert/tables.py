@@ -162,7 +162,8 @@ def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
         is_norm = proj.endswith('norm')
         name = layer + scheme.attention[attention] + scheme.projections[proj]
         rules.append(Rule(
-            name + s, ours + (attention, proj, 'scale' if is_norm else 'kernel'),
+            name + s,
+            ours + (attention, proj, 'scale' if is_norm else 'kernel'),
             scheme.norm_transform if is_norm else
             _PROJECTION_TRANSFORMS[proj]))
         if cfg.qkv_bias and proj in ('query', 'key', 'value'):

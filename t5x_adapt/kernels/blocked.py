@@ -195,7 +195,8 @@ class _TiledInputs:
         _tile(m.query_positions, qi), _tile(m.key_positions, kj),
         _tile(m.query_segment_ids, qi), _tile(m.key_segment_ids, kj),
         causal=self.plan.spec.causal, window=self.plan.spec.window,
-        window_ahead=self.plan.spec.window_ahead, query_prefix=pick(m.query_prefix, qi),
+        window_ahead=self.plan.spec.window_ahead,
+        query_prefix=pick(m.query_prefix, qi),
         key_prefix=pick(m.key_prefix, kj))
     return visible[:, :, None]
 

@@ -103,10 +103,9 @@ class Block(nn.Module):
                             segment_ids, prefix, prefix, decode=self.decode,
                             cache_length=self.cache_length,
                             index_ordered=self.index_ordered,
-                            **(dict(encoded=encoded,
-                                    encoder_positions=encoder_positions,
-                                    encoder_segment_ids=encoder_segment_ids)
-                               if merged else {}))
+                            encoded=encoded,
+                            encoder_positions=encoder_positions,
+                            encoder_segment_ids=encoder_segment_ids)
     h = self._post_norm('post_self_attention_norm', h)
     x = self._residual(x, h)
 
