@@ -4,7 +4,10 @@
                         response "positive" / "negative"; accuracy of the
                         generated label
   sft_continuation_{v}  prompt: an instruction and three sentences of the
-                        corpus, response: the sentence that follows them
+                        corpus, response: the sentence that follows them;
+                        ROUGE of the generated sentence against it
+  sft_mixture_{v}       both, in equal proportions (instruction tuning on
+                        more than one kind of request)
 
 The template and how each vocabulary spells its markers:
 `t5x_adapt.data.sft`. Splits are the sources' (train, validation).
@@ -77,7 +80,12 @@ def _register(vocab_name, vocabulary, ensure):
   seqio.TaskRegistry.add(
       f'sft_continuation_{vocab_name}', source=corpus.source(ensure),
       preprocessors=[_continuation_exchanges, *steps],
-      output_features=features, metric_fns=[])
+      output_features=features, postprocess_fn=sft.strip_end_of_turn,
+      metric_fns=[t5_metrics.rouge])
+  seqio.MixtureRegistry.add(
+      f'sft_mixture_{vocab_name}',
+      [f'sft_sentiment_{vocab_name}', f'sft_continuation_{vocab_name}'],
+      default_rate=1.0)
 
 
 for _name, (_vocabulary, _ensure) in VOCABULARIES.items():

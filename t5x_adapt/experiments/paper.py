@@ -1,0 +1,566 @@
+r"""T5Gemma's findings at small scale, reproduced with one command.
+
+  python -m t5x_adapt.experiments.paper            # the grid of gin/experiments/paper.gin
+  python -m t5x_adapt.experiments.paper --quick    # the same stages, tiny sizes
+  python -m t5x_adapt.experiments.paper --gin.RUN_DIR="'/tmp/paper'" \
+      --gin.Settings.finetune_seeds="(0, 1, 2, 3, 4)"
+
+Every training stage is a `t5x_adapt.train` run of the project's own gin
+files (its checkpoints, metrics.jsonl and TensorBoard logs under
+RUN_DIR/<stage>), and every stage, measurement included, is reused when its
+result exists, so an interrupted grid continues where it stopped:
+
+  1. sources/{small,large}: two Gemma 2 style decoder-only models
+     (gin/experiments/stacks/) pretrained on the corpus;
+  2. adapt/<candidate>: the models compared, each trained for the same steps
+     on the same number of tokens per step (`CANDIDATES`):
+       small_small_prefixlm_kd  both stacks from small, PrefixLM + KD (teacher small)
+       small_small_ul2          both stacks from small, UL2
+       large_small_warmup       encoder from large, decoder from small, PrefixLM +
+                                KD (teacher large), cross-attention trained
+                                alone for the first steps (the paper's warm-up)
+       large_small              the same without the warm-up
+       small_small_scratch      the small-small model from random weights,
+                                PrefixLM on the ground truth
+       small_decoder_only       the small source trained on (the decoder-only
+                                baseline of about the same inference cost)
+  3. finetune/<candidate>/{classification,sft}_seed<k>: each candidate but the
+     scratch one, per seed, fine-tuned on sentiment classification
+     (gin/finetune/classification.gin: a head on the encoder, or on the
+     decoder of the decoder-only model) and instruction-tuned on the SFT
+     mixture (gin/finetune/sft.gin), then evaluated (`t5x_adapt.eval`);
+  4. measurements: the PrefixLM validation loss (ground-truth targets) of
+     every saved adaptation checkpoint and of the sources, and the greedy
+     decode latency of each architecture.
+
+The report (`report.py`) goes to RUN_DIR: results.json, results.md (the
+table and, per claim of the paper, whether its direction reproduced),
+quality_vs_steps.png and quality_vs_latency.png.
+"""
+
+from __future__ import annotations
+
+if __name__ == '__main__':
+  # `python -m t5x_adapt.experiments.paper`: run the importable module, so
+  # that gin knows its functions once, under their module's name.
+  from t5x_adapt.experiments import paper as _paper  # pylint: disable=import-self
+  _paper.main()
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from absl import logging
+import gin
+import jax
+import numpy as np
+
+from t5x_adapt import adapt
+from t5x_adapt import cli
+from t5x_adapt import demo
+from t5x_adapt import eval as eval_lib
+from t5x_adapt import gin_utils
+from t5x_adapt import train as train_lib
+from t5x_adapt.convert import load
+from t5x_adapt.distillation import DistillationModel
+from t5x_adapt.experiments import report
+
+LM_TASK = 'corpus_lm_spm8k'
+PREFIX_LM_TASK = 'corpus_prefix_lm_spm8k'
+UL2_TASK = 'corpus_ul2_spm8k'
+CLASSIFICATION_TASK = 'sentiment_cls_spm8k'
+SFT_TASK = 'sft_mixture_spm8k'
+MODELS = 'gin/experiments/models'
+QUICK_FILE = 'gin/experiments/paper_quick.gin'
+DEFAULT_FILE = 'gin/experiments/paper.gin'
+RESULT = 'result.json'  # a finished measurement, in its stage directory
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the grid trains and measures; every value is bound in the gin file.
+
+  Attributes:
+    pretrain_steps: Steps of each decoder-only source.
+    pretrain_batch_size: Their batch.
+    pretrain_length: Their sequence length.
+    pretrain_learning_rate: Their peak learning rate.
+    adapt_steps: Steps of every candidate (adaptation, scratch, continued).
+    adapt_batch_size: Their batch.
+    prefix_lm_lengths: PrefixLM {'inputs', 'targets'} lengths; the continued
+      decoder-only model reads sequences of their sum (the same tokens).
+    ul2_lengths: UL2 lengths.
+    adapt_learning_rate: Peak learning rate of the candidates.
+    cross_attention_warmup_steps: Steps in which only cross-attention trains
+      (large_small_warmup).
+    curve_points: Checkpoints per candidate evaluated for the curves.
+    curve_batches: PrefixLM validation batches of each curve point.
+    warmup_steps: Learning-rate warm-up of every training stage.
+    finetune_seeds: One fine-tuning run per seed (its head, dropout and data
+      order).
+    finetune_learning_rate: Peak (then constant) fine-tuning learning rate.
+    classification_steps, classification_batch_size, classification_length:
+      The sentiment classifier's fine-tuning.
+    classification_eval_batches: Validation batches of its accuracy.
+    sft_steps, sft_batch_size, sft_lengths: Instruction tuning.
+    sft_eval_examples: Validation examples per SFT task evaluated.
+    eval_batch_size: Batch of the SFT evaluation.
+    latency_prompt_length: Prompt (encoder input) tokens of the latency runs.
+    latency_new_tokens: Tokens generated in them.
+    latency_repeats: Timed calls (the median counts).
+  """
+
+  pretrain_steps: int
+  pretrain_batch_size: int
+  pretrain_length: int
+  pretrain_learning_rate: float
+  adapt_steps: int
+  adapt_batch_size: int
+  prefix_lm_lengths: Mapping[str, int]
+  ul2_lengths: Mapping[str, int]
+  adapt_learning_rate: float
+  cross_attention_warmup_steps: int
+  curve_points: int
+  curve_batches: int
+  warmup_steps: int
+  finetune_seeds: Sequence[int]
+  finetune_learning_rate: float
+  classification_steps: int
+  classification_batch_size: int
+  classification_length: int
+  classification_eval_batches: int
+  sft_steps: int
+  sft_batch_size: int
+  sft_lengths: Mapping[str, int]
+  sft_eval_examples: int
+  eval_batch_size: int
+  latency_prompt_length: int
+  latency_new_tokens: int
+  latency_repeats: int
+
+  @property
+  def save_every(self) -> int:
+    return max(self.adapt_steps // self.curve_points, 1)
+
+  def as_dict(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# Bindings of every training stage: these models are 4-6 layers deep, and
+# unscanned layers run a quarter faster on a CPU than `nn.scan`'s.
+COMMON = ('StackConfig.scan_layers = False', 'LOG_EVERY = 10')
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One `t5x_adapt.train` run: gin files, task, steps, bindings."""
+  path: str
+  files: tuple[str, ...]
+  task: str
+  steps: int
+  bindings: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """A model of the comparison and how it is trained from the sources.
+
+  Attributes:
+    name: Directory and key.
+    label: Its name in tables and plots.
+    model: Its gin file under gin/experiments/models (without .gin).
+    finetuned: Whether it is fine-tuned.
+  """
+  name: str
+  label: str
+  model: str
+  finetuned: bool = True
+
+  @property
+  def model_file(self) -> str:
+    return f'{MODELS}/{self.model}.gin'
+
+  @property
+  def encoder_decoder(self) -> bool:
+    return self.model.startswith('encdec')
+
+
+CANDIDATES = (
+    Candidate('small_small_prefixlm_kd', 'small-small, PrefixLM + KD',
+              'encdec_small_small'),
+    Candidate('small_small_ul2', 'small-small, UL2', 'encdec_small_small'),
+    Candidate('large_small_warmup', 'large-small, PrefixLM + KD, warm-up',
+              'encdec_large_small'),
+    Candidate('large_small', 'large-small, PrefixLM + KD, no warm-up',
+              'encdec_large_small'),
+    Candidate('small_small_scratch', 'small-small from scratch',
+              'encdec_small_small', finetuned=False),
+    Candidate('small_decoder_only', 'small decoder-only, trained on',
+              'decoder_only_small'),
+)
+SOURCES = ('small', 'large')
+
+
+def _lengths(lengths: Mapping[str, int]) -> str:
+  return repr(dict(lengths))
+
+
+# ---------------------------------------------------------------- stages --
+
+
+def source_stage(settings: Settings, size: str) -> Stage:
+  """Pretraining of the `size` decoder-only source."""
+  steps = settings.pretrain_steps
+  return Stage(
+      f'sources/{size}',
+      ('gin/runs/pretrain.gin', f'{MODELS}/decoder_only_{size}.gin'),
+      LM_TASK, steps,
+      (*COMMON, f'BATCH_SIZE = {settings.pretrain_batch_size}',
+       f"TASK_FEATURE_LENGTHS = {{'targets': {settings.pretrain_length}}}",
+       f'LEARNING_RATE = {settings.pretrain_learning_rate}',
+       f'WARMUP_STEPS = {settings.warmup_steps}', 'EVAL_EVERY = 0',
+       f'SAVE_EVERY = {steps}'))
+
+
+def adaptation_stage(settings: Settings, candidate: Candidate,
+                     sources: Mapping[str, str]) -> Stage:
+  """The candidate's training from the sources (or from scratch)."""
+  small, large = sources['small'], sources['large']
+  recipe, task, lengths, extra = {
+      'small_small_prefixlm_kd': (
+          'gin/adapt/prefixlm_kd.gin', PREFIX_LM_TASK,
+          settings.prefix_lm_lengths, [f"SOURCE_CHECKPOINT = '{small}'"]),
+      'small_small_ul2': (
+          'gin/adapt/ul2.gin', UL2_TASK, settings.ul2_lengths,
+          [f"SOURCE_CHECKPOINT = '{small}'"]),
+      'large_small_warmup': (
+          'gin/adapt/prefixlm_kd.gin', PREFIX_LM_TASK,
+          settings.prefix_lm_lengths,
+          [f"SOURCE_CHECKPOINT = '{large}'",
+           f"DECODER_SOURCE_CHECKPOINT = '{small}'",
+           'CROSS_ATTENTION_WARMUP_STEPS = '
+           f'{settings.cross_attention_warmup_steps}']),
+      'large_small': (
+          'gin/adapt/prefixlm_kd.gin', PREFIX_LM_TASK,
+          settings.prefix_lm_lengths,
+          [f"SOURCE_CHECKPOINT = '{large}'",
+           f"DECODER_SOURCE_CHECKPOINT = '{small}'"]),
+      'small_small_scratch': (
+          'gin/runs/pretrain_encdec.gin', PREFIX_LM_TASK,
+          settings.prefix_lm_lengths, []),
+      'small_decoder_only': (
+          'gin/runs/pretrain.gin', LM_TASK,
+          {'targets': sum(settings.prefix_lm_lengths.values())},
+          [f"INIT_CHECKPOINT = '{small}'"]),
+  }[candidate.name]
+  # A recipe rebinds the preset's MODEL, so it comes after the model file;
+  # a plain run file comes first, as on the command line.
+  files = ((candidate.model_file, recipe) if recipe.startswith('gin/adapt')
+           else (recipe, candidate.model_file))
+  return Stage(
+      f'adapt/{candidate.name}', files, task, settings.adapt_steps,
+      (*COMMON, f'BATCH_SIZE = {settings.adapt_batch_size}',
+       f'TASK_FEATURE_LENGTHS = {_lengths(lengths)}',
+       f'LEARNING_RATE = {settings.adapt_learning_rate}',
+       f'WARMUP_STEPS = {settings.warmup_steps}', 'EVAL_EVERY = 0',
+       f'SAVE_EVERY = {settings.save_every}', 'KEEP = None', *extra))
+
+
+def _seeded(settings: Settings, seed: int) -> tuple[str, ...]:
+  return (*COMMON, f'Trainer.seed = {seed}', f'get_dataset.seed = {seed}',
+          f'LEARNING_RATE = {settings.finetune_learning_rate}',
+          f'WARMUP_STEPS = {settings.warmup_steps}', 'KEEP = 1')
+
+
+def classification_stage(settings: Settings, candidate: Candidate,
+                         init_checkpoint: str, seed: int) -> Stage:
+  """Sentiment classification from the candidate's encoder (or decoder)."""
+  steps = settings.classification_steps
+  backbone = ('@EncoderDecoderModel()' if candidate.encoder_decoder
+              else '@DecoderOnlyModel()')
+  return Stage(
+      f'finetune/{candidate.name}/classification_seed{seed}',
+      (candidate.model_file, 'gin/finetune/classification.gin'),
+      CLASSIFICATION_TASK, steps,
+      (*_seeded(settings, seed), f'BACKBONE = {backbone}', 'NUM_CLASSES = 2',
+       f"INIT_CHECKPOINT = '{init_checkpoint}'",
+       f"TASK_FEATURE_LENGTHS = {{'inputs': {settings.classification_length}}}",
+       f'BATCH_SIZE = {settings.classification_batch_size}',
+       f'EVAL_EVERY = {steps}',
+       f'EVAL_STEPS = {settings.classification_eval_batches}',
+       f'SAVE_EVERY = {steps}'))
+
+
+def sft_stage(settings: Settings, candidate: Candidate, init_checkpoint: str,
+              seed: int) -> Stage:
+  """Instruction tuning on the SFT mixture."""
+  steps = settings.sft_steps
+  return Stage(
+      f'finetune/{candidate.name}/sft_seed{seed}',
+      (candidate.model_file, 'gin/finetune/sft.gin'), SFT_TASK, steps,
+      (*_seeded(settings, seed), f"INIT_CHECKPOINT = '{init_checkpoint}'",
+       f'TASK_FEATURE_LENGTHS = {_lengths(settings.sft_lengths)}',
+       f'BATCH_SIZE = {settings.sft_batch_size}', 'EVAL_EVERY = 0',
+       f'SAVE_EVERY = {steps}'))
+
+
+# -------------------------------------------------------------- running --
+
+
+class Runner:
+  """Runs stages under a root directory, reusing finished ones.
+
+  Attributes:
+    root: The run directory.
+    seconds: Wall seconds of each stage run (or reused) by this process.
+  """
+
+  def __init__(self, root: pathlib.Path, total_stages: int):
+    self.root = root
+    self.seconds: dict[str, float] = {}
+    self._start = time.perf_counter()
+    self._total = total_stages
+
+  def _announce(self, path: str) -> None:
+    elapsed = time.perf_counter() - self._start
+    print(f'[{elapsed:7.1f}s] stage {len(self.seconds) + 1}/{self._total}: '
+          f'{path}', flush=True)
+
+  def train(self, stage: Stage) -> pathlib.Path:
+    """The stage's final checkpoint (trained unless it exists)."""
+    return self.measure(stage.path, lambda: {'checkpoint': str(
+        demo.run_stage(self.root / stage.path, stage.files, stage.steps,
+                       stage.task, stage.bindings))}, cache=False
+                        )['checkpoint']
+
+  def measure(self, path: str, compute: Callable[[], dict],
+              cache: bool = True) -> dict:
+    """`compute()`'s result, read from path/result.json when it is there."""
+    self._announce(path)
+    began = time.perf_counter()
+    result_file = self.root / path / RESULT
+    if cache and result_file.exists():
+      result = json.loads(result_file.read_text())
+    else:
+      result = compute()
+      if cache:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole, then renamed: a stopped run leaves no half result.
+        partial = result_file.with_suffix('.partial')
+        partial.write_text(json.dumps(result, indent=1))
+        partial.replace(result_file)
+    self.seconds[path] = round(time.perf_counter() - began, 1)
+    return result
+
+
+def _eval_sft(settings: Settings, candidate: Candidate,
+              checkpoint: pathlib.Path, output_dir: pathlib.Path) -> dict:
+  """{task: metrics} of the instruction-tuned checkpoint (t5x_adapt.eval)."""
+  gin.clear_config()
+  gin_utils.parse_gin(
+      ('gin/runs/eval.gin', candidate.model_file),
+      ['StackConfig.scan_layers = False', f"CHECKPOINT_PATH = '{checkpoint}'",
+       f"OUTPUT_DIR = '{output_dir}'", f"MIXTURE_OR_TASK_NAME = '{SFT_TASK}'",
+       f'TASK_FEATURE_LENGTHS = {_lengths(settings.sft_lengths)}',
+       f'BATCH_SIZE = {settings.eval_batch_size}',
+       f'NUM_EXAMPLES = {settings.sft_eval_examples}'])
+  (results,) = eval_lib.evaluate().values()
+  return results
+
+
+def _final_eval_line(model_dir: pathlib.Path) -> dict[str, float]:
+  lines = (model_dir / train_lib.METRICS_FILE).read_text().splitlines()
+  line = [json.loads(l) for l in lines if 'eval_accuracy' in l][-1]
+  return {'accuracy': line['eval_accuracy'], 'loss': line['eval_loss']}
+
+
+def finetune(runner: Runner, settings: Settings, candidate: Candidate,
+             init_checkpoint: str) -> dict[str, list[dict]]:
+  """Per seed: classification accuracy and SFT metrics of the candidate."""
+  out = {'classification': [], 'sft': []}
+  for seed in settings.finetune_seeds:
+    stage = classification_stage(settings, candidate, init_checkpoint, seed)
+    runner.train(stage)
+    out['classification'].append(runner.measure(
+        f'{stage.path}/final', lambda s=stage: _final_eval_line(
+            runner.root / s.path)))
+    stage = sft_stage(settings, candidate, init_checkpoint, seed)
+    final = runner.train(stage)
+    out['sft'].append(runner.measure(
+        f'{stage.path}/final', lambda s=stage, f=final: _eval_sft(
+            settings, candidate, f, runner.root / s.path / 'eval')))
+  return out
+
+
+# --------------------------------------------------------- measurements --
+
+
+def _build(model_file: str):
+  """The model of a gin file (the experiment's stacks, unscanned)."""
+  return gin_utils.load_model(model_file, ['StackConfig.scan_layers = False'])
+
+
+def _saved_steps(model_dir: pathlib.Path) -> list[int]:
+  directory = model_dir / train_lib.CHECKPOINT_DIR
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _curve_inputs(settings: Settings, candidate: Candidate,
+                  sources: Mapping[str, str], model_dir: pathlib.Path):
+  """(loss_fn(params, batch), model to load into, {step: params or path})."""
+  if not candidate.encoder_decoder:
+    # The decoder-only model's loss on the same target halves, given the
+    # prefix (what the distillation teacher is scored with).
+    scorer = DistillationModel(_build(f'{MODELS}/encdec_small_small.gin'
+                                      ).config,
+                               teacher_config=_build(candidate.model_file
+                                                     ).config)
+    points = {0: sources['small']}
+    loss_fn, model = scorer.teacher_loss, scorer.teacher
+  else:
+    model = _build(candidate.model_file)
+    if candidate.name == 'small_small_scratch':
+      # The scratch run's initialisation (Trainer seed 0).
+      start = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
+    else:
+      start = adapt.Adaptation(
+          sources['large' if candidate.model == 'encdec_large_small'
+                  else 'small'],
+          decoder_checkpoint=sources['small']).init_params(model)
+    points = {0: start}
+    loss_fn = lambda params, batch: model.loss_fn(params, batch, None)
+  for step in _saved_steps(model_dir):
+    points[step] = str(model_dir / train_lib.CHECKPOINT_DIR / str(step))
+  return loss_fn, model, points
+
+
+def prefix_lm_curve(settings: Settings, candidate: Candidate,
+                    sources: Mapping[str, str], model_dir: pathlib.Path,
+                    batches) -> dict:
+  """{'steps': [...], 'loss': [...]}: PrefixLM validation loss per step."""
+  loss_fn, model, points = _curve_inputs(settings, candidate, sources,
+                                         model_dir)
+  losses = {}
+  for step, params in points.items():
+    if isinstance(params, str):
+      params = load.load_params(params, model)
+    losses[step] = demo.mean_loss(loss_fn, params, batches)
+  steps = sorted(losses)
+  return {'steps': steps, 'loss': [losses[s] for s in steps]}
+
+
+def source_loss(size: str, checkpoint: str, batches) -> dict:
+  """A source's PrefixLM validation loss (the targets given the prefix)."""
+  scorer = DistillationModel(
+      _build(f'{MODELS}/encdec_{size}_small.gin').config)
+  params = load.load_params(checkpoint, scorer.teacher)
+  return {'loss': demo.mean_loss(scorer.teacher_loss, params, batches)}
+
+
+def decode_latency(settings: Settings, model_file: str) -> dict:
+  """Greedy generation of one prompt: median seconds over the repeats.
+
+  Random weights and prompts: the time does not depend on the values, and
+  `predict_batch` generates every position (a finished row is padded).
+  """
+  model = _build(model_file)
+  encoder_decoder = 'encoder' in model.config.stacks()
+  key = 'encoder_input_tokens' if encoder_decoder else 'decoder_input_tokens'
+  vocab = model.config.vocab_size
+  tokens = np.random.default_rng(0).integers(
+      3, vocab, (1, settings.latency_prompt_length), dtype=np.int32)
+  tokens[:, 0] = 2  # BOS
+  params = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
+  predict = jax.jit(model.predict_batch, static_argnums=2).lower(
+      params, {key: tokens}, settings.latency_new_tokens).compile()
+  call = lambda: jax.block_until_ready(predict(params, {key: tokens}))
+  call()
+  times = []
+  for _ in range(settings.latency_repeats):
+    began = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - began)
+  params_count = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  return {'seconds': statistics.median(times), 'parameters': params_count}
+
+
+# ------------------------------------------------------------------ run --
+
+
+def _stage_count(settings: Settings) -> int:
+  finetuned = sum(c.finetuned for c in CANDIDATES)
+  seeds = len(settings.finetune_seeds)
+  architectures = 4
+  return (2 * len(SOURCES) + 2 * len(CANDIDATES) + 4 * finetuned * seeds +
+          architectures)
+
+
+LATENCY_MODELS = {
+    'small decoder-only': f'{MODELS}/decoder_only_small.gin',
+    'large decoder-only': f'{MODELS}/decoder_only_large.gin',
+    'small-small': f'{MODELS}/encdec_small_small.gin',
+    'large-small': f'{MODELS}/encdec_large_small.gin',
+}
+
+
+@gin.configurable
+def experiment(settings: Settings = gin.REQUIRED,
+               run_dir: str = gin.REQUIRED,
+               name: str = 'paper') -> dict:
+  """Runs (or reuses) every stage, writes the report; returns the results."""
+  start = time.perf_counter()
+  root = pathlib.Path(run_dir).absolute()
+  root.mkdir(parents=True, exist_ok=True)
+  runner = Runner(root, _stage_count(settings))
+  sources = {size: str(runner.train(source_stage(settings, size)))
+             for size in SOURCES}
+  batches = demo.validation_batches(demo.DemoConfig(
+      batch_size=settings.adapt_batch_size,
+      inputs_length=settings.prefix_lm_lengths['inputs'],
+      targets_length=settings.prefix_lm_lengths['targets'],
+      eval_batches=settings.curve_batches))
+  results = {'name': name, 'settings': settings.as_dict(), 'sources': {},
+             'curves': {}, 'finetune': {}, 'latency': {}}
+  for size, checkpoint in sources.items():
+    results['sources'][size] = runner.measure(
+        f'sources/{size}/prefix_lm_loss',
+        lambda s=size, c=checkpoint: source_loss(s, c, batches))
+  for candidate in CANDIDATES:
+    stage = adaptation_stage(settings, candidate, sources)
+    final = runner.train(stage)
+    results['curves'][candidate.name] = runner.measure(
+        f'{stage.path}/prefix_lm_curve',
+        lambda c=candidate, s=stage: prefix_lm_curve(
+            settings, c, sources, root / s.path, batches))
+    if candidate.finetuned:
+      results['finetune'][candidate.name] = finetune(runner, settings,
+                                                     candidate, str(final))
+  for label, model_file in LATENCY_MODELS.items():
+    results['latency'][label] = runner.measure(
+        f'latency/{pathlib.Path(model_file).stem}',
+        lambda f=model_file: decode_latency(settings, f))
+  results['stage_seconds'] = runner.seconds
+  results['total_seconds'] = round(time.perf_counter() - start, 1)
+  report.write(root, results, CANDIDATES)
+  print(f'\nThe grid took {results["total_seconds"] / 60:.1f} min '
+        f'({root}).', flush=True)
+  return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Command line: `--quick` stands for the quick grid's gin file, and
+  without any --gin_file the full grid's is used."""
+  argv = list(sys.argv if argv is None else argv)
+  quick = '--quick' in argv
+  argv = [a for a in argv if a != '--quick']
+  if not any(a.startswith('--gin_file') for a in argv):
+    argv.insert(1, f'--gin_file={QUICK_FILE if quick else DEFAULT_FILE}')
+  elif quick:
+    argv.insert(1, f'--gin_file={QUICK_FILE}')
+  logging.set_verbosity(logging.ERROR)
+  cli.run(experiment, argv)
