@@ -65,6 +65,12 @@ def stack_inputs(batch: Batch, prefix: str, tokens_key: str,
   return tokens, positions, segment_ids
 
 
+def shapes_key(input_shapes: Mapping[str, tuple[int, ...]]) -> tuple:
+  """A hashable key of {feature: shape}."""
+  return tuple(sorted((name, tuple(shape))
+                      for name, shape in input_shapes.items()))
+
+
 class BaseModel(abc.ABC):
   """Common interface of the decoder-only and encoder-decoder models.
 
@@ -119,19 +125,29 @@ class BaseModel(abc.ABC):
     variables = self._init(rng, self._init_args(input_shapes))
     return {'params': nn.meta.unbox(variables['params'])}
 
+  def _abstract_variables(self, input_shapes: Mapping[str, tuple[int, ...]]):
+    """The boxed variables of `module.init`, traced once per input shapes.
+
+    Everything traced, nothing run: this works under any mesh, also one of
+    devices this process cannot run on (`t5x_adapt.precompile`). A run asks
+    for shapes and axes many times (shardings, loaders, the adaptation) and
+    a trace of a deep unscanned model takes a second or more.
+    """
+    cache = self.__dict__.setdefault('_abstract_cache', {})
+    key = shapes_key(input_shapes)
+    if key not in cache:
+      cache[key] = jax.eval_shape(lambda: self._init(
+          jax.random.PRNGKey(0), self._init_args(input_shapes)))
+    return cache[key]
+
   def logical_axes(self, input_shapes: Mapping[str, tuple[int, ...]]):
     """Logical axis names of every parameter, as a tree of PartitionSpecs."""
-    # Everything traced, nothing run: this works under any mesh, also one of
-    # devices this process cannot run on (`t5x_adapt.precompile`).
-    boxed = jax.eval_shape(lambda: self._init(jax.random.PRNGKey(0),
-                                              self._init_args(input_shapes)))
-    return nn.get_partition_spec(boxed)['params']
+    return nn.get_partition_spec(
+        self._abstract_variables(input_shapes))['params']
 
   def param_shapes(self, input_shapes: Mapping[str, tuple[int, ...]]):
     """Parameter ShapeDtypeStructs, without allocating anything."""
-    return jax.eval_shape(
-        lambda: self.get_initial_variables(jax.random.PRNGKey(0),
-                                           input_shapes))['params']
+    return nn.meta.unbox(self._abstract_variables(input_shapes)['params'])
 
   @abc.abstractmethod
   def _init(self, rng, batch):

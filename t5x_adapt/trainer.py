@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5x_adapt import models
 from t5x_adapt import step_guard
 from t5x_adapt.partitioning import Partitioner
 
@@ -75,12 +76,20 @@ class Trainer:
     self.seed = seed
     self.guard = guard or step_guard.StepGuard()
     self._compiled = {}
+    # Tracing the model for shapes takes a while (a second or so for a
+    # 6-layer model unscanned); a run asks for them several times.
+    self._state_shapes = {}
+    self._state_shardings = {}
 
   # ----------------------------------------------------------- shardings --
 
   def state_shapes(self, input_shapes) -> TrainState:
     """Abstract TrainState (ShapeDtypeStructs), nothing allocated."""
-    return jax.eval_shape(lambda: self._fresh_state(input_shapes))
+    key = models.shapes_key(input_shapes)
+    if key not in self._state_shapes:
+      self._state_shapes[key] = jax.eval_shape(
+          lambda: self._fresh_state(input_shapes))
+    return self._state_shapes[key]
 
   def state_shardings(self, input_shapes) -> TrainState:
     """Shardings of every leaf of the TrainState.
@@ -93,6 +102,12 @@ class Trainer:
     equal-shaped parameters with different shardings, e.g. query and key
     kernels of multi-head models.)
     """
+    key = models.shapes_key(input_shapes)
+    if key not in self._state_shardings:
+      self._state_shardings[key] = self._shardings_of_state(input_shapes)
+    return self._state_shardings[key]
+
+  def _shardings_of_state(self, input_shapes) -> TrainState:
     param_shardings = self.partitioner.shardings(
         self.model.logical_axes(input_shapes))
     replicated = self.partitioner.replicated

@@ -46,6 +46,7 @@ if __name__ == '__main__':
   from t5x_adapt.experiments import paper as _paper  # pylint: disable=import-self
   _paper.main()
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -59,7 +60,10 @@ import gin
 import jax
 import numpy as np
 
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
 from t5x_adapt import adapt
+from t5x_adapt import assets
 from t5x_adapt import cli
 from t5x_adapt import demo
 from t5x_adapt import eval as eval_lib
@@ -113,6 +117,11 @@ class Settings:
     latency_prompt_length: Prompt (encoder input) tokens of the latency runs.
     latency_new_tokens: Tokens generated in them.
     latency_repeats: Timed calls (the median counts).
+    scan_layers: Scan the layers (`StackConfig.scan_layers`). These models
+      are 4-6 layers deep: unscanned, a step runs about a quarter faster on
+      a CPU, scanned it compiles faster.
+    stage_bindings: Gin bindings added to every stage and model after their
+      own (the quick grid's shallower stacks).
   """
 
   pretrain_steps: int
@@ -142,6 +151,19 @@ class Settings:
   latency_prompt_length: int
   latency_new_tokens: int
   latency_repeats: int
+  scan_layers: bool
+  stage_bindings: Sequence[str] = ()
+
+  @property
+  def model_bindings(self) -> tuple[str, ...]:
+    """What every model of the grid is built with."""
+    return (f'StackConfig.scan_layers = {self.scan_layers}',
+            *self.stage_bindings)
+
+  @property
+  def common_bindings(self) -> tuple[str, ...]:
+    """What every training stage adds to its own bindings (last)."""
+    return ('LOG_EVERY = 10', *self.model_bindings)
 
   @property
   def save_every(self) -> int:
@@ -149,11 +171,6 @@ class Settings:
 
   def as_dict(self) -> dict[str, Any]:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-# Bindings of every training stage: these models are 4-6 layers deep, and
-# unscanned layers run a quarter faster on a CPU than `nn.scan`'s.
-COMMON = ('StackConfig.scan_layers = False', 'LOG_EVERY = 10')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +237,11 @@ def source_stage(settings: Settings, size: str) -> Stage:
       f'sources/{size}',
       ('gin/runs/pretrain.gin', f'{MODELS}/decoder_only_{size}.gin'),
       LM_TASK, steps,
-      (*COMMON, f'BATCH_SIZE = {settings.pretrain_batch_size}',
+      (f'BATCH_SIZE = {settings.pretrain_batch_size}',
        f"TASK_FEATURE_LENGTHS = {{'targets': {settings.pretrain_length}}}",
        f'LEARNING_RATE = {settings.pretrain_learning_rate}',
        f'WARMUP_STEPS = {settings.warmup_steps}', 'EVAL_EVERY = 0',
-       f'SAVE_EVERY = {steps}'))
+       f'SAVE_EVERY = {steps}', *settings.common_bindings))
 
 
 def adaptation_stage(settings: Settings, candidate: Candidate,
@@ -264,17 +281,19 @@ def adaptation_stage(settings: Settings, candidate: Candidate,
            else (recipe, candidate.model_file))
   return Stage(
       f'adapt/{candidate.name}', files, task, settings.adapt_steps,
-      (*COMMON, f'BATCH_SIZE = {settings.adapt_batch_size}',
+      (f'BATCH_SIZE = {settings.adapt_batch_size}',
        f'TASK_FEATURE_LENGTHS = {_lengths(lengths)}',
        f'LEARNING_RATE = {settings.adapt_learning_rate}',
        f'WARMUP_STEPS = {settings.warmup_steps}', 'EVAL_EVERY = 0',
-       f'SAVE_EVERY = {settings.save_every}', 'KEEP = None', *extra))
+       f'SAVE_EVERY = {settings.save_every}', 'KEEP = None', *extra,
+       *settings.common_bindings))
 
 
 def _seeded(settings: Settings, seed: int) -> tuple[str, ...]:
-  return (*COMMON, f'Trainer.seed = {seed}', f'get_dataset.seed = {seed}',
+  return (f'Trainer.seed = {seed}', f'get_dataset.seed = {seed}',
           f'LEARNING_RATE = {settings.finetune_learning_rate}',
-          f'WARMUP_STEPS = {settings.warmup_steps}', 'KEEP = 1')
+          f'WARMUP_STEPS = {settings.warmup_steps}', 'KEEP = 1',
+          *settings.common_bindings)
 
 
 def classification_stage(settings: Settings, candidate: Candidate,
@@ -364,7 +383,7 @@ def _eval_sft(settings: Settings, candidate: Candidate,
   gin.clear_config()
   gin_utils.parse_gin(
       ('gin/runs/eval.gin', candidate.model_file),
-      ['StackConfig.scan_layers = False', f"CHECKPOINT_PATH = '{checkpoint}'",
+      [*settings.model_bindings, f"CHECKPOINT_PATH = '{checkpoint}'",
        f"OUTPUT_DIR = '{output_dir}'", f"MIXTURE_OR_TASK_NAME = '{SFT_TASK}'",
        f'TASK_FEATURE_LENGTHS = {_lengths(settings.sft_lengths)}',
        f'BATCH_SIZE = {settings.eval_batch_size}',
@@ -400,9 +419,9 @@ def finetune(runner: Runner, settings: Settings, candidate: Candidate,
 # --------------------------------------------------------- measurements --
 
 
-def _build(model_file: str):
-  """The model of a gin file (the experiment's stacks, unscanned)."""
-  return gin_utils.load_model(model_file, ['StackConfig.scan_layers = False'])
+def _build(settings: Settings, model_file: str):
+  """The model of a gin file, as the stages build it."""
+  return gin_utils.load_model(model_file, settings.model_bindings)
 
 
 def _saved_steps(model_dir: pathlib.Path) -> list[int]:
@@ -416,14 +435,14 @@ def _curve_inputs(settings: Settings, candidate: Candidate,
   if not candidate.encoder_decoder:
     # The decoder-only model's loss on the same target halves, given the
     # prefix (what the distillation teacher is scored with).
-    scorer = DistillationModel(_build(f'{MODELS}/encdec_small_small.gin'
-                                      ).config,
-                               teacher_config=_build(candidate.model_file
-                                                     ).config)
+    student = _build(settings, f'{MODELS}/encdec_small_small.gin')
+    scorer = DistillationModel(
+        student.config,
+        teacher_config=_build(settings, candidate.model_file).config)
     points = {0: sources['small']}
     loss_fn, model = scorer.teacher_loss, scorer.teacher
   else:
-    model = _build(candidate.model_file)
+    model = _build(settings, candidate.model_file)
     if candidate.name == 'small_small_scratch':
       # The scratch run's initialisation (Trainer seed 0).
       start = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
@@ -454,10 +473,11 @@ def prefix_lm_curve(settings: Settings, candidate: Candidate,
   return {'steps': steps, 'loss': [losses[s] for s in steps]}
 
 
-def source_loss(size: str, checkpoint: str, batches) -> dict:
+def source_loss(settings: Settings, size: str, checkpoint: str,
+                batches) -> dict:
   """A source's PrefixLM validation loss (the targets given the prefix)."""
   scorer = DistillationModel(
-      _build(f'{MODELS}/encdec_{size}_small.gin').config)
+      _build(settings, f'{MODELS}/encdec_{size}_small.gin').config)
   params = load.load_params(checkpoint, scorer.teacher)
   return {'loss': demo.mean_loss(scorer.teacher_loss, params, batches)}
 
@@ -468,7 +488,7 @@ def decode_latency(settings: Settings, model_file: str) -> dict:
   Random weights and prompts: the time does not depend on the values, and
   `predict_batch` generates every position (a finished row is padded).
   """
-  model = _build(model_file)
+  model = _build(settings, model_file)
   encoder_decoder = 'encoder' in model.config.stacks()
   key = 'encoder_input_tokens' if encoder_decoder else 'decoder_input_tokens'
   vocab = model.config.vocab_size
@@ -490,6 +510,29 @@ def decode_latency(settings: Settings, model_file: str) -> dict:
 
 
 # ------------------------------------------------------------------ run --
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: pathlib.Path):
+  """JAX's on-disk compilation cache in `directory` while the grid runs.
+
+  The fine-tuning runs of one architecture (every seed; the candidates that
+  share it) compile the same programs: from the second on they are read.
+  The process's previous cache settings come back afterwards.
+  """
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  before = {name: getattr(jax.config, name) for name in names}
+  for name, value in zip(names, (str(directory), 0.0, 0)):
+    jax.config.update(name, value)
+  jax_cache.reset_cache()  # Takes the new directory even after compiles.
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    jax_cache.reset_cache()
 
 
 def _stage_count(settings: Settings) -> int:
@@ -516,6 +559,17 @@ def experiment(settings: Settings = gin.REQUIRED,
   start = time.perf_counter()
   root = pathlib.Path(run_dir).absolute()
   root.mkdir(parents=True, exist_ok=True)
+  with persistent_compilation_cache(assets.cache_dir() / 'jax_compilation'):
+    results = _run_stages(root, settings, name)
+  results['total_seconds'] = round(time.perf_counter() - start, 1)
+  report.write(root, results, CANDIDATES)
+  print(f'\nThe grid took {results["total_seconds"] / 60:.1f} min '
+        f'({root}).', flush=True)
+  return results
+
+
+def _run_stages(root: pathlib.Path, settings: Settings, name: str) -> dict:
+  """Every stage in order; the raw results."""
   runner = Runner(root, _stage_count(settings))
   sources = {size: str(runner.train(source_stage(settings, size)))
              for size in SOURCES}
@@ -529,7 +583,7 @@ def experiment(settings: Settings = gin.REQUIRED,
   for size, checkpoint in sources.items():
     results['sources'][size] = runner.measure(
         f'sources/{size}/prefix_lm_loss',
-        lambda s=size, c=checkpoint: source_loss(s, c, batches))
+        lambda s=size, c=checkpoint: source_loss(settings, s, c, batches))
   for candidate in CANDIDATES:
     stage = adaptation_stage(settings, candidate, sources)
     final = runner.train(stage)
@@ -545,10 +599,6 @@ def experiment(settings: Settings = gin.REQUIRED,
         f'latency/{pathlib.Path(model_file).stem}',
         lambda f=model_file: decode_latency(settings, f))
   results['stage_seconds'] = runner.seconds
-  results['total_seconds'] = round(time.perf_counter() - start, 1)
-  report.write(root, results, CANDIDATES)
-  print(f'\nThe grid took {results["total_seconds"] / 60:.1f} min '
-        f'({root}).', flush=True)
   return results
 
 
