@@ -424,6 +424,13 @@ def _build(settings: Settings, model_file: str):
   return gin_utils.load_model(model_file, settings.model_bindings)
 
 
+def _initial_params(model, seed: int = 0):
+  """`model`'s initial parameters from `seed`, as the Trainer draws them
+  (jitted: eager initialisation runs op by op)."""
+  init = jax.jit(lambda rng: model.get_initial_variables(rng, {})['params'])
+  return init(jax.random.PRNGKey(seed))
+
+
 def _saved_steps(model_dir: pathlib.Path) -> list[int]:
   directory = model_dir / train_lib.CHECKPOINT_DIR
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
@@ -445,7 +452,7 @@ def _curve_inputs(settings: Settings, candidate: Candidate,
     model = _build(settings, candidate.model_file)
     if candidate.name == 'small_small_scratch':
       # The scratch run's initialisation (Trainer seed 0).
-      start = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
+      start = _initial_params(model)
     else:
       start = adapt.Adaptation(
           sources['large' if candidate.model == 'encdec_large_small'
@@ -495,7 +502,7 @@ def decode_latency(settings: Settings, model_file: str) -> dict:
   tokens = np.random.default_rng(0).integers(
       3, vocab, (1, settings.latency_prompt_length), dtype=np.int32)
   tokens[:, 0] = 2  # BOS
-  params = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
+  params = _initial_params(model)
   predict = jax.jit(model.predict_batch, static_argnums=2).lower(
       params, {key: tokens}, settings.latency_new_tokens).compile()
   call = lambda: jax.block_until_ready(predict(params, {key: tokens}))
