@@ -119,6 +119,16 @@ def test_the_candidates_train_for_the_same_steps_and_tokens():
   assert len(settings.finetune_seeds) >= 3
 
 
+def test_the_command_line_picks_the_grid():
+  full = f'--gin_file={paper.DEFAULT_FILE}'
+  quick = f'--gin_file={paper.QUICK_FILE}'
+  assert paper.command_line(['paper']) == ['paper', full]
+  assert paper.command_line(['paper', '--quick', '--gin.X=1']) == [
+      'paper', '--gin.X=1', quick]
+  assert paper.command_line(['paper', '--gin_file=a.gin', '--quick']) == [
+      'paper', '--gin_file=a.gin', quick]
+
+
 def test_a_comparison_follows_the_metric_direction_and_the_seed_noise():
   def row(mean, std):
     return {'mean': mean, 'std': std}

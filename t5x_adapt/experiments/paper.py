@@ -1,6 +1,6 @@
 r"""T5Gemma's findings at small scale, reproduced with one command.
 
-  python -m t5x_adapt.experiments.paper            # the grid of gin/experiments/paper.gin
+  python -m t5x_adapt.experiments.paper            # gin/experiments/paper.gin
   python -m t5x_adapt.experiments.paper --quick    # the same stages, tiny sizes
   python -m t5x_adapt.experiments.paper --gin.RUN_DIR="'/tmp/paper'" \
       --gin.Settings.finetune_seeds="(0, 1, 2, 3, 4)"
@@ -14,11 +14,13 @@ result exists, so an interrupted grid continues where it stopped:
      (gin/experiments/stacks/) pretrained on the corpus;
   2. adapt/<candidate>: the models compared, each trained for the same steps
      on the same number of tokens per step (`CANDIDATES`):
-       small_small_prefixlm_kd  both stacks from small, PrefixLM + KD (teacher small)
+       small_small_prefixlm_kd  both stacks from small, PrefixLM + KD (teacher:
+                                small)
        small_small_ul2          both stacks from small, UL2
-       large_small_warmup       encoder from large, decoder from small, PrefixLM +
-                                KD (teacher large), cross-attention trained
-                                alone for the first steps (the paper's warm-up)
+       large_small_warmup       encoder from large, decoder from small,
+                                PrefixLM + KD (teacher large), cross-attention
+                                trained alone for the first steps (the paper's
+                                warm-up)
        large_small              the same without the warm-up
        small_small_scratch      the small-small model from random weights,
                                 PrefixLM on the ground truth
@@ -609,15 +611,19 @@ def _run_stages(root: pathlib.Path, settings: Settings, name: str) -> dict:
   return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  """Command line: `--quick` stands for the quick grid's gin file, and
-  without any --gin_file the full grid's is used."""
-  argv = list(sys.argv if argv is None else argv)
+def command_line(argv: Sequence[str]) -> list[str]:
+  """`--quick` stands for the quick grid's gin file (parsed after any given
+  ones, so that its sizes win); without a --gin_file, the full grid's."""
   quick = '--quick' in argv
   argv = [a for a in argv if a != '--quick']
   if not any(a.startswith('--gin_file') for a in argv):
-    argv.insert(1, f'--gin_file={QUICK_FILE if quick else DEFAULT_FILE}')
+    argv.append(f'--gin_file={QUICK_FILE if quick else DEFAULT_FILE}')
   elif quick:
-    argv.insert(1, f'--gin_file={QUICK_FILE}')
+    argv.append(f'--gin_file={QUICK_FILE}')
+  return argv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Command-line entry point (argv defaults to sys.argv)."""
   logging.set_verbosity(logging.ERROR)
-  cli.run(experiment, argv)
+  cli.run(experiment, command_line(list(sys.argv if argv is None else argv)))

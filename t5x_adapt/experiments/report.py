@@ -157,8 +157,9 @@ def _notes(number: int, results: Mapping, summary: Mapping) -> list[str]:
             f'scratch {b:.3f}' for s, a, b in zip(
                 adapted['steps'], adapted['loss'], scratch['loss'])]
   if number == 3:
-    return [f'decode latency: small-small {latency["small_small_prefixlm_kd"]:.1f}'
-            f' ms, small decoder-only {latency["small_decoder_only"]:.1f} ms']
+    return [f'decode latency: small-small '
+            f'{latency["small_small_prefixlm_kd"]:.1f} ms, small decoder-only '
+            f'{latency["small_decoder_only"]:.1f} ms']
   if number == 4:
     ratio = (latency['large_small_warmup'] /
              latency['small_small_prefixlm_kd'])
