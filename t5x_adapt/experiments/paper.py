@@ -547,9 +547,8 @@ def persistent_compilation_cache(directory: pathlib.Path):
 def _stage_count(settings: Settings) -> int:
   finetuned = sum(c.finetuned for c in CANDIDATES)
   seeds = len(settings.finetune_seeds)
-  architectures = 4
   return (2 * len(SOURCES) + 2 * len(CANDIDATES) + 4 * finetuned * seeds +
-          architectures)
+          len(LATENCY_MODELS))
 
 
 LATENCY_MODELS = {
