@@ -210,7 +210,7 @@ def adapt_params(model: EncoderDecoderModel, encoder_source: Params,
   mode = resolve_cross_attention_init(model.config, cross_attention_init)
   sources = {'encoder': _flat(encoder_source),
              'decoder': _flat(decoder_source or encoder_source)}
-  plan = assembly_plan(_flat(model.param_shapes({})), sources,
+  plan = assembly_plan(_flat(model.param_shapes()), sources,
                        copy_cross_attention=mode == SELF_ATTENTION)
   flat_shardings = None if shardings is None else _flat(shardings)
   fresh = _fresh_leaves(model, [k for k, o in plan.items() if o is None],
@@ -285,8 +285,8 @@ class Adaptation:
              'decoder': self.decoder_checkpoint or self.checkpoint}
     mode = resolve_cross_attention_init(config, self.cross_attention_init)
     plan = assembly_plan(
-        _flat(model.param_shapes({})),
-        {name: _flat(DecoderOnlyModel(stack).param_shapes({}))
+        _flat(model.param_shapes()),
+        {name: _flat(DecoderOnlyModel(stack).param_shapes())
          for name, stack in stacks.items()},
         copy_cross_attention=mode == SELF_ATTENTION)
     sources = {}

@@ -75,7 +75,8 @@ def _say(message: str, start: float) -> None:
   print(f'[{time.perf_counter() - start:6.1f}s] {message}', flush=True)
 
 
-def _final_checkpoint(model_dir: pathlib.Path, steps: int) -> pathlib.Path:
+def final_checkpoint(model_dir: pathlib.Path, steps: int) -> pathlib.Path:
+  """Where a stage of `steps` steps in `model_dir` leaves its last checkpoint."""
   return model_dir / train_lib.CHECKPOINT_DIR / str(steps)
 
 
@@ -86,7 +87,7 @@ def run_stage(model_dir: pathlib.Path, files: Sequence[str], steps: int,
   Returns:
     The final checkpoint's step directory.
   """
-  final = _final_checkpoint(model_dir, steps)
+  final = final_checkpoint(model_dir, steps)
   if not final.exists():
     gin.clear_config()
     gin_utils.parse_gin(files, [

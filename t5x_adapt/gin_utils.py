@@ -11,8 +11,7 @@ registers as a gin search path:
 Typical use:
 
   model = gin_utils.load_model('t5gemma_9b_2b', dtype='bfloat16')
-  shapes = model.param_shapes({'encoder_input_tokens': (1, 8),
-                               'decoder_input_tokens': (1, 8)})
+  shapes = model.param_shapes()
 """
 
 from __future__ import annotations

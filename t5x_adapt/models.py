@@ -65,6 +65,10 @@ def stack_inputs(batch: Batch, prefix: str, tokens_key: str,
   return tokens, positions, segment_ids
 
 
+# (model class, module) -> abstract variables; `BaseModel._abstract_variables`.
+_ABSTRACT_VARIABLES: dict[tuple, Any] = {}
+
+
 def shapes_key(input_shapes: Mapping[str, tuple[int, ...]]) -> tuple:
   """A hashable key of {feature: shape}."""
   return tuple(sorted((name, tuple(shape))
@@ -125,29 +129,30 @@ class BaseModel(abc.ABC):
     variables = self._init(rng, self._init_args(input_shapes))
     return {'params': nn.meta.unbox(variables['params'])}
 
-  def _abstract_variables(self, input_shapes: Mapping[str, tuple[int, ...]]):
-    """The boxed variables of `module.init`, traced once per input shapes.
+  def _abstract_variables(self):
+    """The boxed variables of `module.init`, traced once per process.
 
     Everything traced, nothing run: this works under any mesh, also one of
     devices this process cannot run on (`t5x_adapt.precompile`). A run asks
-    for shapes and axes many times (shardings, loaders, the adaptation) and
-    a trace of a deep unscanned model takes a second or more.
+    for shapes and axes many times (shardings, loaders, the adaptation, the
+    models it builds again for evaluation) and a trace of a deep unscanned
+    model takes a second or more. Parameters do not depend on the batch's
+    shapes, so the trace is of a dummy batch, and it is kept by model class
+    and module (modules are equal when their configurations are).
     """
-    cache = self.__dict__.setdefault('_abstract_cache', {})
-    key = shapes_key(input_shapes)
-    if key not in cache:
-      cache[key] = jax.eval_shape(lambda: self._init(
-          jax.random.PRNGKey(0), self._init_args(input_shapes)))
-    return cache[key]
+    key = (type(self), self.module)
+    if key not in _ABSTRACT_VARIABLES:
+      _ABSTRACT_VARIABLES[key] = jax.eval_shape(lambda: self._init(
+          jax.random.PRNGKey(0), self._init_args({})))
+    return _ABSTRACT_VARIABLES[key]
 
-  def logical_axes(self, input_shapes: Mapping[str, tuple[int, ...]]):
+  def logical_axes(self):
     """Logical axis names of every parameter, as a tree of PartitionSpecs."""
-    return nn.get_partition_spec(
-        self._abstract_variables(input_shapes))['params']
+    return nn.get_partition_spec(self._abstract_variables())['params']
 
-  def param_shapes(self, input_shapes: Mapping[str, tuple[int, ...]]):
+  def param_shapes(self):
     """Parameter ShapeDtypeStructs, without allocating anything."""
-    return nn.meta.unbox(self._abstract_variables(input_shapes)['params'])
+    return nn.meta.unbox(self._abstract_variables()['params'])
 
   @abc.abstractmethod
   def _init(self, rng, batch):

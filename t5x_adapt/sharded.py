@@ -137,7 +137,7 @@ class ShardedModel:
     partitioner = partitioning.Partitioner()
     check_batch_size(batch_size, partitioner)
     return cls(model, partitioner,
-               partitioner.shardings(model.logical_axes({})))
+               partitioner.shardings(model.logical_axes()))
 
   def restore(self, checkpoint: str | os.PathLike):
     """A checkpoint's parameters (any kind), onto `param_shardings`."""

@@ -55,6 +55,7 @@ import gin
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+import optax
 import tqdm
 
 from t5x_adapt import adapt
@@ -321,6 +322,7 @@ def train(model_dir: str = gin.REQUIRED,
           eval_steps: int = 10,
           eval_metrics: bool = False,
           save_every: int = 1000,
+          save_initial: bool = False,
           keep: Optional[int] = 3,
           keep_best: bool = True,
           async_checkpointing: bool = True,
@@ -353,6 +355,8 @@ def train(model_dir: str = gin.REQUIRED,
       every `eval_every` steps, on `eval_steps * batch_size` validation
       examples.
     save_every: Steps between checkpoints.
+    save_initial: Also save the state training starts from, as step 0,
+      when the run starts afresh (the first point of a learning curve).
     keep: Number of recent checkpoints to keep (None: all).
     keep_best: Also keep the checkpoint with the lowest validation loss.
     async_checkpointing: Write checkpoints in the background.
@@ -423,6 +427,8 @@ def train(model_dir: str = gin.REQUIRED,
               log_every=log_every, eval_every=eval_every,
               save_every=save_every)
   try:
+    if save_initial and start == 0:
+      loop.save_initial(state)
     state = loop.run(state, start, train_steps)
   except BaseException:
     loop.close(quietly=True)  # The error in flight is the one to report.
@@ -454,9 +460,11 @@ class Loop:
 
   def run(self, state, start: int, train_steps: int):
     """Steps from `start` to `train_steps` (or a SIGTERM); the final state."""
+    # Off on other hosts; on the main one tqdm's default, which
+    # TQDM_DISABLE=1 turns off (the paper experiment's workers).
+    off = {} if distributed.is_main_process() else {'disable': True}
     progress = tqdm.tqdm(total=train_steps, initial=start, unit='step',
-                         disable=not distributed.is_main_process(),
-                         dynamic_ncols=True)
+                         dynamic_ncols=True, **off)
     self._window = (time.perf_counter(), 0)  # (start, steps) since last log
     self._best = self.manager.best_loss()
     for step in range(start + 1, train_steps + 1):
@@ -509,6 +517,11 @@ class Loop:
           step, consecutive, reasons,
           None if latest is None else str(self.manager.directory /
                                           str(latest))))
+
+  def save_initial(self, state) -> None:
+    """Saves the state before the first step, as step 0."""
+    norm = float(jax.device_get(optax.global_norm(state.params)))
+    self._save(0, state, {'param_norm': norm}, None)
 
   def _save(self, step: int, state, metrics, eval_metrics) -> None:
     """Starts a checkpoint of `state`; refuses non-finite parameters."""

@@ -87,8 +87,11 @@ class Trainer:
     """Abstract TrainState (ShapeDtypeStructs), nothing allocated."""
     key = models.shapes_key(input_shapes)
     if key not in self._state_shapes:
+      # From the model's cached parameter shapes: the optimizer and the
+      # guard are traced, the model is not traced again.
       self._state_shapes[key] = jax.eval_shape(
-          lambda: self._fresh_state(input_shapes))
+          lambda params: self._fresh_state(input_shapes, params),
+          self.model.param_shapes())
     return self._state_shapes[key]
 
   def state_shardings(self, input_shapes) -> TrainState:
@@ -109,7 +112,7 @@ class Trainer:
 
   def _shardings_of_state(self, input_shapes) -> TrainState:
     param_shardings = self.partitioner.shardings(
-        self.model.logical_axes(input_shapes))
+        self.model.logical_axes())
     replicated = self.partitioner.replicated
     shapes = self.state_shapes(input_shapes)
 
@@ -204,7 +207,7 @@ class Trainer:
 
   def teacher_shardings(self):
     """Shardings of the teacher's parameters (by its logical axes)."""
-    return self.partitioner.shardings(self.model.teacher.logical_axes({}))
+    return self.partitioner.shardings(self.model.teacher.logical_axes())
 
   def compile_step(self, state_shardings: TrainState,
                    batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
@@ -220,7 +223,7 @@ class Trainer:
     args = (state_shapes, batch_shapes)
     if self.has_teacher:
       in_shardings += (self.teacher_shardings(),)
-      args += (self.model.teacher.param_shapes({}),)
+      args += (self.model.teacher.param_shapes(),)
     step = self.partitioner.jit(
         self._step, in_shardings,
         (state_shardings, self.partitioner.replicated), donate_argnums=(0,))

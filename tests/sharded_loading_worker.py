@@ -207,7 +207,7 @@ def adapt_from(kind, root, model, partitioner):
   for seed, name in enumerate(('encoder', 'decoder')):
     source_model, sources[name] = _random_source(getattr(config, name), seed)
     paths[name] = str(_write(kind, root, name, source_model, sources[name]))
-  shardings = partitioner.shardings(model.logical_axes({}))
+  shardings = partitioner.shardings(model.logical_axes())
   adaptation = adapt.Adaptation(paths['encoder'], paths['decoder'])
   with partitioner.context():
     params, peak = _measure(
@@ -225,7 +225,7 @@ def adapt_balanced(root, partitioner):
   model = gin_utils.load_model('t5gemma_tiny')
   source_model, source = _random_source(model.config.encoder, seed=3)
   path = str(_write('transformers', root, 'balanced', source_model, source))
-  shardings = partitioner.shardings(model.logical_axes({}))
+  shardings = partitioner.shardings(model.logical_axes())
   with partitioner.context():
     params, peak = _measure(
         lambda: adapt.Adaptation(path).init_params(model, shardings))
@@ -239,7 +239,7 @@ def adapt_balanced(root, partitioner):
 
 def load_teacher(path, model, partitioner):
   teacher = DistillationModel(model.config).teacher
-  shardings = partitioner.shardings(teacher.logical_axes({}))
+  shardings = partitioner.shardings(teacher.logical_axes())
   params, peak = _measure(
       lambda: load.load_params(path, teacher, shardings=shardings))
   return {'shardings_ok': _shardings_ok(params, shardings),
@@ -251,7 +251,7 @@ def load_teacher(path, model, partitioner):
 def control(path, model, partitioner):
   """The old way: the whole tree onto one device, then resharded."""
   teacher = DistillationModel(model.config).teacher
-  shardings = partitioner.shardings(teacher.logical_axes({}))
+  shardings = partitioner.shardings(teacher.logical_axes())
 
   def one_device_then_reshard():
     host = load.load_params(path, teacher)

@@ -67,9 +67,9 @@ started = time.perf_counter()
 with partitioner.context():  # As train.py: the teacher, then the student.
   teacher = load.load_params(path, student.teacher,
                              shardings=partitioner.shardings(
-                                 student.teacher.logical_axes({})))
+                                 student.teacher.logical_axes()))
   params = adapt.Adaptation(path).init_params(
-      student, partitioner.shardings(student.logical_axes({})),
+      student, partitioner.shardings(student.logical_axes()),
       loaded={path: (student.teacher.config, teacher)})
 jax.block_until_ready((params, teacher))
 nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))

@@ -32,7 +32,7 @@ def _params(model, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
       lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype),
-      model.param_shapes({}))
+      model.param_shapes())
 
 
 def _batch(model, seed=0):
@@ -217,7 +217,7 @@ def test_restore_onto_one_device_mesh(saved_scanned, tmp_path):
   sharding = jax.sharding.NamedSharding(mesh,
                                         jax.sharding.PartitionSpec())
   shardings = jax.tree_util.tree_map(lambda _: sharding,
-                                     model.param_shapes({}))
+                                     model.param_shapes())
   restored = checkpoints.restore_params(tmp_path / 'ckpt', model,
                                         shardings=shardings)
   _assert_trees_equal(restored,
@@ -253,7 +253,7 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent('''
       model = gin_utils.load_model('gemma2_tiny', scan_layers=scan_layers)
       shardings = jax.tree_util.tree_map(
           lambda s: NamedSharding(mesh, spec(s.shape)),
-          model.param_shapes({}))
+          model.param_shapes())
       restored = checkpoints.restore_params(sys.argv[1], model,
                                             shardings=shardings)
       for path, leaf in jax.tree_util.tree_leaves_with_path(restored):

@@ -164,7 +164,7 @@ def _random_params(model, scale, seed):
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
       lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, s.dtype),
-      model.param_shapes({}))
+      model.param_shapes())
 
 
 def _decoder_only_batch():
@@ -237,7 +237,7 @@ def _step_temp_bytes(model, batch_size, length) -> int:
   """Compile-time temp bytes of jit(value_and_grad(loss_fn)) on shapes."""
   shapes = {k: (batch_size, length) for k in (
       'decoder_input_tokens', 'decoder_target_tokens')}
-  params = model.param_shapes(shapes)
+  params = model.param_shapes()
   batch = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in shapes.items()}
   step = jax.jit(jax.value_and_grad(
       lambda p, b: model.loss_fn(p, b, None)[0]))

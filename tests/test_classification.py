@@ -101,14 +101,14 @@ def test_decoder_only_head_sees_every_input_token():
 def test_encoder_classifier_has_the_encoder_and_a_head_only():
   model = _classifier('t5gemma_tiny', num_classes=3)
   assert isinstance(model, classification.EncoderClassificationModel)
-  shapes = model.param_shapes({})
+  shapes = model.param_shapes()
   assert set(shapes) == {'encoder', 'classifier'}
-  backbone = gin_utils.load_model('t5gemma_tiny').param_shapes({})
+  backbone = gin_utils.load_model('t5gemma_tiny').param_shapes()
   assert (jax.tree_util.tree_map(lambda s: s.shape, shapes['encoder']) ==
           jax.tree_util.tree_map(lambda s: s.shape, backbone['encoder']))
   assert not [p for p in _paths(shapes) if 'decoder' in p or 'cross' in p]
   assert shapes['classifier']['dense']['kernel'].shape == (64, 3)
-  axes = model.logical_axes({})['classifier']['dense']
+  axes = model.logical_axes()['classifier']['dense']
   assert tuple(axes['kernel']) == ('embed', 'classes')
   assert tuple(axes['bias']) == ('classes',)
 
@@ -116,8 +116,8 @@ def test_encoder_classifier_has_the_encoder_and_a_head_only():
 def test_decoder_only_classifier_has_the_decoder_and_a_head():
   model = _classifier('gemma2_tiny', num_classes=2)
   assert isinstance(model, classification.DecoderOnlyClassificationModel)
-  shapes = model.param_shapes({})
-  backbone = gin_utils.load_model('gemma2_tiny').param_shapes({})
+  shapes = model.param_shapes()
+  backbone = gin_utils.load_model('gemma2_tiny').param_shapes()
   assert set(shapes) == {'decoder', 'classifier'}
   assert _paths(shapes['decoder']) == _paths(backbone['decoder'])
 

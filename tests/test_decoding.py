@@ -81,7 +81,7 @@ def random_params(model, input_shapes, seed: int):
     return jnp.asarray(value, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(
-      draw, model.param_shapes(input_shapes))
+      draw, model.param_shapes())
 
 
 def padded_inputs(seed: int, vocab_size: int):

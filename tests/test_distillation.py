@@ -204,7 +204,7 @@ def test_train_step_flops_count_the_teachers_forward_pass():
   teacher = kd.teacher.config
   tokens = inputs + targets  # BOS + inputs, then the decoder inputs
   kernels = sum(int(np.prod(leaf.shape)) for path, leaf in
-                jax.tree_util.tree_leaves_with_path(kd.teacher.param_shapes({}))
+                jax.tree_util.tree_leaves_with_path(kd.teacher.param_shapes())
                 if 'kernel' in jax.tree_util.keystr(path))
   causal_pairs = tokens * (tokens + 1) // 2
   forward = (2 * kernels * tokens

@@ -18,9 +18,9 @@ from t5x_adapt.experiments import paper
 from t5x_adapt.experiments import report
 
 
-def _quick(root):
+def _quick(root, *bindings):
   gin.clear_config()
-  gin_utils.parse_gin([paper.QUICK_FILE], [f"RUN_DIR = '{root}'"])
+  gin_utils.parse_gin([paper.QUICK_FILE], [f"RUN_DIR = '{root}'", *bindings])
   settings = paper.Settings()
   return settings, paper.experiment()
 
@@ -86,7 +86,8 @@ def test_a_rerun_reuses_every_stage(quick_run, monkeypatch):
   monkeypatch.setattr(train_lib, 'train', refuse)
   monkeypatch.setattr(eval_lib, 'evaluate', refuse)
   monkeypatch.setattr(paper, 'decode_latency', refuse)
-  _, again = _quick(root)
+  # In this process, where the patches reach.
+  _, again = _quick(root, 'experiment.workers = 1')
   for key in ('sources', 'curves', 'finetune', 'latency', 'summary'):
     assert again[key] == results[key], key
 

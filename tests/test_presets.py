@@ -226,7 +226,7 @@ class Built:
 def build(preset: str) -> Built:
   start = time.perf_counter()
   model = gin_utils.load_model(preset)
-  shapes = model.param_shapes(INPUT_SHAPES)
+  shapes = model.param_shapes()
   count = sum(math.prod(leaf.shape) for _, leaf in _leaves(shapes))
   return Built(model, shapes, count, time.perf_counter() - start)
 

@@ -48,7 +48,7 @@ def test_recipe_builds_its_model(recipe):
   assert gin.query_parameter('%CROSS_ATTENTION_WARMUP_STEPS') == (
       1000 if unbalanced else 0)
   count = sum(x.size for x in jax.tree_util.tree_leaves(
-      model.param_shapes({})))
+      model.param_shapes()))
   print(f'\n{recipe}: {type(model).__name__}, {count / 1e9:.3f}B parameters, '
         f'lengths {lengths}, batch {gin.query_parameter("%BATCH_SIZE")}')
   if 'tiny' not in recipe:

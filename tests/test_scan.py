@@ -58,7 +58,7 @@ def _random_params(model, seed: int, std: float = 0.1):
   rng = np.random.RandomState(seed)
   return jax.tree_util.tree_map(
       lambda s: jnp.asarray(std * rng.standard_normal(s.shape), s.dtype),
-      model.param_shapes(_input_shapes(model)))
+      model.param_shapes())
 
 
 def _batch(model) -> dict:
@@ -101,7 +101,6 @@ def test_scanned_equals_unrolled(preset, overrides, expected):
   assert {name: (cfg.num_periods, cfg.num_layers % cfg.period)
           for name, cfg in cfgs.items()} == expected
 
-  shapes = _input_shapes(scanned_model)
   params = _random_params(scanned_model, seed=1)
   for name, (periods, remainder) in expected.items():
     stack = params[name]
@@ -116,7 +115,7 @@ def test_scanned_equals_unrolled(preset, overrides, expected):
   unrolled = layout.to_unrolled(params, scanned_model.config)
   # The converted tree is exactly what the unrolled model itself creates.
   assert _structure_with_shapes(unrolled) == _structure_with_shapes(
-      unrolled_model.param_shapes(shapes))
+      unrolled_model.param_shapes())
   for name, cfg in cfgs.items():
     assert sorted(k for k in unrolled[name] if k.startswith('layer_')) == (
         sorted(f'layer_{i}' for i in range(cfg.num_layers)))
@@ -169,8 +168,7 @@ def _compile_loss(num_layers: int, scan_layers: bool):
   """(compile seconds, lowered program size in characters) of the loss."""
   model = gin_utils.load_model('gemma2_tiny', num_layers=num_layers,
                                scan_layers=scan_layers)
-  shapes = {'decoder_input_tokens': (BATCH, 16)}
-  params = model.param_shapes(shapes)
+  params = model.param_shapes()
   spec = jax.ShapeDtypeStruct((BATCH, 16), jnp.int32)
   batch = {'decoder_input_tokens': spec, 'decoder_target_tokens': spec}
   loss = jax.jit(lambda p, b: model.loss_fn(p, b, None)[0])

@@ -387,7 +387,7 @@ def restore_params(path: str | os.PathLike, model, *,
   path = pathlib.Path(path).absolute()
   _check_exists(path)
   integrity.verify_on_main(path)
-  model_shapes = only_subtrees(model.param_shapes({}), subtrees)
+  model_shapes = only_subtrees(model.param_shapes(), subtrees)
   shardings = only_subtrees(shardings, subtrees)
   item_path, subtree = _params_item(path)
   checkpointer = _checkpointer()

@@ -116,7 +116,7 @@ def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
           f'{source}: cannot dequantise tensor {name!r}: {e}') from e
 
   rules = stack_rules(GEMMA3_GGUF_NAMES, '', 'decoder', cfg, False)
-  shapes = DecoderOnlyModel(cfg.replace(scan_layers=False)).param_shapes({})
+  shapes = DecoderOnlyModel(cfg.replace(scan_layers=False)).param_shapes()
   params = lazy_tensors(rules, read, tensors, shapes, source, dtype=dtype)
   model = DecoderOnlyModel(cfg.replace(scan_layers=scan_layers))
   return model, layout.to_model_layout(params, model.config,

@@ -489,7 +489,7 @@ class _SafetensorsDir:
 
 def _expected_unrolled_shapes(model):
   unrolled = model.config.map_stacks(scan_layers=False)
-  return model_for_config(unrolled).param_shapes({})
+  return model_for_config(unrolled).param_shapes()
 
 
 def _ignorable(hf: dict, head: Optional[str], text_only: bool):

@@ -157,7 +157,7 @@ def _lazy_model_params(path, model, subtrees):
   # Cast layer by layer, before the scanned layout stacks the layers.
   tree = _cast(only_subtrees(tree, subtrees), model.config)
   tree = layout.to_model_layout(tree, model.config, stack=lazy.stacked)
-  expected = only_subtrees(model.param_shapes({}), subtrees)
+  expected = only_subtrees(model.param_shapes(), subtrees)
   error = mismatch_error(path, flat_shapes(tree), flat_shapes(expected))
   if error is not None:
     raise error

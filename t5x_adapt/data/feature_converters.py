@@ -4,6 +4,12 @@ seqio shifts targets right to make decoder inputs and puts `bos_id` first;
 Gemma-family models (and transformers' T5Gemma) start decoding from BOS = 2,
 so these converters use it. Packing is seqio's. The classification
 converters shape `inputs` + integer `label` for `t5x_adapt.classification`.
+
+seqio's length check is off by default (`apply_length_check=False`):
+`seqio.get_dataset` has already cut every feature to its length, and the
+padding gives each model feature its length, so the check could not fail,
+while its extra `map`, traced for every dataset built, costs seconds in a run
+that builds many (the paper experiment's).
 """
 
 import seqio
@@ -15,15 +21,19 @@ from t5x_adapt.data.vocab import BOS_ID
 class EncDecFeatureConverter(seqio.EncDecFeatureConverter):
   """Encoder-decoder features; decoder inputs start with BOS."""
 
-  def __init__(self, pack: bool = True, bos_id: int = BOS_ID, **kwargs):
-    super().__init__(pack=pack, bos_id=bos_id, **kwargs)
+  def __init__(self, pack: bool = True, bos_id: int = BOS_ID,
+               apply_length_check: bool = False, **kwargs):
+    super().__init__(pack=pack, bos_id=bos_id,
+                     apply_length_check=apply_length_check, **kwargs)
 
 
 class DecoderFeatureConverter(seqio.DecoderFeatureConverter):
   """Decoder-only features (causal LM, or prefix-LM when `inputs` exist)."""
 
-  def __init__(self, pack: bool = True, bos_id: int = BOS_ID, **kwargs):
-    super().__init__(pack=pack, bos_id=bos_id, **kwargs)
+  def __init__(self, pack: bool = True, bos_id: int = BOS_ID,
+               apply_length_check: bool = False, **kwargs):
+    super().__init__(pack=pack, bos_id=bos_id,
+                     apply_length_check=apply_length_check, **kwargs)
 
 
 class EncoderClassificationFeatureConverter(seqio.FeatureConverter):
@@ -46,11 +56,13 @@ class EncoderClassificationFeatureConverter(seqio.FeatureConverter):
   PACKING_FEATURE_DTYPES = {}
   TOKENS_KEY = 'encoder_input_tokens'
 
-  def __init__(self, pack: bool = False, bos_id: int = BOS_ID, **kwargs):
+  def __init__(self, pack: bool = False, bos_id: int = BOS_ID,
+               apply_length_check: bool = False, **kwargs):
     # The trainer asks every converter to pack; a row holds one label, so
     # classification rows are never packed, whatever `pack` says.
     del pack
-    super().__init__(pack=False, bos_id=bos_id, **kwargs)
+    super().__init__(pack=False, bos_id=bos_id,
+                     apply_length_check=apply_length_check, **kwargs)
 
   def __call__(self, ds, task_feature_lengths):
     return super().__call__(ds, {**task_feature_lengths, 'label': 1})

@@ -8,7 +8,9 @@ r"""T5Gemma's findings at small scale, reproduced with one command.
 Every training stage is a `t5x_adapt.train` run of the project's own gin
 files (its checkpoints, metrics.jsonl and TensorBoard logs under
 RUN_DIR/<stage>), and every stage, measurement included, is reused when its
-result exists, so an interrupted grid continues where it stopped:
+result exists, so an interrupted grid continues where it stopped. Stages
+that do not wait for each other can run in several processes at once
+(`experiment.workers`, `jobs.py`; the quick grid runs two):
 
   1. sources/{small,large}: two Gemma 2 style decoder-only models
      (gin/experiments/stacks/) pretrained on the corpus;
@@ -50,7 +52,9 @@ if __name__ == '__main__':
 
 import contextlib
 import dataclasses
+import functools
 import json
+import multiprocessing
 import pathlib
 import statistics
 import sys
@@ -64,7 +68,6 @@ import numpy as np
 
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from t5x_adapt import adapt
 from t5x_adapt import assets
 from t5x_adapt import cli
 from t5x_adapt import demo
@@ -73,6 +76,7 @@ from t5x_adapt import gin_utils
 from t5x_adapt import train as train_lib
 from t5x_adapt.convert import load
 from t5x_adapt.distillation import DistillationModel
+from t5x_adapt.experiments import jobs
 from t5x_adapt.experiments import report
 
 LM_TASK = 'corpus_lm_spm8k'
@@ -287,7 +291,9 @@ def adaptation_stage(settings: Settings, candidate: Candidate,
        f'TASK_FEATURE_LENGTHS = {_lengths(lengths)}',
        f'LEARNING_RATE = {settings.adapt_learning_rate}',
        f'WARMUP_STEPS = {settings.warmup_steps}', 'EVAL_EVERY = 0',
-       f'SAVE_EVERY = {settings.save_every}', 'KEEP = None', *extra,
+       f'SAVE_EVERY = {settings.save_every}', 'KEEP = None',
+       # Step 0 too: the curves start where the training did.
+       'train.save_initial = True', *extra,
        *settings.common_bindings))
 
 
@@ -333,48 +339,71 @@ def sft_stage(settings: Settings, candidate: Candidate, init_checkpoint: str,
 # -------------------------------------------------------------- running --
 
 
+class Progress:
+  """The grid's stage counter and clock, shared by its worker processes.
+
+  Args:
+    total: Number of stages.
+    counter: A `multiprocessing` integer Value (workers), or None (this
+      process alone).
+  """
+
+  def __init__(self, total: int, counter=None):
+    self.total = total
+    self.start = time.time()
+    self._counter = counter
+    self._count = 0
+
+  def _next(self) -> int:
+    if self._counter is None:
+      self._count += 1
+      return self._count
+    with self._counter.get_lock():
+      self._counter.value += 1
+      return self._counter.value
+
+  def announce(self, path: str) -> None:
+    number = self._next()
+    print(f'[{time.time() - self.start:7.1f}s] stage {number}/{self.total}: '
+          f'{path}', flush=True)
+
+
 class Runner:
   """Runs stages under a root directory, reusing finished ones.
 
   Attributes:
     root: The run directory.
-    seconds: Wall seconds of each stage run (or reused) by this process.
+    seconds: Wall seconds of each stage run (or reused) by this runner.
   """
 
-  def __init__(self, root: pathlib.Path, total_stages: int):
+  def __init__(self, root: pathlib.Path, progress: Progress):
     self.root = root
     self.seconds: dict[str, float] = {}
-    self._start = time.perf_counter()
-    self._total = total_stages
-
-  def _announce(self, path: str) -> None:
-    elapsed = time.perf_counter() - self._start
-    print(f'[{elapsed:7.1f}s] stage {len(self.seconds) + 1}/{self._total}: '
-          f'{path}', flush=True)
+    self._progress = progress
 
   def train(self, stage: Stage) -> pathlib.Path:
     """The stage's final checkpoint (trained unless it exists)."""
-    return self.measure(stage.path, lambda: {'checkpoint': str(
-        demo.run_stage(self.root / stage.path, stage.files, stage.steps,
-                       stage.task, stage.bindings))}, cache=False
-                        )['checkpoint']
+    self._progress.announce(stage.path)
+    began = time.perf_counter()
+    final = demo.run_stage(self.root / stage.path, stage.files, stage.steps,
+                           stage.task, stage.bindings)
+    self.seconds[stage.path] = round(time.perf_counter() - began, 1)
+    return final
 
-  def measure(self, path: str, compute: Callable[[], dict],
-              cache: bool = True) -> dict:
+  def measure(self, path: str, compute: Callable[[], dict]) -> dict:
     """`compute()`'s result, read from path/result.json when it is there."""
-    self._announce(path)
+    self._progress.announce(path)
     began = time.perf_counter()
     result_file = self.root / path / RESULT
-    if cache and result_file.exists():
+    if result_file.exists():
       result = json.loads(result_file.read_text())
     else:
       result = compute()
-      if cache:
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole, then renamed: a stopped run leaves no half result.
-        partial = result_file.with_suffix('.partial')
-        partial.write_text(json.dumps(result, indent=1))
-        partial.replace(result_file)
+      result_file.parent.mkdir(parents=True, exist_ok=True)
+      # Written whole, then renamed: a stopped run leaves no half result.
+      partial = result_file.with_suffix('.partial')
+      partial.write_text(json.dumps(result, indent=1))
+      partial.replace(result_file)
     self.seconds[path] = round(time.perf_counter() - began, 1)
     return result
 
@@ -400,24 +429,6 @@ def _final_eval_line(model_dir: pathlib.Path) -> dict[str, float]:
   return {'accuracy': line['eval_accuracy'], 'loss': line['eval_loss']}
 
 
-def finetune(runner: Runner, settings: Settings, candidate: Candidate,
-             init_checkpoint: str) -> dict[str, list[dict]]:
-  """Per seed: classification accuracy and SFT metrics of the candidate."""
-  out = {'classification': [], 'sft': []}
-  for seed in settings.finetune_seeds:
-    stage = classification_stage(settings, candidate, init_checkpoint, seed)
-    runner.train(stage)
-    out['classification'].append(runner.measure(
-        f'{stage.path}/final', lambda s=stage: _final_eval_line(
-            runner.root / s.path)))
-    stage = sft_stage(settings, candidate, init_checkpoint, seed)
-    final = runner.train(stage)
-    out['sft'].append(runner.measure(
-        f'{stage.path}/final', lambda s=stage, f=final: _eval_sft(
-            settings, candidate, f, runner.root / s.path / 'eval')))
-  return out
-
-
 # --------------------------------------------------------- measurements --
 
 
@@ -426,11 +437,13 @@ def _build(settings: Settings, model_file: str):
   return gin_utils.load_model(model_file, settings.model_bindings)
 
 
-def _initial_params(model, seed: int = 0):
-  """`model`'s initial parameters from `seed`, as the Trainer draws them
-  (jitted: eager initialisation runs op by op)."""
-  init = jax.jit(lambda rng: model.get_initial_variables(rng, {})['params'])
-  return init(jax.random.PRNGKey(seed))
+def _random_params(model, seed: int = 0):
+  """Normal(0, 0.02) parameters of `model`'s shapes, drawn by numpy (no
+  initialiser to compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda leaf: (0.02 * rng.standard_normal(leaf.shape)).astype(
+          leaf.dtype), model.param_shapes())
 
 
 def _saved_steps(model_dir: pathlib.Path) -> list[int]:
@@ -438,55 +451,38 @@ def _saved_steps(model_dir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def _curve_inputs(settings: Settings, candidate: Candidate,
-                  sources: Mapping[str, str], model_dir: pathlib.Path):
-  """(loss_fn(params, batch), model to load into, {step: params or path})."""
-  if not candidate.encoder_decoder:
-    # The decoder-only model's loss on the same target halves, given the
-    # prefix (what the distillation teacher is scored with).
-    student = _build(settings, f'{MODELS}/encdec_small_small.gin')
-    scorer = DistillationModel(
-        student.config,
-        teacher_config=_build(settings, candidate.model_file).config)
-    points = {0: sources['small']}
-    loss_fn, model = scorer.teacher_loss, scorer.teacher
-  else:
-    model = _build(settings, candidate.model_file)
-    if candidate.name == 'small_small_scratch':
-      # The scratch run's initialisation (Trainer seed 0).
-      start = _initial_params(model)
-    else:
-      start = adapt.Adaptation(
-          sources['large' if candidate.model == 'encdec_large_small'
-                  else 'small'],
-          decoder_checkpoint=sources['small']).init_params(model)
-    points = {0: start}
-    loss_fn = lambda params, batch: model.loss_fn(params, batch, None)
-  for step in _saved_steps(model_dir):
-    points[step] = str(model_dir / train_lib.CHECKPOINT_DIR / str(step))
-  return loss_fn, model, points
+def _prefix_lm_scorer(settings: Settings,
+                      decoder_only_file: str) -> DistillationModel:
+  """Scores a decoder-only model as the distillation teacher is scored: its
+  loss on the PrefixLM targets given the prefix (`teacher_loss` of
+  parameters of `teacher`), the encoder-decoders' task on the same tokens."""
+  return DistillationModel(
+      _build(settings, f'{MODELS}/encdec_small_small.gin').config,
+      teacher_config=_build(settings, decoder_only_file).config)
 
 
 def prefix_lm_curve(settings: Settings, candidate: Candidate,
-                    sources: Mapping[str, str], model_dir: pathlib.Path,
-                    batches) -> dict:
-  """{'steps': [...], 'loss': [...]}: PrefixLM validation loss per step."""
-  loss_fn, model, points = _curve_inputs(settings, candidate, sources,
-                                         model_dir)
-  losses = {}
-  for step, params in points.items():
-    if isinstance(params, str):
-      params = load.load_params(params, model)
-    losses[step] = demo.mean_loss(loss_fn, params, batches)
-  steps = sorted(losses)
-  return {'steps': steps, 'loss': [losses[s] for s in steps]}
+                    model_dir: pathlib.Path, batches) -> dict:
+  """{'steps': [...], 'loss': [...]}: PrefixLM validation loss of every
+  checkpoint the candidate's training saved (step 0: where it started)."""
+  if candidate.encoder_decoder:
+    model = _build(settings, candidate.model_file)
+    loss_fn = lambda params, batch: model.loss_fn(params, batch, None)
+  else:
+    scorer = _prefix_lm_scorer(settings, candidate.model_file)
+    loss_fn, model = scorer.teacher_loss, scorer.teacher
+  loss_fn = jax.jit(loss_fn)  # Traced once for all the checkpoints.
+  steps = _saved_steps(model_dir)
+  losses = [demo.mean_loss(loss_fn, load.load_params(
+      str(model_dir / train_lib.CHECKPOINT_DIR / str(step)), model), batches)
+            for step in steps]
+  return {'steps': steps, 'loss': losses}
 
 
 def source_loss(settings: Settings, size: str, checkpoint: str,
                 batches) -> dict:
   """A source's PrefixLM validation loss (the targets given the prefix)."""
-  scorer = DistillationModel(
-      _build(settings, f'{MODELS}/encdec_{size}_small.gin').config)
+  scorer = _prefix_lm_scorer(settings, f'{MODELS}/decoder_only_{size}.gin')
   params = load.load_params(checkpoint, scorer.teacher)
   return {'loss': demo.mean_loss(scorer.teacher_loss, params, batches)}
 
@@ -504,7 +500,7 @@ def decode_latency(settings: Settings, model_file: str) -> dict:
   tokens = np.random.default_rng(0).integers(
       3, vocab, (1, settings.latency_prompt_length), dtype=np.int32)
   tokens[:, 0] = 2  # BOS
-  params = _initial_params(model)
+  params = jax.device_put(_random_params(model))
   predict = jax.jit(model.predict_batch, static_argnums=2).lower(
       params, {key: tokens}, settings.latency_new_tokens).compile()
   call = lambda: jax.block_until_ready(predict(params, {key: tokens}))
@@ -521,6 +517,28 @@ def decode_latency(settings: Settings, model_file: str) -> dict:
 # ------------------------------------------------------------------ run --
 
 
+_CACHE_OPTIONS = ('jax_compilation_cache_dir',
+                  'jax_persistent_cache_min_compile_time_secs',
+                  'jax_persistent_cache_min_entry_size_bytes',
+                  'jax_compilation_cache_max_size')
+
+
+def _use_compilation_cache(directory: Optional[pathlib.Path],
+                           options: Optional[Mapping[str, Any]] = None
+                           ) -> None:
+  """Every program JAX compiles goes to the cache in `directory`.
+
+  A size limit makes JAX lock the cache's files while it reads or writes
+  one, so that worker processes can share the cache. `options`, if given,
+  are set instead (the process's settings from before).
+  """
+  if options is None:
+    options = dict(zip(_CACHE_OPTIONS, (str(directory), 0.0, 0, 16 << 30)))
+  for name, value in options.items():
+    jax.config.update(name, value)
+  jax_cache.reset_cache()  # Takes the new directory even after compiles.
+
+
 @contextlib.contextmanager
 def persistent_compilation_cache(directory: pathlib.Path):
   """JAX's on-disk compilation cache in `directory` while the grid runs.
@@ -529,19 +547,12 @@ def persistent_compilation_cache(directory: pathlib.Path):
   share it) compile the same programs: from the second on they are read.
   The process's previous cache settings come back afterwards.
   """
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  before = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (str(directory), 0.0, 0)):
-    jax.config.update(name, value)
-  jax_cache.reset_cache()  # Takes the new directory even after compiles.
+  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  _use_compilation_cache(directory)
   try:
     yield
   finally:
-    for name, value in before.items():
-      jax.config.update(name, value)
-    jax_cache.reset_cache()
+    _use_compilation_cache(None, before)
 
 
 def _stage_count(settings: Settings) -> int:
@@ -559,16 +570,156 @@ LATENCY_MODELS = {
 }
 
 
+# ------------------------------------------------------------------ jobs --
+# The grid as `jobs.Job`s: module-level functions, so that worker processes
+# can run them. Each returns (its result, {stage: seconds}).
+
+_progress: Optional[Progress] = None  # This process's, from _start_process.
+
+
+def _start_process(progress: Progress,
+                   cache_directory: Optional[pathlib.Path] = None) -> None:
+  """Sets up a process that runs jobs (a worker: with `cache_directory`)."""
+  global _progress
+  _progress = progress
+  if cache_directory is not None:
+    logging.set_verbosity(logging.ERROR)
+    _use_compilation_cache(cache_directory)
+
+
+def _runner(root: pathlib.Path) -> Runner:
+  return Runner(root, _progress)
+
+
+@functools.lru_cache(maxsize=None)
+def _validation_batches(batch_size: int, inputs: int, targets: int,
+                        batches: int) -> list[dict[str, np.ndarray]]:
+  return demo.validation_batches(demo.DemoConfig(
+      batch_size=batch_size, inputs_length=inputs, targets_length=targets,
+      eval_batches=batches))
+
+
+def _curve_batches(settings: Settings) -> list[dict[str, np.ndarray]]:
+  """The PrefixLM validation batches every curve point is scored on."""
+  lengths = settings.prefix_lm_lengths
+  return _validation_batches(settings.adapt_batch_size, lengths['inputs'],
+                             lengths['targets'], settings.curve_batches)
+
+
+def _source_job(root: pathlib.Path, settings: Settings, size: str):
+  runner = _runner(root)
+  checkpoint = str(runner.train(source_stage(settings, size)))
+  loss = runner.measure(f'sources/{size}/prefix_lm_loss', lambda: source_loss(
+      settings, size, checkpoint, _curve_batches(settings)))
+  return loss, runner.seconds
+
+
+def _adaptation_job(root: pathlib.Path, settings: Settings,
+                    candidate: Candidate, sources: Mapping[str, str]):
+  runner = _runner(root)
+  stage = adaptation_stage(settings, candidate, sources)
+  runner.train(stage)
+  curve = runner.measure(f'{stage.path}/prefix_lm_curve', lambda: (
+      prefix_lm_curve(settings, candidate, root / stage.path,
+                      _curve_batches(settings))))
+  return curve, runner.seconds
+
+
+def _classification_job(root: pathlib.Path, settings: Settings,
+                        candidate: Candidate, init_checkpoint: str, seed: int):
+  runner = _runner(root)
+  stage = classification_stage(settings, candidate, init_checkpoint, seed)
+  runner.train(stage)
+  result = runner.measure(f'{stage.path}/final',
+                          lambda: _final_eval_line(root / stage.path))
+  return result, runner.seconds
+
+
+def _sft_job(root: pathlib.Path, settings: Settings, candidate: Candidate,
+             init_checkpoint: str, seed: int):
+  runner = _runner(root)
+  stage = sft_stage(settings, candidate, init_checkpoint, seed)
+  final = runner.train(stage)
+  result = runner.measure(f'{stage.path}/final', lambda: _eval_sft(
+      settings, candidate, final, root / stage.path / 'eval'))
+  return result, runner.seconds
+
+
+def _latency_job(root: pathlib.Path, settings: Settings):
+  runner = _runner(root)
+  results = {label: runner.measure(
+      f'latency/{pathlib.Path(model_file).stem}',
+      lambda f=model_file: decode_latency(settings, f))
+             for label, model_file in LATENCY_MODELS.items()}
+  return results, runner.seconds
+
+
+def _final(root: pathlib.Path, stage: Stage) -> str:
+  return str(demo.final_checkpoint(root / stage.path, stage.steps))
+
+
+def grid_jobs(root: pathlib.Path, settings: Settings) -> list[jobs.Job]:
+  """Every stage of the grid, as jobs in the order they start.
+
+  The adaptations wait for both sources, each fine-tuning run for its
+  candidate's adaptation, and the latency runs for everything else, so that
+  no other job shares the CPU with them.
+  """
+  sources = {size: _final(root, source_stage(settings, size))
+             for size in SOURCES}
+  graph = [jobs.Job(('sources', size), _source_job, (root, settings, size))
+           for size in SOURCES]
+  after_sources = tuple(job.key for job in graph)
+  graph += [jobs.Job(('curves', c.name), _adaptation_job,
+                     (root, settings, c, sources), after_sources)
+            for c in CANDIDATES]
+  for candidate in (c for c in CANDIDATES if c.finetuned):
+    adapted = _final(root, adaptation_stage(settings, candidate, sources))
+    for seed in settings.finetune_seeds:
+      for kind, fn in (('classification', _classification_job),
+                       ('sft', _sft_job)):
+        graph.append(jobs.Job(
+            (kind, candidate.name, seed), fn,
+            (root, settings, candidate, adapted, seed),
+            (('curves', candidate.name),)))
+  graph.append(jobs.Job(('latency',), _latency_job, (root, settings),
+                        tuple(job.key for job in graph)))
+  return graph
+
+
 @gin.configurable
 def experiment(settings: Settings = gin.REQUIRED,
                run_dir: str = gin.REQUIRED,
-               name: str = 'paper') -> dict:
-  """Runs (or reuses) every stage, writes the report; returns the results."""
+               name: str = 'paper',
+               workers: int = 1) -> dict:
+  """Runs (or reuses) every stage, writes the report; returns the results.
+
+  Args:
+    settings: What the grid trains and measures.
+    run_dir: Where every stage and the report go.
+    name: The report's title.
+    workers: Processes that run stages at once (1: this one). The results do
+      not depend on it. The quick grid's stages are short and mostly
+      tracing and data set-up, one core each; the full grid's steps use
+      every core, so it runs one stage at a time.
+  """
   start = time.perf_counter()
   root = pathlib.Path(run_dir).absolute()
   root.mkdir(parents=True, exist_ok=True)
-  with persistent_compilation_cache(assets.cache_dir() / 'jax_compilation'):
-    results = _run_stages(root, settings, name)
+  cache = assets.cache_dir() / 'jax_compilation'
+  graph = grid_jobs(root, settings)
+  with persistent_compilation_cache(cache):
+    if workers == 1:
+      progress = Progress(_stage_count(settings))
+      done = jobs.run(graph, 1, _start_process, (progress,))
+    else:
+      counter = multiprocessing.get_context('spawn').Value('i', 0)
+      progress = Progress(_stage_count(settings), counter)
+      # Each stage line says how far the grid is; the step bars of several
+      # processes would write over each other.
+      done = jobs.run(graph, workers, _start_process, (progress, cache),
+                      worker_env={'TQDM_DISABLE': '1'})
+  results = _results(name, settings, done)
   results['total_seconds'] = round(time.perf_counter() - start, 1)
   report.write(root, results, CANDIDATES)
   print(f'\nThe grid took {results["total_seconds"] / 60:.1f} min '
@@ -576,37 +727,23 @@ def experiment(settings: Settings = gin.REQUIRED,
   return results
 
 
-def _run_stages(root: pathlib.Path, settings: Settings, name: str) -> dict:
-  """Every stage in order; the raw results."""
-  runner = Runner(root, _stage_count(settings))
-  sources = {size: str(runner.train(source_stage(settings, size)))
-             for size in SOURCES}
-  batches = demo.validation_batches(demo.DemoConfig(
-      batch_size=settings.adapt_batch_size,
-      inputs_length=settings.prefix_lm_lengths['inputs'],
-      targets_length=settings.prefix_lm_lengths['targets'],
-      eval_batches=settings.curve_batches))
+def _results(name: str, settings: Settings,
+             done: Mapping[Any, tuple[Any, dict]]) -> dict:
+  """The raw results, in the grid's order, from every job's."""
   results = {'name': name, 'settings': settings.as_dict(), 'sources': {},
-             'curves': {}, 'finetune': {}, 'latency': {}}
-  for size, checkpoint in sources.items():
-    results['sources'][size] = runner.measure(
-        f'sources/{size}/prefix_lm_loss',
-        lambda s=size, c=checkpoint: source_loss(settings, s, c, batches))
-  for candidate in CANDIDATES:
-    stage = adaptation_stage(settings, candidate, sources)
-    final = runner.train(stage)
-    results['curves'][candidate.name] = runner.measure(
-        f'{stage.path}/prefix_lm_curve',
-        lambda c=candidate, s=stage: prefix_lm_curve(
-            settings, c, sources, root / s.path, batches))
-    if candidate.finetuned:
-      results['finetune'][candidate.name] = finetune(runner, settings,
-                                                     candidate, str(final))
-  for label, model_file in LATENCY_MODELS.items():
-    results['latency'][label] = runner.measure(
-        f'latency/{pathlib.Path(model_file).stem}',
-        lambda f=model_file: decode_latency(settings, f))
-  results['stage_seconds'] = runner.seconds
+             'curves': {}, 'finetune': {}, 'latency': {},
+             'stage_seconds': {}}
+  for key, (result, seconds) in done.items():
+    results['stage_seconds'].update(seconds)
+    kind, *rest = key
+    if kind in ('sources', 'curves'):
+      results[kind][rest[0]] = result
+    elif kind == 'latency':
+      results['latency'] = result
+    else:
+      runs = results['finetune'].setdefault(
+          rest[0], {'classification': [], 'sft': []})
+      runs[kind].append(result)  # Seeds in order: `done` is in job order.
   return results
 
 
