@@ -28,9 +28,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m t5x_adapt.demo
 
-# The suite CI runs: everything but the tests marked `slow` (README, "Tests").
+# The suite CI runs: everything but the tests marked `slow` (README, "Tests"),
+# then its ten slowest tests and set-ups (the paper experiment's quick grid is
+# the set-up of tests/test_paper.py).
 test: $(VENV)/.installed-test
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -rs -m "not slow" $(PYTEST_ARGS)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m pytest tests -q -rs -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 # Everything, the slow tests included (about twice as long).
 test-all: $(VENV)/.installed-test

@@ -288,3 +288,18 @@ def test_finetune_starts_from_a_training_checkpoint(decoder_only_run,
   saved = _flatten(_saved_state(source, 6)['params'])
   for key, value in _flatten(params).items():
     assert np.array_equal(value, saved[key]), key
+
+
+@pytest.mark.slow
+def test_save_initial_saves_the_state_training_starts_from(decoder_only_run,
+                                                           tmp_path,
+                                                           compile_cache):
+  source, _ = decoder_only_run
+  init = source / 'checkpoints' / '6'
+  _train(compile_cache, tmp_path, 2, *FAST, 'SAVE_EVERY=2',
+         f'INIT_CHECKPOINT="{init}"', 'train.save_initial=True',
+         run='finetune')
+  assert _steps(tmp_path) == [0, 2]
+  start = _flatten(_saved_state(tmp_path, 0)['params'])
+  for key, value in _flatten(_saved_state(source, 6)['params']).items():
+    assert np.array_equal(value, start[key]), key
