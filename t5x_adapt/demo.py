@@ -86,6 +86,10 @@ def run_stage(model_dir: pathlib.Path, files: Sequence[str], steps: int,
 
   Returns:
     The final checkpoint's step directory.
+
+  Raises:
+    StageStopped: training returned before its last step (a SIGTERM: it
+      saved where it was, and running the stage again resumes there).
   """
   final = final_checkpoint(model_dir, steps)
   if not final.exists():
@@ -94,7 +98,15 @@ def run_stage(model_dir: pathlib.Path, files: Sequence[str], steps: int,
         f"MODEL_DIR = '{model_dir}'", f'TRAIN_STEPS = {steps}',
         f"MIXTURE_OR_TASK_NAME = '{task}'", *bindings])
     train_lib.train()
+    if not final.exists():
+      raise StageStopped(
+          f'{model_dir}: training stopped before step {steps} (no {final}); '
+          'it saved its last step: run again to resume')
   return final
+
+
+class StageStopped(RuntimeError):
+  """A stage's training returned before its last step."""
 
 
 def _run_bindings(cfg: DemoConfig, lengths: dict[str, int]) -> list[str]:

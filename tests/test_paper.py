@@ -11,6 +11,7 @@ import math
 import gin
 import pytest
 
+from t5x_adapt import demo
 from t5x_adapt import eval as eval_lib
 from t5x_adapt import gin_utils
 from t5x_adapt import train as train_lib
@@ -146,3 +147,16 @@ def test_a_comparison_follows_the_metric_direction_and_the_seed_noise():
   assert report._verdict([lower, higher]) == 'mixed'
   assert report._verdict([lower, within]) == 'reproduced'
   assert report._verdict([higher]) == 'not reproduced'
+
+
+def test_a_stage_stopped_before_its_last_step_stops_the_grid(tmp_path,
+                                                             monkeypatch):
+  # What a SIGTERM leaves: `train` returns (having saved an earlier step)
+  # without the final checkpoint; the next stage must not read it.
+  monkeypatch.setattr(train_lib, 'train', lambda: None)
+  gin.clear_config()
+  gin_utils.parse_gin([paper.QUICK_FILE])
+  stage = paper.source_stage(paper.Settings(), 'small')
+  with pytest.raises(demo.StageStopped, match='stopped before step 6'):
+    demo.run_stage(tmp_path / stage.path, stage.files, stage.steps,
+                   stage.task, stage.bindings)
