@@ -1,5 +1,6 @@
 """What every benchmark script shares: the repository on sys.path, quiet
-TensorFlow, timestamped progress lines and the argument parser."""
+TensorFlow, malloc on huge pages (as the commands have it), timestamped
+progress lines and the argument parser."""
 
 import argparse
 import os
@@ -11,6 +12,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+from t5x_adapt import host_memory  # pylint: disable=g-import-not-at-top
+
+# Before JAX is imported: re-executes with malloc on huge pages.
+host_memory.use_huge_pages()
 
 START = time.perf_counter()
 

@@ -22,6 +22,10 @@ directory; a stage whose final checkpoint exists is reused, not retrained.
 
 from __future__ import annotations
 
+if __name__ == '__main__':
+  from t5x_adapt import host_memory
+  host_memory.use_huge_pages()
+
 import argparse
 import dataclasses
 import json

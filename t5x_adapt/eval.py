@@ -32,6 +32,8 @@ its in-loop task metrics (`train.eval_metrics`).
 from __future__ import annotations
 
 if __name__ == '__main__':
+  from t5x_adapt import host_memory
+  host_memory.use_huge_pages()
   # `python -m t5x_adapt.eval`: run the importable module, so that gin knows
   # `evaluate` once, as t5x_adapt.eval.evaluate (not __main__.evaluate).
   from t5x_adapt import eval as _eval  # pylint: disable=import-self

@@ -27,6 +27,8 @@ search).
 from __future__ import annotations
 
 if __name__ == '__main__':
+  from t5x_adapt import host_memory
+  host_memory.use_huge_pages()
   # `python -m t5x_adapt.infer`: run the importable module, so that gin knows
   # `infer` once, as t5x_adapt.infer.infer (not __main__.infer).
   from t5x_adapt import infer as _infer  # pylint: disable=import-self

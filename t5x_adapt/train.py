@@ -38,6 +38,8 @@ batches, and resumes, on any number of hosts.
 from __future__ import annotations
 
 if __name__ == '__main__':
+  from t5x_adapt import host_memory
+  host_memory.use_huge_pages()
   # `python -m t5x_adapt.train`: run the importable module instead, so that
   # gin knows `train` once, as t5x_adapt.train.train (not __main__.train).
   from t5x_adapt import train as _train  # pylint: disable=import-self

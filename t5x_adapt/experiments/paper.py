@@ -45,6 +45,8 @@ quality_vs_steps.png and quality_vs_latency.png.
 from __future__ import annotations
 
 if __name__ == '__main__':
+  from t5x_adapt import host_memory
+  host_memory.use_huge_pages()
   # `python -m t5x_adapt.experiments.paper`: run the importable module, so
   # that gin knows its functions once, under their module's name.
   from t5x_adapt.experiments import paper as _paper  # pylint: disable=import-self

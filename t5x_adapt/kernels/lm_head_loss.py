@@ -51,7 +51,12 @@ def lm_head_logits(hidden: jax.Array, embedding: jax.Array,
     softcap: `cap * tanh(logits / cap)` on the float32 logits, or None.
     dtype: The activation dtype of the matmul.
   """
-  logits = jnp.einsum('ble,ve->blv', hidden, embedding.astype(dtype))
+  # One 2-D matmul over the flattened tokens: a [b, t] contraction in the
+  # table's gradient would make XLA:CPU transpose the logits' gradient with
+  # the softcap's backward fused in (`layers.dense.matmul_2d`).
+  rows = hidden.reshape(-1, hidden.shape[-1])
+  logits = jnp.dot(rows, embedding.astype(dtype).T).reshape(
+      *hidden.shape[:-1], embedding.shape[0])
   logits = apply_softcap(logits.astype(jnp.float32), softcap)
   return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
