@@ -16,6 +16,7 @@ kernels may give zeros); tests compare the rows that see a key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -221,14 +222,68 @@ def _dense(query, key, value, mask, *, scale, logit_softcap):
                         head_dim).transpose(0, 2, 3, 1, 4)
   key = key.transpose(0, 2, 1, 3)  # [b, k, s, h]
   value = value.transpose(0, 2, 1, 3)  # [b, k, s, h]
-  scores = jnp.einsum('bkgth,bksh->bkgts', query, key) * scale
-  scores = softcap(scores, logit_softcap)
-  scores = jnp.where(mask[:, :, None], scores,
-                     jnp.finfo(scores.dtype).min)  # mask: [b, 1, 1, t, s]
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-  out = jnp.einsum('bkgts,bksh->bkgth', probs.astype(value.dtype), value)
+  out = _attend(query, key, value, mask, scale, logit_softcap)
   out = out.transpose(0, 3, 1, 2, 4)  # [b, t, k, g, h]
   return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(query, key, value, mask, scale, logit_softcap):
+  """Softmax attention over heads-first tensors; the gradient by hand.
+
+  Args:
+    query: [b, k, g, t, h].
+    key, value: [b, k, s, h].
+    mask: Boolean [b, 1, t, s].
+    scale, logit_softcap: As `dense_attention`.
+
+  Returns:
+    [b, k, g, t, h] in the value's dtype.
+  """
+  return _attend_forward(query, key, value, mask, scale, logit_softcap)[0]
+
+
+def _attend_forward(query, key, value, mask, scale, logit_softcap):
+  scores = jnp.einsum('bkgth,bksh->bkgts', query, key) * scale
+  capped = softcap(scores, logit_softcap)
+  scores = jnp.where(mask[:, :, None], capped,
+                     jnp.finfo(capped.dtype).min)  # mask: [b, 1, 1, t, s]
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  out = jnp.einsum('bkgts,bksh->bkgth', probs.astype(value.dtype), value)
+  saved_capped = capped if logit_softcap is not None else None
+  return out, (query, key, value, mask, probs, saved_capped)
+
+
+def _contract_queries(small: jax.Array, big: jax.Array) -> jax.Array:
+  """`einsum('bkgth,bkgts->bksh')` as a [h, (g t)] x [(g t), s] matmul.
+
+  `jnp.einsum` would put the big operand first (its `s` leads the output),
+  making XLA:CPU transpose it; here only the small [h, s] result is.
+  """
+  dims = (((2, 3), (2, 3)), ((0, 1), (0, 1)))
+  return jax.lax.dot_general(small, big, dims).swapaxes(-1, -2)
+
+
+def _attend_backward(scale, logit_softcap, residuals, d_out):
+  """What autodiff computes, with each [t, s] tensor entering its matmuls
+  with `s` minor: XLA:CPU would otherwise transpose the probabilities and
+  the score gradient (with their elementwise work fused in, slowly) before
+  the key and value gradients."""
+  query, key, value, mask, probs, capped = residuals
+  d_probs = jnp.einsum('bkgth,bksh->bkgts', d_out, value).astype(jnp.float32)
+  d_value = _contract_queries(d_out, probs.astype(value.dtype))
+  d_scores = probs * (d_probs - jnp.sum(d_probs * probs, -1, keepdims=True))
+  d_scores = jnp.where(mask[:, :, None], d_scores, 0.0)
+  if logit_softcap is not None:
+    d_scores = d_scores * (1.0 - jnp.square(capped / logit_softcap))
+  d_scores = d_scores.astype(query.dtype)
+  d_query = jnp.einsum('bkgts,bksh->bkgth', d_scores, key) * scale
+  d_key = _contract_queries(query, d_scores) * scale
+  return (d_query.astype(query.dtype), d_key.astype(key.dtype),
+          d_value.astype(value.dtype), None)
+
+
+_attend.defvjp(_attend_forward, _attend_backward)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
