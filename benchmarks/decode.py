@@ -28,6 +28,12 @@ counts. So
   decode tokens/s     = batch x (new - 1) / (time(new) - time(1)),
   end-to-end tokens/s = batch x new / time(new).
 
+Each row also gets a weight-streaming floor: the bytes a greedy step must
+read (every decoder parameter, the LM head included, and the keys and values
+at the mean cache length, float32) over the rate at which a decoding-shaped
+matmul `[batch, d_model] x [d_model, vocab]` reads its table in the same run;
+"vs floor" is the decode tokens/s as a share of that ceiling.
+
   .venv/bin/python benchmarks/decode.py            # a few minutes
   .venv/bin/python benchmarks/decode.py --quick    # about a minute
 """
@@ -68,12 +74,15 @@ class Runner:
     batch: Batch size.
     compile_s: Compile seconds of all calls (None: eager).
     calls: New tokens -> a call that generates them and blocks.
+    step_bytes: Bytes one decoding step reads at least (see
+      `step_bytes`; 0 where not counted).
   """
   name: str
   params: int
   batch: int
   compile_s: float | None
   calls: dict[int, Callable[[], object]]
+  step_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -144,6 +153,38 @@ def cpu_pressure() -> str:
     return '?'
 
 
+# ------------------------------------------------------ weight-streaming floor --
+
+
+def step_bytes(config: StackConfig | EncoderDecoderConfig, params,
+               batch: int, length: int, new_tokens: int) -> int:
+  """Bytes one greedy step reads at the least, in float32: every decoder
+  parameter (the LM head included; an encoder-decoder's encoder is not run)
+  and the keys and values its attention reads, at the mean cache length of
+  the decoding (`length` prompt + half the new tokens for a decoder-only
+  model; half the new tokens of self-attention plus the `length` encoder
+  positions of cross-attention for an encoder-decoder)."""
+  is_encdec = isinstance(config, EncoderDecoderConfig)
+  stack = config.decoder if is_encdec else config
+  decoder_params = params['decoder'] if is_encdec else params
+  weights = ts.count_params(decoder_params)
+  cached = new_tokens / 2 + length  # self-attention (+ cross-attention)
+  kv = 2 * stack.num_layers * batch * stack.num_kv_heads * stack.head_dim
+  return int(4 * (weights + kv * cached))
+
+
+def streaming_bandwidth(batch: int, embed_dim: int, vocab: int) -> float:
+  """Bytes/s of a decoding-shaped float32 matmul, `[batch, d] x [d, v]`:
+  the rate at which a step can read its weights here (best of 10)."""
+  rows = jnp.ones((batch, embed_dim), jnp.float32)
+  table = jax.random.normal(jax.random.PRNGKey(0), (embed_dim, vocab))
+  matmul = jax.jit(jnp.dot)
+  jax.block_until_ready(matmul(rows, table))
+  best = min(ts.timed(lambda: jax.block_until_ready(matmul(rows, table)))[1]
+             .wall for _ in range(10))
+  return 4 * embed_dim * vocab / best
+
+
 # --------------------------------------------------------------------- ours --
 
 
@@ -165,7 +206,8 @@ def ours_runner(name: str, config: StackConfig | EncoderDecoderConfig,
             params, features, n).compile())
     compile_s += sample.wall
     calls[n] = lambda c=compiled: jax.block_until_ready(c(params, features))
-  return Runner(name, ts.count_params(params), batch, compile_s, calls)
+  return Runner(name, ts.count_params(params), batch, compile_s, calls,
+                step_bytes(config, params, batch, length, new_tokens))
 
 
 # ------------------------------------------------------------ transformers --
@@ -210,13 +252,22 @@ def hf_runner(name: str, config: StackConfig | EncoderDecoderConfig,
 # ------------------------------------------------------------------- table --
 
 
-def print_table(rows: list[tuple[Timing, Timing | None]], length: int) -> None:
+def floor_tokens_per_s(timing: Timing, bandwidth: float) -> float:
+  """Decode tokens/s if every step only read its `step_bytes` at
+  `bandwidth` bytes/s."""
+  return timing.runner.batch * bandwidth / timing.runner.step_bytes
+
+
+def print_table(rows: list[tuple[Timing, Timing | None, float]],
+                length: int) -> None:
+  """One line per (ours, transformers or None, streaming bytes/s)."""
   print('| model | params | batch | prompt + new | compile s | prefill s | '
         'total s | decode tok/s | end-to-end tok/s | HF prefill s | '
-        'HF total s | HF decode tok/s | HF end-to-end tok/s | decode vs HF |')
+        'HF total s | HF decode tok/s | HF end-to-end tok/s | decode vs HF | '
+        'MB read/step | floor tok/s | vs floor |')
   print('|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
-        '---:|')
-  for ours, hf in rows:
+        '---:|---:|---:|---:|')
+  for ours, hf, bandwidth in rows:
     runner = ours.runner
     cells = [runner.name, f'{runner.params / 1e6:.1f}M', str(runner.batch),
              f'{length} + {ours.new_tokens}', f'{runner.compile_s:.1f}',
@@ -230,6 +281,9 @@ def print_table(rows: list[tuple[Timing, Timing | None]], length: int) -> None:
                 f'{hf.decode_tokens_per_s:,.0f}',
                 f'{hf.end_to_end_tokens_per_s:,.0f}',
                 f'{ours.decode_tokens_per_s / hf.decode_tokens_per_s:.2f}x']
+    floor = floor_tokens_per_s(ours, bandwidth)
+    cells += [f'{runner.step_bytes / 1e6:,.0f}', f'{floor:,.0f}',
+              f'{ours.decode_tokens_per_s / floor:.0%}']
     print('| ' + ' | '.join(cells) + ' |')
 
 
@@ -254,7 +308,7 @@ def main(argv=None) -> None:
   batches = [int(b) for b in args.batches.split(',')]
   load_start, pressure_start = os.getloadavg()[0], cpu_pressure()
   configs = pairs()
-  rows = []
+  rows, bandwidths = [], {}
   for pair in args.pairs.split(','):
     encdec = configs[pair]
     for name, config in ((f'{pair} encoder-decoder', encdec),
@@ -264,7 +318,12 @@ def main(argv=None) -> None:
         if not args.skip_hf:
           runners.append(hf_runner(name, config, batch, length, new_tokens))
         timings = measure(runners, new_tokens, repeats)
-        rows.append((timings[0], timings[1] if len(timings) > 1 else None))
+        stack = config.decoder if config is encdec else config
+        key = (batch, stack.embed_dim, stack.vocab_size)
+        if key not in bandwidths:
+          bandwidths[key] = streaming_bandwidth(*key)
+        rows.append((timings[0], timings[1] if len(timings) > 1 else None,
+                     bandwidths[key]))
 
   versions = [f'jax {jax.__version__}']
   if not args.skip_hf:
@@ -282,7 +341,13 @@ def main(argv=None) -> None:
         f'{pressure_start}, at end {cpu_pressure()}: torch (OpenMP) slows '
         'down far more than XLA when another process holds a core. prefill = '
         '1 new token (the prompt or encoder and the first token); decode '
-        'tok/s = batch x (new - 1) / (total - prefill).\n')
+        'tok/s = batch x (new - 1) / (total - prefill). The floor: '
+        'decode tok/s if a step only read its weights and KV cache (MB '
+        'read/step, float32) at the rate a `[batch, d] x [d, vocab]` '
+        'matmul streams its table in this run:\n')
+  for (batch, embed, vocab), rate in bandwidths.items():
+    print(f'- [{batch}, {embed}] x [{embed}, {vocab:,}]: {rate / 1e9:.1f} GB/s')
+  print()
   print_table(rows, length)
 
 

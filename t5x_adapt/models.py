@@ -16,6 +16,7 @@ features (token 0 is padding):
 from __future__ import annotations
 
 import abc
+import copy
 import functools
 from typing import Any, Mapping, Optional
 
@@ -27,6 +28,7 @@ import seqio
 
 from t5x_adapt import decoding
 from t5x_adapt import flops
+from t5x_adapt import layout
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data.vocab import BOS_ID, EOS_ID
@@ -95,6 +97,13 @@ class BaseModel(abc.ABC):
       (`t5x_adapt.kernels.lm_head_loss`: same loss and gradients, memory of
       one chunk); 'auto' chunks when a row's logits exceed
       `lm_head_loss.AUTO_MAX_LOGITS` (`auto_chunk_length`).
+    unroll_decoding: Decode (`predict_batch*`) with the stacks' layers
+      unrolled, the parameters of a scanned model split per layer first.
+      Under `nn.scan` every decoding step slices (copies) each layer's
+      weights out of the stacked arrays before reading them, which doubles
+      the bytes a weight-bound step moves (`benchmarks/decode.py`: 1.5x the
+      step time at the S size on CPU); the price is a decoding compile that
+      grows with depth.
   """
 
   FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
@@ -105,8 +114,10 @@ class BaseModel(abc.ABC):
   def __init__(self, module: nn.Module, *, z_loss: float = 0.0,
                eos_id: int = EOS_ID,
                decode_options: Optional[decoding.DecodeOptions] = None,
-               loss_chunk_length: lm_head_loss.ChunkSetting = 'auto'):
+               loss_chunk_length: lm_head_loss.ChunkSetting = 'auto',
+               unroll_decoding: bool = True):
     self.module = module
+    self.unroll_decoding = unroll_decoding
     self.z_loss = z_loss
     self.eos_id = eos_id
     # None: `DecodeOptions()` at each call, i.e. its gin bindings.
@@ -277,11 +288,23 @@ class BaseModel(abc.ABC):
       and scores [batch, beams], best first.
     """
     options = options or self.decode_options or decoding.DecodeOptions()
-    prefill = self._prefill(params, batch, max_decode_length, options.beams)
+    model, params = self._decoding_model(params)
+    prefill = model._prefill(  # pylint: disable=protected-access
+        params, batch, max_decode_length, options.beams)
     tokens, scores = decoding.decode(prefill, options, self.eos_id, rng)
     if options.method == 'beam' and not return_all_decodes:
       tokens, scores = tokens[:, 0], scores[:, 0]
     return tokens, {'scores': scores}
+
+  def _decoding_model(self, params: Params) -> tuple['BaseModel', Params]:
+    """(model, params) to decode with: see `unroll_decoding`."""
+    if not self.unroll_decoding or not any(
+        stack.scan_layers for stack in self.config.stacks().values()):
+      return self, params
+    model = copy.copy(self)
+    model.module = self.module.clone(
+        config=self.config.map_stacks(scan_layers=False))
+    return model, layout.to_unrolled(params, self.config)
 
   def _rngs(self, dropout_rng):
     return None if dropout_rng is None else {'dropout': dropout_rng}
