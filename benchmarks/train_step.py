@@ -455,7 +455,7 @@ def profile_step(prepared: Prepared, result: Result, vocab: int) -> str:
   calls = collections.Counter(
       e['name'] for e in events
       if e.get('ph') == 'X' and e.get('name') in per_op)
-  for name, seconds in per_op.most_common(int(os.environ.get("PROFILE_TOP", "12"))):
+  for name, seconds in per_op.most_common(12):
     op, shape, op_name = info[name]
     short = '/'.join(op_name.split('/')[-3:])
     out.append(f'| {seconds:.2f} | {calls[name]} | {name} | {shape[:32]} | '

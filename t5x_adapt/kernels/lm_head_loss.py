@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from t5x_adapt import losses
 from t5x_adapt.kernels.attention import softcap as apply_softcap
+from t5x_adapt.kernels.matmul import matmul_2d
 
 # 'auto' chunks when a row's logits (target length * vocab) exceed this, in
 # chunks of at most this many logits per row: 64 MiB of float32 a row, 64
@@ -53,10 +54,8 @@ def lm_head_logits(hidden: jax.Array, embedding: jax.Array,
   """
   # One 2-D matmul over the flattened tokens: a [b, t] contraction in the
   # table's gradient would make XLA:CPU transpose the logits' gradient with
-  # the softcap's backward fused in (`layers.dense.matmul_2d`).
-  rows = hidden.reshape(-1, hidden.shape[-1])
-  logits = jnp.dot(rows, embedding.astype(dtype).T).reshape(
-      *hidden.shape[:-1], embedding.shape[0])
+  # the softcap's backward fused in.
+  logits = matmul_2d(hidden, embedding.astype(dtype).T, contract=1)
   logits = apply_softcap(logits.astype(jnp.float32), softcap)
   return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
