@@ -30,9 +30,14 @@ counts. So
 
 Each row also gets a weight-streaming floor: the bytes a greedy step must
 read (every decoder parameter, the LM head included, and the keys and values
-at the mean cache length, float32) over the rate at which a decoding-shaped
-matmul `[batch, d_model] x [d_model, vocab]` reads its table in the same run;
-"vs floor" is the decode tokens/s as a share of that ceiling.
+at the mean cache length, in the row's dtype) over the rate at which a
+decoding-shaped float32 matmul `[batch, d_model] x [d_model, vocab]` reads
+its table in the same run; "vs floor" is the decode tokens/s as a share of
+that ceiling. (The bfloat16 matmul's own rate is printed too: XLA:CPU reads
+bfloat16 tables slower, so it would flatter bfloat16 rows.)
+
+`--dtypes float32,bfloat16` adds bfloat16 rows: parameters, activations and
+caches in bfloat16, ours and transformers' (`dtype=torch.bfloat16`).
 
   .venv/bin/python benchmarks/decode.py            # a few minutes
   .venv/bin/python benchmarks/decode.py --quick    # about a minute
@@ -76,6 +81,8 @@ class Runner:
     calls: New tokens -> a call that generates them and blocks.
     step_bytes: Bytes one decoding step reads at least (see
       `step_bytes`; 0 where not counted).
+    decoder_params: Parameters of the stack that runs once per new token
+      (an encoder-decoder's decoder; 0 where not counted).
   """
   name: str
   params: int
@@ -83,6 +90,7 @@ class Runner:
   compile_s: float | None
   calls: dict[int, Callable[[], object]]
   step_bytes: int = 0
+  decoder_params: int = 0
 
 
 @dataclasses.dataclass
@@ -143,6 +151,21 @@ def pairs() -> dict[str, EncoderDecoderConfig]:
           's': ts.s_s_config()}
 
 
+def models(configs: dict[str, EncoderDecoderConfig], names: list[str],
+           dtypes: list[str]) -> list[tuple[str, StackConfig |
+                                             EncoderDecoderConfig]]:
+  """(row name, config): each pair's encoder-decoder and decoder-only model
+  in each dtype (parameters, activations and caches)."""
+  rows = []
+  for pair in names:
+    for dtype in dtypes:
+      encdec = configs[pair].map_stacks(dtype=dtype, param_dtype=dtype)
+      suffix = '' if dtype == 'float32' else f' {dtype}'
+      rows += [(f'{pair} encoder-decoder{suffix}', encdec),
+               (f'{pair} decoder-only{suffix}', encdec.decoder)]
+  return rows
+
+
 def cpu_pressure() -> str:
   """The kernel's CPU pressure (share of time some task waited for a CPU,
   last minute), or '?' where /proc/pressure is missing."""
@@ -158,7 +181,8 @@ def cpu_pressure() -> str:
 
 def step_bytes(config: StackConfig | EncoderDecoderConfig, params,
                batch: int, length: int, new_tokens: int) -> int:
-  """Bytes one greedy step reads at the least, in float32: every decoder
+  """Bytes one greedy step reads at the least, in the parameter dtype (the
+  caches are kept in the activation dtype): every decoder
   parameter (the LM head included; an encoder-decoder's encoder is not run)
   and the keys and values its attention reads, at the mean cache length of
   the decoding (`length` prompt + half the new tokens for a decoder-only
@@ -170,19 +194,21 @@ def step_bytes(config: StackConfig | EncoderDecoderConfig, params,
   weights = ts.count_params(decoder_params)
   cached = new_tokens / 2 + length  # self-attention (+ cross-attention)
   kv = 2 * stack.num_layers * batch * stack.num_kv_heads * stack.head_dim
-  return int(4 * (weights + kv * cached))
+  return int(stack.weight_dtype.itemsize * weights +
+             stack.activation_dtype.itemsize * kv * cached)
 
 
-def streaming_bandwidth(batch: int, embed_dim: int, vocab: int) -> float:
-  """Bytes/s of a decoding-shaped float32 matmul, `[batch, d] x [d, v]`:
+def streaming_bandwidth(batch: int, embed_dim: int, vocab: int,
+                        dtype: str = 'float32') -> float:
+  """Bytes/s of a decoding-shaped matmul, `[batch, d] x [d, v]` in `dtype`:
   the rate at which a step can read its weights here (best of 10)."""
-  rows = jnp.ones((batch, embed_dim), jnp.float32)
-  table = jax.random.normal(jax.random.PRNGKey(0), (embed_dim, vocab))
+  rows = jnp.ones((batch, embed_dim), dtype)
+  table = jax.random.normal(jax.random.PRNGKey(0), (embed_dim, vocab), dtype)
   matmul = jax.jit(jnp.dot)
   jax.block_until_ready(matmul(rows, table))
   best = min(ts.timed(lambda: jax.block_until_ready(matmul(rows, table)))[1]
              .wall for _ in range(10))
-  return 4 * embed_dim * vocab / best
+  return table.dtype.itemsize * embed_dim * vocab / best
 
 
 # --------------------------------------------------------------------- ours --
@@ -207,14 +233,16 @@ def ours_runner(name: str, config: StackConfig | EncoderDecoderConfig,
     compile_s += sample.wall
     calls[n] = lambda c=compiled: jax.block_until_ready(c(params, features))
   return Runner(name, ts.count_params(params), batch, compile_s, calls,
-                step_bytes(config, params, batch, length, new_tokens))
+                step_bytes(config, params, batch, length, new_tokens),
+                ts.count_params(params['decoder'] if is_encdec else params))
 
 
 # ------------------------------------------------------------ transformers --
 
 
 def hf_model(config: StackConfig | EncoderDecoderConfig):
-  """transformers' model of `config`, randomly initialised, eager, float32."""
+  """transformers' model of `config`, randomly initialised, eager, in the
+  parameter dtype of `config`."""
   import torch
   import transformers
   from t5x_adapt.convert.hf import stack_config_to_hf
@@ -224,9 +252,11 @@ def hf_model(config: StackConfig | EncoderDecoderConfig):
   else:
     cls, hf_config = (transformers.Gemma2ForCausalLM,
                       transformers.Gemma2Config(**stack_config_to_hf(config)))
+  stack = config.decoder if isinstance(config, EncoderDecoderConfig) else config
   torch.manual_seed(0)
   return cls._from_config(  # pylint: disable=protected-access
-      hf_config, attn_implementation='eager', dtype=torch.float32).eval()
+      hf_config, attn_implementation='eager',
+      dtype=getattr(torch, stack.param_dtype)).eval()
 
 
 def hf_runner(name: str, config: StackConfig | EncoderDecoderConfig,
@@ -298,6 +328,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help='comma-separated pairs to run: tiny, s')
   parser.add_argument('--batches', default='1,8')
   parser.add_argument('--skip_hf', action='store_true')
+  parser.add_argument('--dtypes', default='float32',
+                      help='comma-separated: float32, bfloat16 (parameters, '
+                      'activations and caches in that dtype, ours and '
+                      "transformers')")
   return parser.parse_args(argv)
 
 
@@ -309,21 +343,25 @@ def main(argv=None) -> None:
   load_start, pressure_start = os.getloadavg()[0], cpu_pressure()
   configs = pairs()
   rows, bandwidths = [], {}
-  for pair in args.pairs.split(','):
-    encdec = configs[pair]
-    for name, config in ((f'{pair} encoder-decoder', encdec),
-                         (f'{pair} decoder-only', encdec.decoder)):
-      for batch in batches:
-        runners = [ours_runner(name, config, batch, length, new_tokens)]
-        if not args.skip_hf:
-          runners.append(hf_runner(name, config, batch, length, new_tokens))
-        timings = measure(runners, new_tokens, repeats)
-        stack = config.decoder if config is encdec else config
-        key = (batch, stack.embed_dim, stack.vocab_size)
+  for name, config in models(configs, args.pairs.split(','),
+                             args.dtypes.split(',')):
+    for batch in batches:
+      runners = [ours_runner(name, config, batch, length, new_tokens)]
+      if not args.skip_hf:
+        runners.append(hf_runner(name, config, batch, length, new_tokens))
+      timings = measure(runners, new_tokens, repeats)
+      stack = (config.decoder if isinstance(config, EncoderDecoderConfig)
+               else config)
+      # The floor streams at the float32 rate whatever the dtype: XLA's
+      # bfloat16 matvec reads its table slower than the float32 one, and
+      # the floor is what the memory allows, not what one kernel reaches.
+      for dtype in {'float32', stack.param_dtype}:
+        key = (batch, stack.embed_dim, stack.vocab_size, dtype)
         if key not in bandwidths:
           bandwidths[key] = streaming_bandwidth(*key)
-        rows.append((timings[0], timings[1] if len(timings) > 1 else None,
-                     bandwidths[key]))
+      rows.append((timings[0], timings[1] if len(timings) > 1 else None,
+                   bandwidths[batch, stack.embed_dim, stack.vocab_size,
+                              'float32']))
 
   versions = [f'jax {jax.__version__}']
   if not args.skip_hf:
@@ -334,7 +372,7 @@ def main(argv=None) -> None:
   device = jax.devices()[0]
   print(f'\n## Greedy decoding on {device.platform} ({device.device_kind}), '
         f'{ts.num_cores()} cores\n')
-  print(f'{", ".join(versions)}; float32; best of {repeats} interleaved '
+  print(f'{", ".join(versions)}; {args.dtypes}; best of {repeats} interleaved '
         'timed calls after a warm-up. Load average at start '
         f'{load_start:.2f}, at end {os.getloadavg()[0]:.2f}; CPU pressure '
         f'(time some task waited for a CPU, last minute) at start '
@@ -343,10 +381,11 @@ def main(argv=None) -> None:
         '1 new token (the prompt or encoder and the first token); decode '
         'tok/s = batch x (new - 1) / (total - prefill). The floor: '
         'decode tok/s if a step only read its weights and KV cache (MB '
-        'read/step, float32) at the rate a `[batch, d] x [d, vocab]` '
+        'read/step) at the rate a float32 `[batch, d] x [d, vocab]` '
         'matmul streams its table in this run:\n')
-  for (batch, embed, vocab), rate in bandwidths.items():
-    print(f'- [{batch}, {embed}] x [{embed}, {vocab:,}]: {rate / 1e9:.1f} GB/s')
+  for (batch, embed, vocab, dtype), rate in bandwidths.items():
+    print(f'- [{batch}, {embed}] x [{embed}, {vocab:,}] {dtype}: '
+          f'{rate / 1e9:.1f} GB/s')
   print()
   print_table(rows, length)
 

@@ -33,6 +33,11 @@ time, the row falls back to `remat_policy='dots'` and says so
 (`--no_fallback` to insist). transformers runs in a child process, so that
 running out of memory there loses only its row.
 
+`--bf16` adds bfloat16-activation rows (float32 parameters and optimizer):
+`s_s bf16` (the `--remat` policy) and `hf bf16` (transformers under
+`torch.autocast('cpu', torch.bfloat16)`), each compared with the other and
+against a bfloat16 2048^3 matmul timed in the same run.
+
 `--quick` shortens `s_s` and `hf` to 128 + 128 and times fewer steps.
 `--profile` traces one `s_s` step with `jax.profiler` and prints where the
 time goes (attention core, LM head, MLP, ...), and times the forward pass
@@ -41,6 +46,7 @@ alone. `--remat dots` adds an `s_s` row with rematerialised layers.
   .venv/bin/python benchmarks/train_step.py            # ~6-8 minutes
   .venv/bin/python benchmarks/train_step.py --quick    # ~2-3 minutes
   .venv/bin/python benchmarks/train_step.py --profile --skip_hf
+  .venv/bin/python benchmarks/train_step.py --remat dots --bf16   # ~10 min
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ class Result:
   losses: list[float]
   note: str = ''
   memory: str = ''
+  dtype: str = 'float32'
 
   @property
   def tokens(self) -> int:
@@ -273,7 +280,8 @@ def run_ours(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
   if not all(np.isfinite(losses)):
     raise RuntimeError(f'{name}: non-finite loss {losses}')
   result = Result(name, params, batch, inputs, targets, step_flops,
-                  compile_s, first, samples, losses, note=note, memory=memory)
+                  compile_s, first, samples, losses, note=note, memory=memory,
+                  dtype=config.decoder.dtype)
   prepared = (Prepared(trainer.model, trainer, compiled, state, device_batch)
               if keep else None)
   return result, prepared
@@ -296,8 +304,14 @@ def hf_config(config: EncoderDecoderConfig):
 
 
 def run_hf(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
-           targets: int, steps: int) -> Result:
-  """Times transformers' training step on the same config and batch shape."""
+           targets: int, steps: int, dtype: str = 'float32') -> Result:
+  """Times transformers' training step on the same config and batch shape.
+
+  With `dtype='bfloat16'` the forward and loss run under
+  `torch.autocast('cpu', torch.bfloat16)` (float32 parameters and optimizer,
+  as for our bfloat16 row).
+  """
+  import contextlib
   import torch
   import transformers
   torch.set_num_threads(2)
@@ -317,11 +331,17 @@ def run_hf(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
   dec = torch.tensor(host['decoder_input_tokens'], dtype=torch.long)
   labels = torch.tensor(host['decoder_target_tokens'], dtype=torch.long)
 
+  def autocast():
+    if dtype == 'float32':
+      return contextlib.nullcontext()
+    return torch.autocast('cpu', dtype=getattr(torch, dtype))
+
   def one_step():
-    out = model(input_ids=enc, attention_mask=torch.ones_like(enc),
-                decoder_input_ids=dec,
-                decoder_attention_mask=torch.ones_like(dec),
-                labels=labels, use_cache=False)
+    with autocast():
+      out = model(input_ids=enc, attention_mask=torch.ones_like(enc),
+                  decoder_input_ids=dec,
+                  decoder_attention_mask=torch.ones_like(dec),
+                  labels=labels, use_cache=False)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -337,19 +357,22 @@ def run_hf(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
                     'encoder_input_tokens': (batch, inputs),
                     'decoder_target_tokens': (batch, targets)}),
                 None, first, samples, losses,
-                note='transformers eager, torch threads 2')
+                note='transformers eager, torch threads 2' +
+                ('' if dtype == 'float32' else f', autocast {dtype}'),
+                dtype=dtype)
 
 
-def run_hf_child(length: int, steps: int) -> Optional[Result]:
+def run_hf_child(name: str, length: int, steps: int,
+                 dtype: str = 'float32') -> Optional[Result]:
   """`run_hf` in a subprocess, so that running out of memory there (the
   transformers step keeps every attention matrix) loses only its row."""
   command = [sys.executable, str(pathlib.Path(__file__).resolve()),
-             '--hf_child', f'{length},{steps}']
+             '--hf_child', f'{name},{length},{steps},{dtype}']
   proc = subprocess.run(command, stdout=subprocess.PIPE, text=True,
                         check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode or not lines:
-    log(f'hf: child process failed (exit code {proc.returncode}; -9 is '
+    log(f'{name}: child process failed (exit code {proc.returncode}; -9 is '
         'usually the OOM killer)')
     return None
   data = json.loads(lines[-1])
@@ -481,8 +504,16 @@ def profile_step(prepared: Prepared, result: Result, vocab: int) -> str:
 # ------------------------------------------------------------------- table --
 
 
-def print_table(results: list[Result], peak: float, measured: float,
-                hf_by_shape: dict) -> None:
+def hf_key(result: Result) -> tuple:
+  """What a row and the transformers row it is compared with share."""
+  return (result.params, result.batch, result.inputs, result.targets,
+          result.dtype)
+
+
+def print_table(results: list[Result], peak: float,
+                measured: dict[str, float], hf_by_shape: dict) -> None:
+  """`measured`: the jnp matmul FLOP/s of each dtype, `hf_by_shape`:
+  transformers' rows by `hf_key`."""
   cores = num_cores()
   print('| row | params | batch x (in + tgt) | GFLOP/step | compile s | '
         'first step s | step s (median) | best step s | tokens/s | GFLOP/s | '
@@ -491,7 +522,7 @@ def print_table(results: list[Result], peak: float, measured: float,
   print('|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
         '---:|---:|---:|---:|')
   for r in results:
-    hf = hf_by_shape.get((r.params, r.batch, r.inputs, r.targets))
+    hf = hf_by_shape.get(hf_key(r))
     cpu_s = r.mean('user') + r.mean('sys')
     if hf is None:
       speedup = cpu_speedup = '-'
@@ -507,7 +538,8 @@ def print_table(results: list[Result], peak: float, measured: float,
           f'{r.tokens / r.step_s:,.0f} | '
           f'{r.step_flops / r.step_s / 1e9:.1f} | '
           f'{r.step_flops / r.step_s / peak:.1%} | '
-          f'{r.step_flops / r.step_s / measured:.1%} | {cpu_s:.2f} | '
+          f'{r.step_flops / r.step_s / measured[r.dtype]:.1%} | '
+          f'{cpu_s:.2f} | '
           f'{util:.0%} | '
           f'{r.mean("sys"):.2f} | {speedup} | {cpu_speedup} |')
   print()
@@ -542,6 +574,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       'back to remat_policy=dots and says so)')
   parser.add_argument('--profile', action='store_true',
                       help='trace one s_s step and time its forward')
+  parser.add_argument('--bf16', action='store_true',
+                      help='add bfloat16-activation rows: s_s (float32 '
+                      'parameters, the --remat policy) and transformers '
+                      'under torch.autocast')
   parser.add_argument('--hf_child', help=argparse.SUPPRESS)
   parser.add_argument('--peak_flops', type=float, default=None,
                       help='override the device peak (FLOP/s) used for MFU')
@@ -557,8 +593,9 @@ def s_s_config(vocab: int = S_S_VOCAB) -> EncoderDecoderConfig:
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.hf_child:
-    length, steps = (int(x) for x in args.hf_child.split(','))
-    result = run_hf('hf', s_s_config(), 8, length, length, steps)
+    name, length, steps, dtype = args.hf_child.split(',')
+    result = run_hf(name, s_s_config(), 8, int(length), int(length),
+                    int(steps), dtype)
     print(json.dumps(dataclasses.asdict(result)), flush=True)
     return
   quick = args.quick
@@ -579,7 +616,8 @@ def main(argv=None) -> None:
     versions += [f'torch {torch.__version__}',
                  f'transformers {transformers.__version__}']
   log('measuring matmul rate')
-  measured = flops_lib.measured_matmul_flops() / 1e9
+  dtypes = ('float32', 'bfloat16') if args.bf16 else ('float32',)
+  measured = {d: flops_lib.measured_matmul_flops(jnp.dtype(d)) for d in dtypes}
 
   tiny = gin_utils.load_model('t5gemma_tiny').config
   s_s = s_s_config()
@@ -600,33 +638,41 @@ def main(argv=None) -> None:
                          s_s.map_stacks(remat_policy=args.remat), 8, length,
                          length, s_steps)
     results.append(result)
+  if args.bf16:
+    result, _ = run_ours(
+        's_s bf16', s_s.map_stacks(dtype='bfloat16', remat_policy=args.remat),
+        8, length, length, s_steps,
+        fallback_remat=None if args.no_fallback else 'dots')
+    results.append(result)
   hf_failed, profile_text = False, ''
   if not args.skip_hf:
     if args.profile:  # free the kept s_s state before transformers runs
       profile_text = profile_step(prepared, profile_result, S_S_VOCAB)
       prepared = None
     gc.collect()
-    hf = run_hf_child(length, hf_steps)
-    if hf is None:
-      hf_failed = True
-    else:
-      results.append(hf)
+    for dtype in dtypes:
+      name = 'hf' if dtype == 'float32' else 'hf bf16'
+      hf = run_hf_child(name, length, hf_steps, dtype)
+      if hf is None:
+        hf_failed = True
+      else:
+        results.append(hf)
 
-  hf_by_shape = {(r.params, r.batch, r.inputs, r.targets): r
-                 for r in results if r.name == 'hf'}
+  hf_by_shape = {hf_key(r): r for r in results if r.name.startswith('hf')}
   device = jax.devices()[0]
   print(f'\n## Train step on {device.platform} ({device.device_kind}), '
         f'{num_cores()} cores\n')
-  print(f'{", ".join(versions)}. float32 params and activations, AdamW, '
-        f'clip 1.0, scanned layers. MFU peak {peak / 1e9:.0f} GFLOP/s '
-        f'(t5x_adapt.flops); a 2048^3 jnp float32 matmul ran at '
-        f'{measured:.0f} GFLOP/s in this run (best of 5; "MFU vs matmul" '
-        'divides by it). Load average at start '
+  rates = ', '.join(f'{d} {r / 1e9:.0f}' for d, r in measured.items())
+  print(f'{", ".join(versions)}. float32 params (and activations, but for '
+        f'the bf16 rows), AdamW, clip 1.0, scanned layers. MFU peak '
+        f'{peak / 1e9:.0f} GFLOP/s (t5x_adapt.flops); a 2048^3 jnp matmul ran '
+        f'at {rates} GFLOP/s in this run (best of 5; "MFU vs matmul" '
+        'divides by the rate of the row\'s dtype). Load average at start '
         f'{load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}. CPU util = '
         f'(user + sys CPU s) / (wall s x {num_cores()} cores).\n')
-  print_table(results, peak, measured * 1e9, hf_by_shape)
+  print_table(results, peak, measured, hf_by_shape)
   if hf_failed:
-    print('\n- hf: the transformers child process failed (see stderr); '
+    print('\n- hf: a transformers child process failed (see stderr); '
           'its row is missing.')
   if args.profile and prepared is not None:
     profile_text = profile_step(prepared, profile_result, S_S_VOCAB)
