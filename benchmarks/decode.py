@@ -51,7 +51,6 @@ import functools
 import os
 import pathlib
 import sys
-import time
 from typing import Callable
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -66,6 +65,7 @@ import numpy as np
 from t5x_adapt import gin_utils
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.data.vocab import BOS_ID
+from t5x_adapt.kernels.matmul import matmul_2d
 from t5x_adapt.models import model_for_config
 
 
@@ -200,11 +200,12 @@ def step_bytes(config: StackConfig | EncoderDecoderConfig, params,
 
 def streaming_bandwidth(batch: int, embed_dim: int, vocab: int,
                         dtype: str = 'float32') -> float:
-  """Bytes/s of a decoding-shaped matmul, `[batch, d] x [d, v]` in `dtype`:
-  the rate at which a step can read its weights here (best of 10)."""
+  """Bytes/s of a decoding-shaped matmul, `[batch, d] x [d, v]` in `dtype`
+  as the model runs it (`matmul_2d`): the rate at which a step can read its
+  weights here (best of 10)."""
   rows = jnp.ones((batch, embed_dim), dtype)
   table = jax.random.normal(jax.random.PRNGKey(0), (embed_dim, vocab), dtype)
-  matmul = jax.jit(jnp.dot)
+  matmul = jax.jit(functools.partial(matmul_2d, contract=1))
   jax.block_until_ready(matmul(rows, table))
   best = min(ts.timed(lambda: jax.block_until_ready(matmul(rows, table)))[1]
              .wall for _ in range(10))

@@ -19,6 +19,7 @@ from t5x_adapt.data import feature_converters
 from t5x_adapt.data import pipeline
 from t5x_adapt.data import sft
 from tasks import sft as sft_tasks
+from tasks import vocabularies
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECIPE = 'gin/finetune/sft.gin'
@@ -27,6 +28,9 @@ RESPONSES = ('negative<end_of_turn>', 'positive<end_of_turn>')
 
 
 def _vocabulary(name):
+  # The tasks' vocabularies read their model file lazily: make it first
+  # (Gemma 3's is rebuilt from the GGUF on first use), whatever ran before.
+  vocabularies.VOCABULARIES[name][1]()
   task = seqio.get_mixture_or_task(f'sft_sentiment_{name}')
   return task.output_features['inputs'].vocabulary
 
