@@ -12,11 +12,12 @@ model of its decoder stack (the pairing of the T5Gemma adaptation, e.g. a
 Each row is one model at one batch size, prompts (or encoder inputs) of 256
 random tokens without padding, 64 new tokens (`--quick`: 64 and 16).
 
-  ours          `predict_batch` (greedy, KV caches, float32, scanned layers),
-                jitted; the compile is timed apart.
+  ours          `predict_batch` (greedy, KV caches, scanned layers; float32
+                unless `--dtypes` asks for more), jitted; the compile is
+                timed apart.
   transformers  `generate(do_sample=False, num_beams=1)` of
                 T5GemmaForConditionalGeneration / Gemma2ForCausalLM built
-                from the same configuration: eager attention, float32,
+                from the same configuration: eager attention, the row's dtype,
                 `torch.set_num_threads(2)`, `min_new_tokens` so that EOS
                 does not end a row early.
 
@@ -356,7 +357,7 @@ def main(argv=None) -> None:
       # The floor streams at the float32 rate whatever the dtype: XLA's
       # bfloat16 matvec reads its table slower than the float32 one, and
       # the floor is what the memory allows, not what one kernel reaches.
-      for dtype in {'float32', stack.param_dtype}:
+      for dtype in dict.fromkeys(('float32', stack.param_dtype)):
         key = (batch, stack.embed_dim, stack.vocab_size, dtype)
         if key not in bandwidths:
           bandwidths[key] = streaming_bandwidth(*key)

@@ -11,7 +11,7 @@ most of the big model's quality.
 This benchmark times one generation (batch 1, random weights and prompts:
 the time does not depend on the values) of four models built from two
 Gemma 2 style stacks, small and big (by default the T5Gemma S and B stacks,
-12 / 8 layers, width 768 / 512: the big decoder-only model has 2.6x the
+8 / 12 layers, width 512 / 768: the big decoder-only model has 2.6x the
 small one's parameters; 9B over 2B is 3.5x), with a 50,257-token vocabulary
 as in `train_step.py` and `decode.py`:
 
@@ -21,7 +21,9 @@ as in `train_step.py` and `decode.py`:
   big-small            a big encoder, a small decoder (cross-attention keys
                        and values project from the big width).
 
-Per model it prints parameters, the analytic forward FLOPs of the whole
+Per model it prints parameters, those of the stack that runs once per new
+token (an encoder-decoder's decoder, with the cross-attention key and value
+projections, which run only at the prefill), the analytic forward FLOPs of the whole
 generation (`t5x_adapt.flops`: prompt + new tokens through the decoder-only
 model, or prompt through the encoder and new tokens through the decoder), the
 prefill time (prompt and first token), the whole generation, the time per new
@@ -88,8 +90,9 @@ def generation_flops(config: StackConfig | EncoderDecoderConfig, prompt: int,
 
 def print_table(timings: list[decode.Timing], configs: list, prompt: int,
                 new_tokens: int) -> None:
+  """One markdown row per model, latencies against the first model's."""
   reference = timings[0]
-  print('| model | params | params read per new token | GFLOP/generation | '
+  print('| model | params | decoder params | GFLOP/generation | '
         'prefill s | total s | ms/new token | latency vs '
         f'{reference.runner.name} |')
   print('|---|---:|---:|---:|---:|---:|---:|---:|')
@@ -150,6 +153,9 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   prompt = args.prompt or (64 if args.quick else 512)
   new_tokens = args.new_tokens or (16 if args.quick else 128)
+  if new_tokens < 2:
+    raise ValueError(f'--new_tokens {new_tokens}: at least 2 (the time per '
+                     'new token is taken after the first)')
   repeats = args.repeats or (2 if args.quick else 3)
   load_start = os.getloadavg()[0]
   small, big = stack(args.small, args.dtype), stack(args.big, args.dtype)

@@ -8,7 +8,7 @@ one run, the same matmuls through
              `kernels.matmul.narrow_matmul` asks for bfloat16 operands);
   jnp-same   the same with the result in the operands' dtype (plain
              `jnp.dot`: for bfloat16 about half as fast);
-  torch      `torch.matmul` with 2 threads (oneDNN / MKL);
+  torch      `torch.matmul`, a thread per core (oneDNN / MKL);
   onednn-ffi oneDNN's matmul primitive (the library behind torch's CPU
              bfloat16 matmuls, AMX included) called from a jitted JAX
              function through `jax.ffi` (benchmarks/ffi/onednn_matmul.cc,
@@ -49,6 +49,7 @@ SHAPES = {'square 2048^3': (2048, 2048, 2048),
           'projection [4096, 512] x [512, 2048]': (4096, 512, 2048),
           'LM head [8, 512] x [512, 50257]': (8, 512, 50257)}
 DTYPES = ('float32', 'bfloat16')
+CORES = len(os.sched_getaffinity(0))
 
 
 def cpu_flags() -> str:
@@ -92,7 +93,7 @@ def jnp_matmul_same_dtype(m: int, k: int, n: int, dtype: str):
 
 def torch_matmul(m: int, k: int, n: int, dtype: str):
   import torch
-  torch.set_num_threads(2)
+  torch.set_num_threads(CORES)  # as many as XLA's and oneDNN's pools
   a = torch.randn(m, k).to(getattr(torch, dtype))
   b = torch.randn(k, n).to(getattr(torch, dtype))
   return lambda: torch.matmul(a, b)
@@ -148,12 +149,15 @@ def build_ffi(spec: FfiMatmul) -> str:
   return ''
 
 
-def ffi_dot(target: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`a [m, k] . b [k, n] -> [m, n]` float32 through an FFI target."""
-  call = jax.ffi.ffi_call(
-      target, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
-      vmap_method='sequential')
-  return call(a, b, transpose_a=False, transpose_b=False)
+def ffi_dot(target: str, a: jax.Array, b: jax.Array,
+            transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+  """`op(a) [m, k] . op(b) [k, n] -> [m, n]` float32 through an FFI target,
+  `op` transposing where asked (the target reads the buffer strided)."""
+  m = a.shape[1] if transpose_a else a.shape[0]
+  n = b.shape[0] if transpose_b else b.shape[1]
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method='sequential')
+  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
 def ffi_matmul(target: str):
@@ -166,15 +170,22 @@ def ffi_matmul(target: str):
 
 
 def ffi_error(target: str) -> float:
-  """Largest |FFI - numpy| / max |numpy| over a bf16 and a f32 matmul."""
+  """Largest |FFI - numpy| / max |numpy| over bf16 and f32 matmuls, with
+  and without each operand transposed."""
   worst = 0.0
   for dtype in DTYPES:
     a = jax.random.normal(jax.random.PRNGKey(2), (96, 160), dtype)
     b = jax.random.normal(jax.random.PRNGKey(3), (160, 72), dtype)
     ref = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
-    got = np.asarray(jax.jit(functools.partial(ffi_dot, target))(a, b),
-                     np.float64)
-    worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
+    for transpose_a in (False, True):
+      for transpose_b in (False, True):
+        dot = jax.jit(functools.partial(
+            ffi_dot, target, transpose_a=transpose_a,
+            transpose_b=transpose_b))
+        got = np.asarray(dot(a.T if transpose_a else a,
+                             b.T if transpose_b else b), np.float64)
+        worst = max(worst,
+                    float(np.abs(got - ref).max() / np.abs(ref).max()))
   return worst
 
 
@@ -192,31 +203,31 @@ def main(argv=None) -> None:
       skipped[spec.name] = why_not
     else:
       paths[spec.name] = ffi_matmul(spec.name)
-  rates = {}
+  seconds = {}
   for shape_name, (m, k, n) in SHAPES.items():
     for dtype in DTYPES:
       for path, make in paths.items():
         log(f'{shape_name} {dtype} {path}')
-        rates[shape_name, dtype, path] = best_seconds(make(m, k, n, dtype))
+        seconds[shape_name, dtype, path] = best_seconds(make(m, k, n, dtype))
 
   print(f'\n## Matmul paths on this CPU\n\n{cpu_flags()}; jax '
-        f'{jax.__version__}; torch with 2 threads, oneDNN with OpenMP\'s '
-        'default (one per core); best of 5.\n')
+        f'{jax.__version__}; every path on the {CORES} cores (XLA\'s pool, '
+        'torch threads, oneDNN\'s OpenMP team); best of 5.\n')
   columns = [(d, p) for d in DTYPES for p in paths]
   print('| shape | ' + ' | '.join(f'{p} {d}' for d, p in columns) + ' |')
   print('|---|' + '---:|' * len(columns))
   for shape_name, (m, k, n) in SHAPES.items():
     skinny = m < 64
-    base = rates[shape_name, 'float32', 'jnp']
+    base = seconds[shape_name, 'float32', 'jnp']
     cells = []
     for dtype, path in columns:
-      seconds = rates[shape_name, dtype, path]
+      took = seconds[shape_name, dtype, path]
       if skinny:
         size = jnp.dtype(dtype).itemsize
-        value = f'{size * k * n / seconds / 1e9:.1f} GB/s'
+        value = f'{size * k * n / took / 1e9:.1f} GB/s'
       else:
-        value = f'{2 * m * k * n / seconds / 1e9:.0f} GFLOP/s'
-      cells.append(f'{value} ({base / seconds:.2f}x)')
+        value = f'{2 * m * k * n / took / 1e9:.0f} GFLOP/s'
+      cells.append(f'{value} ({base / took:.2f}x)')
     print(f'| {shape_name} | ' + ' | '.join(cells) + ' |')
   print('\n(x: against jnp float32 on the same shape.)')
   print()

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import gc
 import glob
@@ -311,7 +312,6 @@ def run_hf(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
   `torch.autocast('cpu', torch.bfloat16)` (float32 parameters and optimizer,
   as for our bfloat16 row).
   """
-  import contextlib
   import torch
   import transformers
   torch.set_num_threads(2)
@@ -642,7 +642,8 @@ def main(argv=None) -> None:
     result, _ = run_ours(
         's_s bf16', s_s.map_stacks(dtype='bfloat16', remat_policy=args.remat),
         8, length, length, s_steps,
-        fallback_remat=None if args.no_fallback else 'dots')
+        fallback_remat=(None if args.no_fallback or args.remat != 'none'
+                        else 'dots'))
     results.append(result)
   hf_failed, profile_text = False, ''
   if not args.skip_hf:

@@ -33,18 +33,23 @@ _MATMUL_SIZE = 2048
 TRAIN_PASSES = 3  # forward + backward (twice the forward's matmuls)
 
 
-@functools.cache
 def measured_matmul_flops(dtype=jnp.float32) -> float:
   """FLOP/s of a 2048^3 matmul on the default device (best of 5).
 
   CPUs have no datasheet peak worth quoting (it depends on the cores, their
-  vector units and XLA's kernels), so their MFU is taken against this.
+  vector units and XLA's kernels), so their MFU is taken against this. Each
+  dtype is measured once per process.
 
   Args:
     dtype: Operand dtype; float32 unless a bfloat16 row is compared against
       the bfloat16 rate. The product accumulates in float32, as the model's
       bfloat16 matmuls do (`kernels.matmul.narrow_matmul`).
   """
+  return _measured_matmul_flops(jnp.dtype(dtype).name)
+
+
+@functools.cache
+def _measured_matmul_flops(dtype: str) -> float:
   x = jax.random.normal(jax.random.PRNGKey(0), (_MATMUL_SIZE,) * 2, dtype)
   matmul = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
   matmul(x).block_until_ready()

@@ -28,7 +28,7 @@ def test_narrow_matmul_rounds_an_exact_product_once(m, k, n):
   assert out.dtype == jnp.bfloat16
   exact = _exact(a, b)
   # float32 accumulation, then one rounding: within one ulp of the exact
-  # product (a bfloat16 accumulation of 512 terms would be far off).
+  # product.
   error = np.abs(np.asarray(out, np.float64) - exact)
   assert np.all(error <= BF16_EPS * np.abs(exact) + 1e-6 * np.abs(exact).max())
 
@@ -47,14 +47,16 @@ def test_narrow_matmul_gradient_is_the_exact_one_rounded():
                   1e-6 * np.abs(exact).max())
 
 
-def _dot_operand_dtypes(fn, *args):
-  """Operand dtypes of every dot_general in the jaxpr of `fn(*args)`."""
+def _dots(fn, *args):
+  """(operand dtypes, result dtype) of every dot_general in the jaxpr of
+  `fn(*args)`."""
   found = []
 
   def visit(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == 'dot_general':
-        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        found.append((tuple(str(v.aval.dtype) for v in eqn.invars),
+                      str(eqn.outvars[0].aval.dtype)))
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         visit(sub)
 
@@ -70,11 +72,13 @@ def test_bfloat16_projection_gradient_has_only_bfloat16_matmuls():
 
   out = matmul_2d(x, kernel, contract=1)
   assert out.shape == (2, 6, 4, 8) and out.dtype == jnp.bfloat16
-  dots = _dot_operand_dtypes(jax.grad(loss, (0, 1)), x, kernel)
-  # The forward and the two gradient matmuls, none of them on a float32
-  # cotangent against a bfloat16 operand (what autodiff would build).
+  dots = _dots(jax.grad(loss, (0, 1)), x, kernel)
+  # The forward and the two gradient matmuls: each bfloat16 x bfloat16 (not
+  # the float32 cotangent against a bfloat16 operand that autodiff of the
+  # float32-result forward builds) with a float32 result (not the bfloat16
+  # result of a plain `jnp.dot`, which XLA:CPU runs at half the rate).
   assert len(dots) == 3
-  assert all(d == ('bfloat16', 'bfloat16') for d in dots), dots
+  assert all(d == (('bfloat16', 'bfloat16'), 'float32') for d in dots), dots
 
 
 def test_float32_matmul_2d_is_a_plain_dot():

@@ -3,8 +3,11 @@
 // out[m, n] (float32) = op(a) [m, k] . op(b) [k, n], row-major, op() an
 // optional transpose (a strided view, not a copy). float32 and bfloat16
 // operands; oneDNN picks its kernel for the CPU it runs on (AMX tiles,
-// AVX512-BF16, AVX-512, AVX2). Primitives are built once per shape and kept.
-// Built and timed by benchmarks/matmul_paths.py.
+// AVX512-BF16, AVX-512, AVX2). Primitives are built once per shape and kept;
+// each call brings its own scratchpad, so that XLA's threads may run one
+// primitive at once (oneDNN allows that only with a user scratchpad, and
+// only in a build with concurrent execution; the gomp build's primitives
+// are otherwise stateless). Built and timed by benchmarks/matmul_paths.py.
 
 #include <cstdint>
 #include <map>
@@ -28,7 +31,7 @@ dnnl::engine& Engine() {
 using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, bool>;
 
 struct Matmul {
-  dnnl::memory::desc a, b, c;
+  dnnl::memory::desc a, b, c, scratchpad;
   dnnl::matmul primitive;
 };
 
@@ -44,8 +47,11 @@ const Matmul& Primitive(int64_t m, int64_t k, int64_t n, bool bf16,
   dnnl::memory::desc a({m, k}, in, transpose_a ? tag::ba : tag::ab);
   dnnl::memory::desc b({k, n}, in, transpose_b ? tag::ba : tag::ab);
   dnnl::memory::desc c({m, n}, dt::f32, tag::ab);
-  dnnl::matmul::primitive_desc desc(Engine(), a, b, c);
-  return cache.emplace(key, Matmul{a, b, c, dnnl::matmul(desc)})
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc desc(Engine(), a, b, c, attr);
+  return cache.emplace(key, Matmul{a, b, c, desc.scratchpad_desc(),
+                                   dnnl::matmul(desc)})
       .first->second;
 }
 
@@ -69,16 +75,28 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b,
     return ffi::Error::InvalidArgument(
         "onednn_matmul: contracted sizes differ");
   }
-  const Matmul& matmul = Primitive(m, k, n, a.element_type() == ffi::BF16,
-                                   transpose_a, transpose_b);
-  dnnl::memory a_mem(matmul.a, Engine(), a.untyped_data());
-  dnnl::memory b_mem(matmul.b, Engine(), b.untyped_data());
-  dnnl::memory c_mem(matmul.c, Engine(), out->typed_data());
-  dnnl::stream stream(Engine());
-  matmul.primitive.execute(stream, {{DNNL_ARG_SRC, a_mem},
-                                    {DNNL_ARG_WEIGHTS, b_mem},
-                                    {DNNL_ARG_DST, c_mem}});
-  stream.wait();
+  const auto out_dims = out->dimensions();
+  if (out_dims.size() != 2 || out_dims[0] != m || out_dims[1] != n) {
+    return ffi::Error::InvalidArgument(
+        "onednn_matmul: the result must be [m, n]");
+  }
+  try {
+    const Matmul& matmul = Primitive(m, k, n, a.element_type() == ffi::BF16,
+                                     transpose_a, transpose_b);
+    dnnl::memory a_mem(matmul.a, Engine(), a.untyped_data());
+    dnnl::memory b_mem(matmul.b, Engine(), b.untyped_data());
+    dnnl::memory c_mem(matmul.c, Engine(), out->typed_data());
+    dnnl::memory scratchpad(matmul.scratchpad, Engine());  // this call's own
+    dnnl::stream stream(Engine());
+    matmul.primitive.execute(stream, {{DNNL_ARG_SRC, a_mem},
+                                      {DNNL_ARG_WEIGHTS, b_mem},
+                                      {DNNL_ARG_DST, c_mem},
+                                      {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    // An exception must not cross the FFI boundary (it would abort).
+    return ffi::Error::Internal(e.what());
+  }
   return ffi::Error::Success();
 }
 
