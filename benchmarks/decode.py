@@ -254,7 +254,7 @@ def hf_model(config: StackConfig | EncoderDecoderConfig):
   else:
     cls, hf_config = (transformers.Gemma2ForCausalLM,
                       transformers.Gemma2Config(**stack_config_to_hf(config)))
-  stack = config.decoder if isinstance(config, EncoderDecoderConfig) else config
+  stack = config.stacks()['decoder']
   torch.manual_seed(0)
   return cls._from_config(  # pylint: disable=protected-access
       hf_config, attn_implementation='eager',
@@ -352,8 +352,7 @@ def main(argv=None) -> None:
       if not args.skip_hf:
         runners.append(hf_runner(name, config, batch, length, new_tokens))
       timings = measure(runners, new_tokens, repeats)
-      stack = (config.decoder if isinstance(config, EncoderDecoderConfig)
-               else config)
+      stack = config.stacks()['decoder']
       # The floor streams at the float32 rate whatever the dtype: XLA's
       # bfloat16 matvec reads its table slower than the float32 one, and
       # the floor is what the memory allows, not what one kernel reaches.

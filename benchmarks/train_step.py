@@ -74,7 +74,6 @@ from common import REPO_ROOT, argument_parser, elapsed, log  # pylint: disable=g
 
 # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from t5x_adapt import flops as flops_lib
@@ -617,7 +616,7 @@ def main(argv=None) -> None:
                  f'transformers {transformers.__version__}']
   log('measuring matmul rate')
   dtypes = ('float32', 'bfloat16') if args.bf16 else ('float32',)
-  measured = {d: flops_lib.measured_matmul_flops(jnp.dtype(d)) for d in dtypes}
+  measured = {d: flops_lib.measured_matmul_flops(d) for d in dtypes}
 
   tiny = gin_utils.load_model('t5gemma_tiny').config
   s_s = s_s_config()

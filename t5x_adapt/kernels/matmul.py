@@ -50,11 +50,11 @@ def narrow_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   the same dot asked for a float32 result (2048^3: 189 against 375
   GFLOP/s; a decoding-shaped `[8, 512] x [512, 50257]`: 3.2 against 9.4
   GB/s; `benchmarks/matmul_paths.py`), so each matmul asks for float32 and
-  rounds once. The gradient is written out
-  because autodiff of that would contract the float32 cotangent with the
-  bfloat16 operand: a float32 matmul after converting the operand. (Only
-  2-D dots: XLA:CPU's batched-dot thunk has no bfloat16 x bfloat16 ->
-  float32, so attention's einsums stay as they are.)
+  rounds once. The gradient is written out because autodiff of that would
+  contract the float32 cotangent with the bfloat16 operand: a float32 matmul
+  after converting the operand. (Only 2-D dots: XLA:CPU's batched-dot thunk
+  has no bfloat16 x bfloat16 -> float32, so attention's einsums stay as they
+  are.)
   """
   return _dot(a, b, (1, 0), a.dtype)
 
