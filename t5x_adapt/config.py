@@ -23,6 +23,14 @@ MLP_ACTIVATIONS = ('gelu_tanh', 'silu')
 NORM_STYLES = ('gemma', 'plain')
 
 
+def _run_field(default):
+  """A `StackConfig` field that says how a stack runs (dtypes, layout,
+  kernels, regularisation), not which function it computes: checkpoints and
+  converters compare architectures without them (`StackConfig.run_fields`).
+  """
+  return dataclasses.field(default=default, metadata={'run': True})
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class StackConfig:
@@ -112,12 +120,18 @@ class StackConfig:
   qkv_bias: bool = False
   tie_lm_head: bool = True
   family: str = 'gemma2'
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  scan_layers: bool = True
-  remat_policy: str = 'none'
-  dropout_rate: float = 0.0
-  attention_impl: str = 'dense'
+  # Run fields (`RUN_FIELDS`): how the stack runs, not what it computes.
+  dtype: str = _run_field('float32')
+  param_dtype: str = _run_field('float32')
+  scan_layers: bool = _run_field(True)
+  remat_policy: str = _run_field('none')
+  dropout_rate: float = _run_field(0.0)
+  attention_impl: str = _run_field('dense')
+
+  # A model's config is a StackConfig (decoder-only) or an
+  # EncoderDecoderConfig; both answer the questions below, so no code outside
+  # the configs and models asks which one it has.
+  is_encoder_decoder = False
 
   def __post_init__(self):
     # Gin hands lists where the dataclass wants tuples.
@@ -140,6 +154,18 @@ class StackConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
+
+  @classmethod
+  def run_fields(cls) -> tuple[str, ...]:
+    """Fields that say how the stack runs, not what it computes."""
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.metadata.get('run'))
+
+  def architecture(self) -> dict:
+    """The fields that decide the function the stack computes."""
+    run = set(self.run_fields())
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in run}
 
   @property
   def query_scale(self) -> float:
@@ -194,9 +220,10 @@ class StackConfig:
     encoder window and end-of-image embedding)."""
     return self.replace(bidirectional_window='symmetric', eoi_token_id=None)
 
-  # A model's config is a StackConfig (decoder-only) or an
-  # EncoderDecoderConfig; both answer these, so code that walks a model's
-  # stacks need not ask which it has.
+  @property
+  def decoder_stack(self) -> 'StackConfig':
+    """The stack that produces the output tokens (this one)."""
+    return self
 
   def stacks(self) -> dict[str, 'StackConfig']:
     """{parameter subtree name: stack}: the decoder-only model's one."""
@@ -243,6 +270,8 @@ class EncoderDecoderConfig:
   tie_embeddings: bool = False
   encoder_attention: str = 'cross'
 
+  is_encoder_decoder = True
+
   def __post_init__(self):
     if self.tie_embeddings and (self.encoder.embed_dim !=
                                 self.decoder.embed_dim):
@@ -272,6 +301,11 @@ class EncoderDecoderConfig:
   def vocab_size(self) -> int:
     return self.decoder.vocab_size
 
+  @property
+  def decoder_stack(self) -> StackConfig:
+    """The stack that produces the output tokens."""
+    return self.decoder
+
   def stacks(self) -> dict[str, StackConfig]:
     """{parameter subtree name: stack}."""
     return {'encoder': self.encoder, 'decoder': self.decoder}
@@ -289,7 +323,7 @@ class EncoderDecoderConfig:
 
 def config_to_dict(config: StackConfig | EncoderDecoderConfig) -> dict:
   """JSON-ready dict of a config (stored beside checkpoints)."""
-  if isinstance(config, EncoderDecoderConfig):
+  if config.is_encoder_decoder:
     return {'encoder': config_to_dict(config.encoder),
             'decoder': config_to_dict(config.decoder),
             'tie_embeddings': config.tie_embeddings,

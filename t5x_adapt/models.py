@@ -67,8 +67,18 @@ def stack_inputs(batch: Batch, prefix: str, tokens_key: str,
   return tokens, positions, segment_ids
 
 
-# (model class, module) -> abstract variables; `BaseModel._abstract_variables`.
+# (model class, module) -> boxed abstract variables, the one cache of
+# parameter shapes (`BaseModel._abstract_variables`).
 _ABSTRACT_VARIABLES: dict[tuple, Any] = {}
+
+
+def _unboxed(tree):
+  """Boxed (axis-annotated) leaves -> their values, without the sharding
+  constraint `nn.meta.unbox` applies under a mesh (these are shapes)."""
+  return jax.tree_util.tree_map(
+      lambda leaf: (leaf.unbox(apply_constraint=False)
+                    if isinstance(leaf, nn.meta.AxisMetadata) else leaf),
+      tree, is_leaf=lambda leaf: isinstance(leaf, nn.meta.AxisMetadata))
 
 
 def shapes_key(input_shapes: Mapping[str, tuple[int, ...]]) -> tuple:
@@ -107,6 +117,9 @@ class BaseModel(abc.ABC):
   """
 
   FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
+  # The feature that carries a request's input: the encoder's tokens, or a
+  # decoder-only model's prompt (`predict_batch`, scoring, serving).
+  INPUTS_FEATURE: str
   # A decoder-only model whose parameters the train step takes as a further
   # argument (`t5x_adapt.distillation`); None: no teacher.
   teacher: Optional['DecoderOnlyModel'] = None
@@ -129,6 +142,14 @@ class BaseModel(abc.ABC):
   def config(self):
     return self.module.config
 
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.config.is_encoder_decoder
+
+  def decoder_params(self, params: Params) -> Params:
+    """The parameters one decoding step reads (the encoder's excluded)."""
+    return params['decoder']
+
   @abc.abstractmethod
   def _init_args(self, input_shapes: Mapping[str, tuple[int, ...]]) -> Batch:
     """A dummy batch of the given shapes for `module.init`."""
@@ -141,7 +162,7 @@ class BaseModel(abc.ABC):
     return {'params': nn.meta.unbox(variables['params'])}
 
   def _abstract_variables(self):
-    """The boxed variables of `module.init`, traced once per process.
+    """The boxed variables of `module.init`, traced once per model.
 
     Everything traced, nothing run: this works under any mesh, also one of
     devices this process cannot run on (`t5x_adapt.precompile`). A run asks
@@ -150,11 +171,17 @@ class BaseModel(abc.ABC):
     model takes a second or more. Parameters do not depend on the batch's
     shapes, so the trace is of a dummy batch, and it is kept by model class
     and module (modules are equal when their configurations are).
+
+    The trace runs without logical-axis rules: what it yields (shapes,
+    dtypes, axis names) does not depend on a mesh, and under a caller's
+    `Partitioner.context()` the activation constraints would ask for
+    shardings of the dummy batch, which has none.
     """
     key = (type(self), self.module)
     if key not in _ABSTRACT_VARIABLES:
-      _ABSTRACT_VARIABLES[key] = jax.eval_shape(lambda: self._init(
-          jax.random.PRNGKey(0), self._init_args({})))
+      with nn.logical_axis_rules(()):
+        _ABSTRACT_VARIABLES[key] = jax.eval_shape(lambda: self._init(
+            jax.random.PRNGKey(0), self._init_args({})))
     return _ABSTRACT_VARIABLES[key]
 
   def logical_axes(self):
@@ -163,7 +190,7 @@ class BaseModel(abc.ABC):
 
   def param_shapes(self):
     """Parameter ShapeDtypeStructs, without allocating anything."""
-    return nn.meta.unbox(self._abstract_variables()['params'])
+    return _unboxed(self._abstract_variables()['params'])
 
   @abc.abstractmethod
   def _init(self, rng, batch):
@@ -178,6 +205,12 @@ class BaseModel(abc.ABC):
                        ) -> int:
     """Matmul FLOPs of one train step on batches of these feature shapes
     (forward + backward, `t5x_adapt.flops`)."""
+
+  def generation_flops(self, input_length: int, new_tokens: int) -> int:
+    """Forward matmul FLOPs of one example's generation: `input_length`
+    input (prompt or encoder) tokens, then `new_tokens` decoded with a KV
+    cache (each position runs once; logits only where generated)."""
+    raise NotImplementedError(f'{type(self).__name__} does not generate')
 
   def init_from_checkpoint(self, path: str,
                            shardings: Optional[Params] = None) -> Params:
@@ -315,6 +348,7 @@ class DecoderOnlyModel(BaseModel):
   """Gemma-style language model (causal LM or prefix-LM)."""
 
   FEATURE_CONVERTER_CLS = feature_converters.DecoderFeatureConverter
+  INPUTS_FEATURE = 'decoder_input_tokens'
 
   def __init__(self, config: StackConfig = gin.REQUIRED, **kwargs):
     super().__init__(DecoderOnlyTransformer(config), **kwargs)
@@ -349,6 +383,10 @@ class DecoderOnlyModel(BaseModel):
     batch, length = batch_shapes['decoder_target_tokens']
     return flops.TRAIN_PASSES * batch * flops.decoder_only_flops(
         self.config, length)
+
+  def generation_flops(self, input_length, new_tokens):
+    return flops.decoder_only_flops(self.config, input_length + new_tokens,
+                                    logit_positions=new_tokens)
 
   def _prefill(self, params, batch, max_decode_length, beams):
     """Prefills the cache with each row's prompt.
@@ -398,6 +436,7 @@ class EncoderDecoderModel(BaseModel):
   """T5Gemma encoder-decoder."""
 
   FEATURE_CONVERTER_CLS = feature_converters.EncDecFeatureConverter
+  INPUTS_FEATURE = 'encoder_input_tokens'
 
   def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED,
                decoder_start_id: int = BOS_ID, **kwargs):
@@ -417,6 +456,9 @@ class EncoderDecoderModel(BaseModel):
     targets = batch_shapes['decoder_target_tokens'][1]
     return flops.TRAIN_PASSES * batch * flops.encoder_decoder_flops(
         self.config, inputs, targets)
+
+  def generation_flops(self, input_length, new_tokens):
+    return flops.encoder_decoder_flops(self.config, input_length, new_tokens)
 
   def tie_gradients(self, grads):
     """With tied embeddings, both tables get the sum of their gradients."""
@@ -498,6 +540,6 @@ class EncoderDecoderModel(BaseModel):
 def model_for_config(config: StackConfig | EncoderDecoderConfig,
                      **kwargs) -> BaseModel:
   """The model class that fits `config` (what converters build)."""
-  if 'encoder' in config.stacks():
+  if config.is_encoder_decoder:
     return EncoderDecoderModel(config, **kwargs)
   return DecoderOnlyModel(config, **kwargs)

@@ -269,3 +269,18 @@ def test_frozen_parameters_are_bitwise_unchanged(runs):
   print(f'\nfrozen: {len(frozen)} parameters bitwise unchanged; in the '
         f'{len(trained)} trained cross-attention kernels at least '
         f'{min(changed):.1%} of the entries changed')
+
+
+def test_fresh_model_shapes_inside_a_mesh_context():
+  """A library user may first ask a model for its shapes inside
+  `Partitioner.context()` (the loaders build models there): the trace must
+  not depend on the caller's mesh and rules."""
+  model = gin_utils.load_model('gemma2_tiny', vocab_size=72, num_layers=3)
+  partitioner = partitioning.Partitioner()
+  with partitioner.context():
+    shapes = model.param_shapes()
+    axes = model.logical_axes()
+  assert (jax.tree_util.tree_structure(shapes) ==
+          jax.tree_util.tree_structure(
+              axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  assert shapes['decoder']['token_embedder']['embedding'].shape[0] == 72
