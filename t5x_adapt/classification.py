@@ -308,6 +308,6 @@ def classification_model(backbone: models.BaseModel = gin.REQUIRED,
     An EncoderClassificationModel or DecoderOnlyClassificationModel.
   """
   config = config or backbone.config
-  cls = (EncoderClassificationModel if 'encoder' in config.stacks()
+  cls = (EncoderClassificationModel if config.is_encoder_decoder
          else DecoderOnlyClassificationModel)
   return cls(config, num_classes=num_classes, dropout_rate=dropout_rate)

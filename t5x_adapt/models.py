@@ -146,6 +146,18 @@ class BaseModel(abc.ABC):
   def is_encoder_decoder(self) -> bool:
     return self.config.is_encoder_decoder
 
+  def feature_converter(self) -> seqio.FeatureConverter:
+    """The converter of this model's training batches (packed where the
+    model packs)."""
+    return self.FEATURE_CONVERTER_CLS(pack=True)  # pylint: disable=not-callable
+
+  def batch_shapes(self, task_feature_lengths: Mapping[str, int],
+                   batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global training batch: what `feature_converter` makes of tasks
+    with these feature lengths, `batch_size` rows."""
+    return feature_converters.batch_shapes(
+        self.feature_converter(), task_feature_lengths, batch_size)
+
   def decoder_params(self, params: Params) -> Params:
     """The parameters one decoding step reads (the encoder's excluded)."""
     return params['decoder']
@@ -156,9 +168,14 @@ class BaseModel(abc.ABC):
 
   def get_initial_variables(
       self, rng: jax.Array,
-      input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Params]:
-    """Initialises parameters; returns `{'params': tree of arrays}`."""
-    variables = self._init(rng, self._init_args(input_shapes))
+      input_shapes: Optional[Mapping[str, tuple[int, ...]]] = None
+  ) -> dict[str, Params]:
+    """Initialises parameters; returns `{'params': tree of arrays}`.
+
+    `input_shapes` (T5X's signature) does not change the parameters: they
+    are the same for every batch shape.
+    """
+    variables = self._init(rng, self._init_args(input_shapes or {}))
     return {'params': nn.meta.unbox(variables['params'])}
 
   def _abstract_variables(self):
@@ -443,7 +460,7 @@ class EncoderDecoderModel(BaseModel):
     super().__init__(EncoderDecoderTransformer(config), **kwargs)
     self.decoder_start_id = decoder_start_id
 
-  def get_initial_variables(self, rng, input_shapes):
+  def get_initial_variables(self, rng, input_shapes=None):
     """Initialises parameters; tied embeddings start as the decoder's."""
     variables = super().get_initial_variables(rng, input_shapes)
     if self.config.tie_embeddings:

@@ -136,15 +136,6 @@ def parse_topology(text: str) -> Topology:
 # ------------------------------------------------------------ the step --
 
 
-def batch_shapes(model, task_feature_lengths: Mapping[str, int],
-                 batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch `t5x_adapt.train` feeds: the model's packed features."""
-  converter = model.FEATURE_CONVERTER_CLS(pack=True)
-  lengths = converter.get_model_feature_lengths(task_feature_lengths)
-  return {name: jax.ShapeDtypeStruct((batch_size, length), 'int32')
-          for name, length in lengths.items()}
-
-
 @dataclasses.dataclass
 class Report:
   """What one compilation says about the step, per chip."""
@@ -239,13 +230,11 @@ def compile_step(topology: Topology, recipe: str = '') -> Report:
   partitioner = partitioning.Partitioner(devices=topology.devices())
   trainer = trainer_lib.Trainer(model, partitioner, optimizers.optimizer(
       learning_rate=optimizers.schedule()))
-  shapes = batch_shapes(model, run['task_feature_lengths'],
-                        run['batch_size'])
+  shapes = trainer.batch_shapes(run['task_feature_lengths'],
+                                run['batch_size'])
   input_shapes = {k: v.shape for k, v in shapes.items()}
-  state_shapes = trainer.state_shapes(input_shapes)
-  state_shardings = trainer.state_shardings(input_shapes)
   try:
-    compiled = trainer.compile_step(state_shardings, shapes, state_shapes)
+    compiled = trainer.compile_step(shapes)
   except Exception as e:  # pylint: disable=broad-except
     if 'RESOURCE_EXHAUSTED' in str(e):
       raise DoesNotFit(str(e)) from e
@@ -257,7 +246,7 @@ def compile_step(topology: Topology, recipe: str = '') -> Report:
       chips=topology.num_chips, mesh=dict(partitioner.mesh.shape),
       batch={k: tuple(v) for k, v in input_shapes.items()},
       parameters=sum(math.prod(x.shape) for x in
-                     jax.tree_util.tree_leaves(state_shapes.params)),
+                     jax.tree_util.tree_leaves(trainer.state_shapes().params)),
       argument_bytes=memory.argument_size_in_bytes,
       output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes,

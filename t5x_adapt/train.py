@@ -87,7 +87,7 @@ build_model = cli.build_model  # Also the demo's.
 # ----------------------------------------------------------------- data --
 
 
-def _datasets(feature_converter_cls, mixture_or_task_name: str,
+def _datasets(converter, mixture_or_task_name: str,
               task_feature_lengths: Mapping[str, int], batch_size: int,
               eval_steps: int):
   """(train dataset, eval dataset or None) of GLOBAL batches.
@@ -96,7 +96,6 @@ def _datasets(feature_converter_cls, mixture_or_task_name: str,
   (`InputIterator(rows=...)`, `_host_rows`), so the batches do not depend on
   the number of hosts.
   """
-  converter = feature_converter_cls(pack=True)
   train_ds = pipeline.get_dataset(mixture_or_task_name, task_feature_lengths,
                                   converter, batch_size, split='train')
   eval_ds = None
@@ -115,10 +114,23 @@ def _host_rows(dataset, rows: slice
   return lambda: pipeline.InputIterator(dataset, rows)
 
 
-def _global_shapes(dataset, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  return {k: jax.ShapeDtypeStruct((batch_size, *spec.shape[1:]),
-                                  spec.dtype.as_numpy_dtype)
-          for k, spec in dataset.element_spec.items()}
+def _check_batch_shapes(dataset, batch_shapes) -> None:
+  """The step is compiled for `batch_shapes` (the model's answer); a
+  dataset whose batches differ (a custom feature converter, say) is an
+  error that names the feature, not a failure inside the compiled step."""
+  specs = dataset.element_spec
+  for name in sorted(set(specs) | set(batch_shapes)):
+    spec, expected = specs.get(name), batch_shapes.get(name)
+    # The dataset's batch axis may be unknown (None); the rest must agree.
+    same = (spec is not None and expected is not None and
+            tuple(spec.shape[1:]) == expected.shape[1:] and
+            spec.dtype.as_numpy_dtype == expected.dtype)
+    if not same:
+      got = None if spec is None else f'{spec.shape} {spec.dtype.name}'
+      want = (None if expected is None else
+              f'{expected.shape} {expected.dtype.name}')
+      raise ValueError(f'feature {name!r}: the dataset gives {got}, the '
+                       f'model compiles its step for {want}')
 
 
 def _tokens_per_step(batch_shapes) -> int:
@@ -132,7 +144,7 @@ def _tokens_per_step(batch_shapes) -> int:
 
 
 def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
-                  input_shapes, iterator: pipeline.InputIterator,
+                  iterator: pipeline.InputIterator,
                   init_checkpoint: Optional[str],
                   adaptation: Optional[adapt.Adaptation] = None,
                   loaded: Optional[Mapping[str, tuple]] = None):
@@ -145,9 +157,9 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
   teacher's), which the adaptation takes instead of reading them again.
   """
   if manager.latest_step() is not None:
-    shardings = trainer.state_shardings(input_shapes)
+    shardings = trainer.state_shardings()
     target = checkpoints.training.abstract_tree(
-        trainer.state_shapes(input_shapes), shardings)
+        trainer.state_shapes(), shardings)
     # Checkpoints from before the step guard have no counters: start them.
     guard = jax.device_put(trainer.guard.init(), shardings.guard)
     step, state = manager.restore_latest(target, iterator,
@@ -157,18 +169,18 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
   if init_checkpoint:
     _say(f'Initialising parameters from {init_checkpoint}')
     params = trainer.model.init_from_checkpoint(
-        init_checkpoint, trainer.state_shardings(input_shapes).params)
-    return trainer.init_state(input_shapes, params=params)
+        init_checkpoint, trainer.state_shardings().params)
+    return trainer.init_state(params=params)
   if adaptation is not None:
     _say(f'Adapting {adaptation.checkpoint}'
          + (f' and {adaptation.decoder_checkpoint}'
             if adaptation.decoder_checkpoint else '')
          + ' into an encoder-decoder')
     params = adaptation.init_params(
-        trainer.model, trainer.state_shardings(input_shapes).params, loaded)
-    return trainer.init_state(input_shapes, params=params)
+        trainer.model, trainer.state_shardings().params, loaded)
+    return trainer.init_state(params=params)
   _say('Training from scratch')
-  return trainer.init_state(input_shapes)
+  return trainer.init_state()
 
 
 def _teacher_params(trainer, teacher_checkpoint: Optional[str],
@@ -236,7 +248,7 @@ class Throughput:
 
 
 def _evaluators(trainer, eval_batches: Optional[Callable[[], object]],
-                input_shapes, metrics_task: Optional[str],
+                metrics_task: Optional[str],
                 task_feature_lengths: Mapping[str, int], batch_size: int,
                 eval_steps: int):
   """(validation loss evaluator or None, task metric evaluator or None).
@@ -249,7 +261,7 @@ def _evaluators(trainer, eval_batches: Optional[Callable[[], object]],
     return None, None
   sharded = sharded_lib.ShardedModel(
       trainer.model, trainer.partitioner,
-      trainer.state_shardings(input_shapes).params)
+      trainer.state_shardings().params)
   loss = eval_lib.LossEvaluator(sharded, eval_batches)
   if not metrics_task:
     return loss, None
@@ -372,8 +384,8 @@ def train(model_dir: str = gin.REQUIRED,
     model_dir.mkdir(parents=True, exist_ok=True)
 
   # 1-3. Data first: preparing it makes the task's vocabulary readable.
-  converter_cls = gin_utils.model_from_config().FEATURE_CONVERTER_CLS
-  train_ds, eval_ds = _datasets(converter_cls, mixture_or_task_name,
+  converter = gin_utils.model_from_config().feature_converter()
+  train_ds, eval_ds = _datasets(converter, mixture_or_task_name,
                                 task_feature_lengths, batch_size,
                                 eval_steps if eval_every else 0)
   model = build_model(mixture_or_task_name, vocab_size)
@@ -381,14 +393,14 @@ def train(model_dir: str = gin.REQUIRED,
   learning_rate = optimizers.schedule()
   trainer = trainer_lib.Trainer(
       model, partitioner, optimizers.optimizer(learning_rate=learning_rate))
-  batch_shapes = _global_shapes(train_ds, batch_size)
-  input_shapes = {k: v.shape for k, v in batch_shapes.items()}
+  batch_shapes = trainer.batch_shapes(task_feature_lengths, batch_size)
+  _check_batch_shapes(train_ds, batch_shapes)
   sharded_lib.check_batch_size(batch_size, partitioner)
   rows = distributed.process_rows(partitioner.batch_sharding, batch_size)
   iterator = pipeline.InputIterator(train_ds, rows)
   eval_batches = None if eval_ds is None else _host_rows(eval_ds, rows)
   evaluator, metric_evaluator = _evaluators(
-      trainer, eval_batches, input_shapes,
+      trainer, eval_batches,
       mixture_or_task_name if eval_metrics else None, task_feature_lengths,
       batch_size, eval_steps)
 
@@ -402,14 +414,13 @@ def train(model_dir: str = gin.REQUIRED,
                                           adaptation) or (None, None)
   loaded = None if teacher is None else {
       teacher_path: (trainer.model.teacher.config, teacher)}
-  state = initial_state(trainer, manager, input_shapes, iterator,
+  state = initial_state(trainer, manager, iterator,
                         init_checkpoint, adaptation, loaded)
   start = int(jax.device_get(state.step))
 
   # 5. Config, compiled step, memory.
   _write_config(model_dir, model)
-  step_fn = trainer.compile_step(trainer.state_shardings(input_shapes),
-                                 batch_shapes, jax.eval_shape(lambda: state))
+  step_fn = trainer.compile_step(batch_shapes)
   _say(f'Mesh {dict(partitioner.mesh.shape)}, '
        f'{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} '
        f'parameters; compiled step memory: '

@@ -16,6 +16,7 @@ checkpointed).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import flax
@@ -24,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_adapt import models
 from t5x_adapt import step_guard
 from t5x_adapt.partitioning import Partitioner
 
@@ -76,45 +76,28 @@ class Trainer:
     self.seed = seed
     self.guard = guard or step_guard.StepGuard()
     self._compiled = {}
-    # Tracing the model for shapes takes a while (a second or so for a
-    # 6-layer model unscanned); a run asks for them several times.
-    self._state_shapes = {}
-    self._state_shardings = {}
 
   # ----------------------------------------------------------- shardings --
 
-  def state_shapes(self, input_shapes) -> TrainState:
-    """Abstract TrainState (ShapeDtypeStructs), nothing allocated."""
-    key = models.shapes_key(input_shapes)
-    if key not in self._state_shapes:
-      # From the model's cached parameter shapes: the optimizer and the
-      # guard are traced, the model is not traced again.
-      self._state_shapes[key] = jax.eval_shape(
-          lambda params: self._fresh_state(input_shapes, params),
-          self.model.param_shapes())
-    return self._state_shapes[key]
+  @functools.cached_property
+  def _abstract_state(self) -> TrainState:
+    # From the model's cached parameter shapes: the optimizer and the guard
+    # are traced, the model is not traced again.
+    return jax.eval_shape(self._fresh_state, self.model.param_shapes())
 
-  def state_shardings(self, input_shapes) -> TrainState:
-    """Shardings of every leaf of the TrainState.
+  def state_shapes(self) -> TrainState:
+    """Abstract TrainState (ShapeDtypeStructs), nothing allocated.
 
-    Each copy of the parameter tree inside the optimizer state (Adam's
-    moments, say) takes the parameters' shardings, leaf by leaf. Leaves in a
-    parameter's place but of another shape (Adafactor's factored statistics)
-    and everything else (step counts) are replicated; the empty placeholders
-    of frozen parameters stay empty. (Matching by shape alone would mix up
-    equal-shaped parameters with different shardings, e.g. query and key
-    kernels of multi-head models.)
+    Computed once: parameters, and so the whole state, do not depend on the
+    shapes of the batches.
     """
-    key = models.shapes_key(input_shapes)
-    if key not in self._state_shardings:
-      self._state_shardings[key] = self._shardings_of_state(input_shapes)
-    return self._state_shardings[key]
+    return self._abstract_state
 
-  def _shardings_of_state(self, input_shapes) -> TrainState:
-    param_shardings = self.partitioner.shardings(
-        self.model.logical_axes())
+  @functools.cached_property
+  def _state_shardings(self) -> TrainState:
+    param_shardings = self.partitioner.shardings(self.model.logical_axes())
     replicated = self.partitioner.replicated
-    shapes = self.state_shapes(input_shapes)
+    shapes = self.state_shapes()
 
     def like_param(leaf, param, sharding):
       if isinstance(leaf, optax.MaskedNode):
@@ -129,22 +112,35 @@ class Trainer:
         step=replicated, params=param_shardings, opt_state=opt_shardings,
         guard=jax.tree_util.tree_map(lambda _: replicated, shapes.guard))
 
+  def state_shardings(self) -> TrainState:
+    """Shardings of every leaf of the TrainState (computed once).
+
+    Each copy of the parameter tree inside the optimizer state (Adam's
+    moments, say) takes the parameters' shardings, leaf by leaf. Leaves in a
+    parameter's place but of another shape (Adafactor's factored statistics)
+    and everything else (step counts) are replicated; the empty placeholders
+    of frozen parameters stay empty. (Matching by shape alone would mix up
+    equal-shaped parameters with different shardings, e.g. query and key
+    kernels of multi-head models.)
+    """
+    return self._state_shardings
+
   # ---------------------------------------------------------------- init --
 
-  def _fresh_state(self, input_shapes, params=None) -> TrainState:
+  def _fresh_state(self, params=None) -> TrainState:
     if params is None:
       params = self.model.get_initial_variables(
-          jax.random.PRNGKey(self.seed), input_shapes)['params']
+          jax.random.PRNGKey(self.seed))['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params),
                       guard=self.guard.init())
 
-  def init_state(self, input_shapes, params=None) -> TrainState:
+  def init_state(self, params=None) -> TrainState:
     """A sharded TrainState, from scratch or around given `params`."""
-    shardings = self.state_shardings(input_shapes)
+    shardings = self.state_shardings()
     if params is not None:
       params = jax.device_put(params, shardings.params)
-    init = self.partitioner.jit(lambda p: self._fresh_state(input_shapes, p),
+    init = self.partitioner.jit(self._fresh_state,
                                 in_shardings=None, out_shardings=shardings)
     return init(params)
 
@@ -209,18 +205,24 @@ class Trainer:
     """Shardings of the teacher's parameters (by its logical axes)."""
     return self.partitioner.shardings(self.model.teacher.logical_axes())
 
-  def compile_step(self, state_shardings: TrainState,
-                   batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
-                   state_shapes: TrainState):
-    """Ahead-of-time compiled train step for these shapes.
+  def batch_shapes(self, task_feature_lengths: Mapping[str, int],
+                   batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batches a run of this model feeds the step (packed)."""
+    return self.model.batch_shapes(task_feature_lengths, batch_size)
+
+  def compile_step(self, batch_shapes: Mapping[str, jax.ShapeDtypeStruct]):
+    """The train step compiled ahead of time for global batches of these
+    shapes: every place that compiles a step (training, `precompile`, the
+    benchmarks) comes here.
 
     The compiled step is `step(state, batch)`, or `step(state, batch,
     teacher_params)` for models with a teacher.
     """
+    state_shardings = self.state_shardings()
     batch_shardings = {k: self.partitioner.batch_sharding
                        for k in batch_shapes}
     in_shardings = (state_shardings, batch_shardings)
-    args = (state_shapes, batch_shapes)
+    args = (self.state_shapes(), dict(batch_shapes))
     if self.has_teacher:
       in_shardings += (self.teacher_shardings(),)
       args += (self.model.teacher.param_shapes(),)
@@ -231,14 +233,11 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch: Batch, *teacher_params):
     """One optimizer step on a global batch (compiled once per shape)."""
-    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+              for k, v in batch.items()}
+    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items()))
     if key not in self._compiled:
-      input_shapes = {k: v.shape for k, v in batch.items()}
-      shapes = jax.eval_shape(lambda: state)
-      self._compiled[key] = self.compile_step(
-          self.state_shardings(input_shapes),
-          {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in
-           batch.items()}, shapes)
+      self._compiled[key] = self.compile_step(shapes)
     return self._compiled[key](state, batch, *teacher_params)
 
 

@@ -279,8 +279,7 @@ def test_warmup_trains_only_cross_attention_for_k_steps():
       learning_rate=1e-2, weight_decay=0.1, warmup_trainable_steps=warmup)
   trainer = trainer_lib.Trainer(model, partitioning.Partitioner(), optimizer)
   batch = _batch(0)
-  shapes = {k: v.shape for k, v in batch.items()}
-  state = trainer.init_state(shapes)
+  state = trainer.init_state()
   previous = _flat(jax.device_get(state.params))
   for step in range(1, warmup + 2):
     state, _ = trainer.train_step(state, _batch(step))
@@ -323,8 +322,7 @@ def test_tied_embeddings_start_equal_and_stay_equal(preset):
       model, partitioning.Partitioner(),
       optimizers.optimizer(learning_rate=1e-2, weight_decay=0.1))
   batch = _batch(0)
-  state = trainer.init_state({k: v.shape for k, v in batch.items()},
-                             params=params)
+  state = trainer.init_state(params=params)
   table = lambda s, stack, name='embedding': np.asarray(
       s.params[stack]['token_embedder'][name])
   before = table(state, 'decoder')

@@ -112,10 +112,7 @@ def test_fsdp_shards_the_lm_head_logits_by_batch():
                                          devices=topology.devices())
   trainer = trainer_lib.Trainer(model, partitioner,
                                 optimizers.optimizer(learning_rate=1e-3))
-  shapes = precompile.batch_shapes(model, {'targets': 128}, 8)
-  input_shapes = {k: v.shape for k, v in shapes.items()}
-  compiled = trainer.compile_step(trainer.state_shardings(input_shapes),
-                                  shapes, trainer.state_shapes(input_shapes))
+  compiled = trainer.compile_step(trainer.batch_shapes({'targets': 128}, 8))
   hlo = compiled.as_text()
   assert 'f32[2,128,32768]' in hlo  # each chip's 2 rows
   assert '[8,128,32768]' not in hlo  # never the global batch's

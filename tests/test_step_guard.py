@@ -63,7 +63,7 @@ def _assert_equal(actual, expected):
 
 def _run(trainer, scales):
   """Steps over batches 1.. with these loss scales; (states, metrics)."""
-  state = trainer.init_state(worker.input_shapes(False))
+  state = trainer.init_state()
   states, metrics = [_host(state)], []
   for step, scale in enumerate(scales, start=1):
     state, m = trainer.train_step(state, _batch(step, scale))
@@ -119,7 +119,7 @@ def test_a_skipped_step_leaves_no_trace(poisoned_at_3):
   models here have no dropout; the schedule counts applied updates)."""
   states, _ = poisoned_at_3
   trainer = _trainer()
-  state = trainer.init_state(worker.input_shapes(False))
+  state = trainer.init_state()
   for step in (1, 2, 5):
     state, _ = trainer.train_step(state, _batch(step))
   _assert_equal(_host(state.params), states[5].params)

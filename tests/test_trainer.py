@@ -148,7 +148,7 @@ def test_adam_moments_take_their_own_parameter_sharding():
   model = gin_utils.load_model('t5gemma_s_s')
   state_trainer = trainer_lib.Trainer(model, partitioning.Partitioner(),
                                       optimizers.optimizer('adamw', 1e-3))
-  shardings = state_trainer.state_shardings({})
+  shardings = state_trainer.state_shardings()
   attention = shardings.params['decoder']['layers']['block_0'][
       'self_attention']
   assert attention['query']['kernel'].spec != attention['key']['kernel'].spec

@@ -173,7 +173,7 @@ def run_job(job: dict, mesh, out_dir=None) -> dict:
     if step in save_after:
       save_params(state.params, pathlib.Path(out_dir) / f'{name}_step{step}')
 
-  state = trainer.init_state(input_shapes(enc_dec))
+  state = trainer.init_state()
   losses, grad_norms = [], []
   for step in range(steps):
     maybe_save(step, state)

@@ -12,6 +12,10 @@ while its extra `map`, traced for every dataset built, costs seconds in a run
 that builds many (the paper experiment's).
 """
 
+from typing import Mapping
+
+import jax
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -99,3 +103,24 @@ class DecoderClassificationFeatureConverter(
 
   def _tokens(self, inputs):
     return tf.concat([[self.bos_id], inputs], axis=0)
+
+
+def batch_shapes(converter: seqio.FeatureConverter,
+                 task_feature_lengths: Mapping[str, int],
+                 batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batches `converter` makes, as ShapeDtypeStructs: `[batch]` for a
+  scalar feature (a class label), `[batch, length]` for a sequence.
+
+  What training compiles its step for, and what `t5x_adapt.precompile`
+  compiles without reading any data: ranks and dtypes come from the
+  converter's `MODEL_FEATURES` (packing features are int32 sequences).
+  """
+  lengths = converter.get_model_feature_lengths(task_feature_lengths)
+  shapes = {}
+  for name, length in lengths.items():
+    spec = converter.MODEL_FEATURES.get(name)
+    rank = 1 if spec is None else spec.rank
+    dtype = np.int32 if spec is None else spec.dtype.as_numpy_dtype
+    shapes[name] = jax.ShapeDtypeStruct((batch_size, *(length,) * rank),
+                                        dtype)
+  return shapes
