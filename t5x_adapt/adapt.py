@@ -54,6 +54,7 @@ from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.config import config_to_dict
 from t5x_adapt.convert import load
 from t5x_adapt.models import DecoderOnlyModel, EncoderDecoderModel
+from t5x_adapt.models import model_for_config
 
 Params = Any
 
@@ -340,12 +341,12 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   overrides = {'vocab_size': args.vocab_size} if args.vocab_size else {}
   model = gin_utils.load_model(args.preset, **overrides)
-  if not isinstance(model, EncoderDecoderModel):
+  if not model.is_encoder_decoder:
     print(f'error: {args.preset} is not an encoder-decoder preset',
           file=sys.stderr)
     return 1
   if args.tie_embeddings:
-    model = EncoderDecoderModel(model.config.replace(tie_embeddings=True))
+    model = model_for_config(model.config.replace(tie_embeddings=True))
   adaptation = Adaptation(args.source, args.decoder_source,
                           args.cross_attention_init, args.seed)
   try:

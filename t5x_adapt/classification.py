@@ -13,7 +13,7 @@ Parameter trees (the backbone's stack under its usual name, plus the head):
   DecoderOnlyClassificationModel: {'decoder': stack, 'classifier': head}
 
 An encoder-decoder's decoder is left out, so no parameter trains without a
-gradient; `init_from_checkpoint` therefore reads only the backbone's stack of
+gradient; `params_from_checkpoint` therefore reads only the backbone's stack of
 a pretrained or adapted checkpoint (ours, a transformers directory or a GGUF
 file: `convert.load.load_params(..., subtrees=...)`) and starts the head
 fresh, and `t5x_adapt.train` calls it for `INIT_CHECKPOINT`.
@@ -225,9 +225,9 @@ class ClassificationModel(models.BaseModel):
     variables = head.init(jax.random.PRNGKey(self.head_seed), pooled)
     return nn.meta.unbox(variables['params'])
 
-  def init_from_checkpoint(self, path: str,
-                           shardings: Optional[models.Params] = None
-                           ) -> models.Params:
+  def params_from_checkpoint(self, path: str, read,
+                            shardings: Optional[models.Params] = None
+                            ) -> models.Params:
     """The parameters to fine-tune, from the checkpoint at `path`.
 
     A classifier's checkpoint (ours, with a head) restores whole. A
@@ -238,6 +238,7 @@ class ClassificationModel(models.BaseModel):
 
     Args:
       path: The checkpoint.
+      read: `convert.load.load_params`.
       shardings: Optional shardings of this model's parameters.
 
     Returns:
@@ -251,13 +252,12 @@ class ClassificationModel(models.BaseModel):
       saved = {name.partition('/')[0]
                for name in checkpoints.saved_shapes(path)}
       if HEAD in saved:
-        return load.load_params(path, self, shardings=shardings)
+        return read(path, self, shardings=shardings)
       if self.STACK not in saved:
         raise ValueError(f'{path}: no {self.STACK!r} parameters to start '
                          f'{type(self).__name__} from (it has '
                          f'{sorted(saved)})')
-    params = load.load_params(path, self, shardings=shardings,
-                              subtrees=(self.STACK,))
+    params = read(path, self, shardings=shardings, subtrees=(self.STACK,))
     head = self.fresh_head()
     params[HEAD] = head if shardings is None else jax.device_put(
         head, shardings[HEAD])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import copy
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import gin
@@ -92,7 +92,7 @@ class BaseModel(abc.ABC):
 
   What the trainer, the entry points and the FLOP count need to know of a
   model, the model says: `teacher` (a distillation teacher, else None),
-  `tie_gradients`, `init_from_checkpoint`, `train_step_flops` and
+  `tie_gradients`, `params_from_checkpoint`, `train_step_flops` and
   `config.vocab_size`.
 
   Args:
@@ -229,16 +229,22 @@ class BaseModel(abc.ABC):
     cache (each position runs once; logits only where generated)."""
     raise NotImplementedError(f'{type(self).__name__} does not generate')
 
-  def init_from_checkpoint(self, path: str,
-                           shardings: Optional[Params] = None) -> Params:
+  def params_from_checkpoint(self, path: str, read: Callable[..., Params],
+                            shardings: Optional[Params] = None) -> Params:
     """The parameters to start training from, read from `path`.
 
-    Any checkpoint kind (ours, a transformers directory, a GGUF file), each
-    leaf read onto its sharding (`convert.load`). Models whose tree differs
-    from their checkpoints' (classifiers) say how to start from them.
+    Models whose tree differs from their checkpoints' (classifiers) say
+    here how to start from them; `convert.load.initial_params` calls this.
+
+    Args:
+      path: Any checkpoint kind (ours, a transformers directory, a GGUF
+        file).
+      read: `convert.load.load_params` (handed in: the converters build
+        models, so models do not import them): `read(path, model,
+        shardings=..., subtrees=...)` reads each leaf onto its sharding.
+      shardings: Optional shardings of this model's parameters.
     """
-    from t5x_adapt.convert import load  # pylint: disable=g-import-not-at-top
-    return load.load_params(path, self, shardings=shardings)
+    return read(path, self, shardings=shardings)
 
   @abc.abstractmethod
   def compute_logits(self, params: Params, batch: Batch,

@@ -168,8 +168,8 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
     return state
   if init_checkpoint:
     _say(f'Initialising parameters from {init_checkpoint}')
-    params = trainer.model.init_from_checkpoint(
-        init_checkpoint, trainer.state_shardings().params)
+    params = load.initial_params(
+        init_checkpoint, trainer.model, trainer.state_shardings().params)
     return trainer.init_state(params=params)
   if adaptation is not None:
     _say(f'Adapting {adaptation.checkpoint}'

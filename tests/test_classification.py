@@ -23,6 +23,7 @@ from t5x_adapt import classification
 from t5x_adapt import demo
 from t5x_adapt import gin_utils
 from t5x_adapt import train as train_lib
+from t5x_adapt.convert import load
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data import pipeline
@@ -130,7 +131,7 @@ def test_init_from_an_encoder_decoder_checkpoint_reads_its_encoder(tmp_path):
   source = _init(backbone, seed=3)
   path = checkpoints.save_params(tmp_path / 'encdec', source)
   model = classification.classification_model(backbone, num_classes=2)
-  params = model.init_from_checkpoint(str(path))
+  params = load.initial_params(str(path), model)
   assert set(params) == {'encoder', 'classifier'}
   jax.tree_util.tree_map(np.testing.assert_array_equal, params['encoder'],
                          source['encoder'])
@@ -140,18 +141,18 @@ def test_init_from_an_encoder_decoder_checkpoint_reads_its_encoder(tmp_path):
   # cross-attention.
   decoder_only = _classifier('gemma2_tiny')
   with pytest.raises(errors.UnexpectedTensorError, match='cross_attention'):
-    decoder_only.init_from_checkpoint(str(path))
+    load.initial_params(str(path), decoder_only)
 
 
 def test_a_classifier_checkpoint_restores_whole(tmp_path):
   model = _classifier('gemma2_tiny', num_classes=2)
   params = _init(model, seed=5)
   path = checkpoints.save_params(tmp_path / 'cls', params)
-  restored = model.init_from_checkpoint(str(path))
+  restored = load.initial_params(str(path), model)
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
   # Another classifier's checkpoint is not a backbone: strict, as ever.
   with pytest.raises(errors.MissingTensorError, match="first 'encoder/"):
-    _classifier('t5gemma_tiny').init_from_checkpoint(str(path))
+    load.initial_params(str(path), _classifier('t5gemma_tiny'))
 
 
 def test_a_checkpoint_without_the_stack_is_named(tmp_path):
@@ -159,7 +160,7 @@ def test_a_checkpoint_without_the_stack_is_named(tmp_path):
   path = checkpoints.save_params(tmp_path / 'x', {'encoder': {
       'final_norm': {'scale': np.zeros(64, np.float32)}}})
   with pytest.raises(ValueError, match="no 'decoder' parameters"):
-    model.init_from_checkpoint(str(path))
+    load.initial_params(str(path), model)
 
 
 # ------------------------------------------------------ loss and outputs --
