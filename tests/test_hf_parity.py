@@ -1,11 +1,15 @@
 """Logits parity with transformers (torch, float32) and the HF round trip."""
 
+import jax
 import numpy as np
 import pytest
 import transformers
 
 import hf_fixtures as hf
 from t5x_adapt import convert
+from t5x_adapt.config import EncoderDecoderConfig
+from t5x_adapt.convert import load
+from t5x_adapt.models import EncoderDecoderModel
 
 TOLERANCE = 1e-4
 
@@ -140,3 +144,15 @@ def test_t5gemma_round_trip(t5gemma_checkpoint, tmp_path):
                             batch['decoder_target_tokens'] > 0)
   print(f't5gemma {name} round trip: relative error {error:.2e}')
   assert error <= 1e-6
+
+
+def test_t5gemma2_checkpoint_fits_a_model_like_the_presets(
+    t5gemma2_checkpoint):
+  """The T5Gemma 2 presets bind one StackConfig (window split, end-of-image
+  token) to both stacks; a transformers checkpoint loads into that model."""
+  model, params = convert.load_hf(t5gemma2_checkpoint, text_only=True)
+  stack = model.config.encoder
+  preset_like = EncoderDecoderModel(EncoderDecoderConfig(
+      stack, stack, tie_embeddings=True, encoder_attention='merged'))
+  loaded = load.load_params(t5gemma2_checkpoint, preset_like)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)

@@ -48,7 +48,6 @@ from t5x_adapt import layout
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.checkpoints import integrity
 from t5x_adapt.checkpoints import training
-from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.config import config_to_dict
 from t5x_adapt.param_paths import path_str
 
@@ -103,9 +102,9 @@ def _config_with_layouts(config, stack_layouts: Mapping[str, str]):
 
 def _jsonable(obj):
   """json.dumps hook: model configs, other dataclasses, numpy scalars."""
-  if isinstance(obj, (StackConfig, EncoderDecoderConfig)):
-    return config_to_dict(obj)  # Readable back with `config_from_dict`.
   if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if hasattr(obj, 'is_encoder_decoder'):  # A model config, either kind:
+      return config_to_dict(obj)  # readable back with `config_from_dict`.
     return dataclasses.asdict(obj)
   if isinstance(obj, np.generic):
     return obj.item()

@@ -1,7 +1,10 @@
 """Gemma 3 GGUF checkpoints (llama.cpp's format), read with the `gguf` package.
 
-Quantised tensors are dequantised to float32 (an approximation of the original
-bf16 weights). Facts the file does not store, or stores differently from us:
+Float tensors (F32, F16, BF16) are read as stored and cast once to the
+parameter dtype; quantised ones are dequantised to float32 first (the only
+way the format reads them; an approximation of the original bf16 weights).
+`SOURCES` is the registry's row of each GGUF architecture we read (Gemma 3).
+Facts the file does not store, or stores differently from us:
 
 * norm weights already include Gemma's `+1` (we store `scale`, not `1+scale`);
 * the LM head is tied to the token embedding;
@@ -15,15 +18,17 @@ from __future__ import annotations
 import os
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 
 from t5x_adapt import layout
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.config import GLOBAL, LOCAL, StackConfig
 from t5x_adapt.convert import lazy
+from t5x_adapt.convert import registry
 from t5x_adapt.convert.tables import NameScheme, UnitOffset
-from t5x_adapt.convert.tables import lazy_tensors, stack_rules
-from t5x_adapt.models import DecoderOnlyModel
+from t5x_adapt.convert.tables import lazy_tensors
+from t5x_adapt.models import model_for_config
 
 GEMMA3_GGUF_NAMES = NameScheme(
     embedding='token_embd', final_norm='output_norm', layer='blk.{i}.',
@@ -64,10 +69,7 @@ def _field(reader, key: str, source: str):
 
 
 def gemma3_config(reader, source: str) -> StackConfig:
-  arch = _field(reader, 'general.architecture', source)
-  if arch != 'gemma3':
-    raise errors.UnsupportedArchitectureError(
-        f'{source}: GGUF architecture {arch!r} is not supported (gemma3)')
+  """A Gemma 3 GGUF file's metadata -> StackConfig."""
   get = lambda key: _field(reader, f'gemma3.{key}', source)
   embedding = next((t for t in reader.tensors if t.name == 'token_embd.weight'),
                    None)
@@ -84,43 +86,63 @@ def gemma3_config(reader, source: str) -> StackConfig:
       sliding_window=int(get('attention.sliding_window')),
       rope_local_base=GEMMA3_LOCAL_ROPE_BASE,
       rope_global_base=float(get('rope.freq_base')),
-      attn_logit_softcap=None, final_logit_softcap=None, use_qk_norm=True,
-      rms_norm_eps=float(get('attention.layer_norm_rms_epsilon')),
-      family='gemma3')
+      attn_logit_softcap=None, final_logit_softcap=None,
+      rms_norm_eps=float(get('attention.layer_norm_rms_epsilon')))
+
+
+# One row per GGUF architecture we read.
+SOURCES = (
+    registry.Source(registry.GGUF, 'gemma3', 'gemma3',
+                    config_in=gemma3_config, names=GEMMA3_GGUF_NAMES,
+                    prefixes={'decoder': ''}, implied={'use_qk_norm': True}),
+)
+registry.register(*SOURCES)
+
+
+def _reader(tensors: dict, source: str):
+  """name -> the tensor as stored (floats) or dequantised to float32."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  types = gguf.GGMLQuantizationType
+  as_stored = {types.F32: np.float32, types.F16: np.float16,
+               types.BF16: jnp.bfloat16}
+
+  def read(name):
+    tensor = tensors[name]
+    if tensor.tensor_type in as_stored:  # BF16 comes as bytes: a view.
+      return tensor.data.view(as_stored[tensor.tensor_type])
+    try:
+      return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except (ValueError, TypeError) as e:
+      raise errors.CorruptCheckpointError(
+          f'{source}: cannot dequantise tensor {name!r}: {e}') from e
+  return read
 
 
 def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
                 dtype=np.float32):
-  """A Gemma 3 GGUF file, opened but not read (tensors dequantised later).
+  """A GGUF file, opened but not read (tensors dequantised later).
 
   Args:
     path: The .gguf file.
     scan_layers: Layout of the returned tree.
-    dtype: Parameter dtype.
+    dtype: Parameter dtype: each tensor is cast to it once, when read.
 
   Returns:
     (DecoderOnlyModel, tree of `lazy.LazyTensor`s).
   """
-  from gguf import quants  # pylint: disable=g-import-not-at-top
   source = str(path)
   reader = open_gguf(path)
-  cfg = gemma3_config(reader, source)
+  row = registry.find(registry.GGUF,
+                      _field(reader, 'general.architecture', source), source)
+  config = row.read_config(reader, source)
   tensors = {t.name: t for t in reader.tensors}
-
-  def read(name):
-    tensor = tensors[name]
-    try:
-      return quants.dequantize(tensor.data, tensor.tensor_type)
-    except (ValueError, TypeError) as e:
-      raise errors.CorruptCheckpointError(
-          f'{source}: cannot dequantise tensor {name!r}: {e}') from e
-
-  rules = stack_rules(GEMMA3_GGUF_NAMES, '', 'decoder', cfg, False)
-  shapes = DecoderOnlyModel(cfg.replace(scan_layers=False)).param_shapes()
-  params = lazy_tensors(rules, read, tensors, shapes, source, dtype=dtype)
-  model = DecoderOnlyModel(cfg.replace(scan_layers=scan_layers))
-  return model, layout.to_model_layout(params, model.config,
-                                       stack=lazy.stacked)
+  shapes = model_for_config(config.replace(scan_layers=False)).param_shapes()
+  params = lazy_tensors(row.rules(config), _reader(tensors, source), tensors,
+                        shapes, source,
+                        ignorable=lambda name: row.ignorable(name, False))
+  model = model_for_config(config.replace(scan_layers=scan_layers))
+  params = layout.to_model_layout(params, model.config, stack=lazy.stacked)
+  return model, lazy.astype(params, dtype)
 
 
 def load_gguf(path: str | os.PathLike, scan_layers: bool = True):

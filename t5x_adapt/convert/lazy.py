@@ -1,13 +1,15 @@
 """Parameters not read yet, and their placement on a mesh one leaf at a time.
 
 A converter opens a checkpoint file into a tree of `LazyTensor`s (shape,
-dtype and a function that reads the tensor in that dtype), converts that
+dtype and a function that reads the tensor in a given dtype), converts that
 tree's layout without reading anything (`stacked`: the scanned layout's
 `layers` axis), and `place` then reads each leaf and puts it on its
-sharding before reading the next. So host memory holds one tensor in flight beyond
-what is already placed, and no device ever holds a whole tree: each gets
-its shards of each leaf (`jax.make_array_from_callback` asks only for the
-shards of this process's devices).
+sharding before reading the next. So host memory holds one tensor in
+flight beyond what is already placed, and no device ever holds a whole
+tree: each gets its shards of each leaf (`jax.make_array_from_callback`
+asks only for the shards of this process's devices). A leaf's dtype is
+decided before it is read (`astype`, free), so each tensor is cast once,
+from its stored dtype straight into its parameter's.
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ class LazyTensor:
   Attributes:
     shape: Its shape in our layout.
     dtype: The dtype it is read as.
-    read: Returns the array (in our layout, of `shape` and `dtype`).
+    load: dtype -> the array (in our layout, of `shape` and that dtype).
   """
 
   shape: tuple[int, ...]
   dtype: np.dtype
-  read: Callable[[], np.ndarray]
+  load: Callable[[np.dtype], np.ndarray]
+
+  def read(self) -> np.ndarray:
+    return self.load(self.dtype)
+
+  def astype(self, dtype) -> 'LazyTensor':
+    """The same tensor, to be read as `dtype` (nothing is read now)."""
+    return dataclasses.replace(self, dtype=np.dtype(dtype))
 
 
 def stacked(leaves: Sequence[LazyTensor]) -> LazyTensor:
@@ -41,13 +50,18 @@ def stacked(leaves: Sequence[LazyTensor]) -> LazyTensor:
   first = leaves[0]
   shape = (len(leaves), *first.shape)
 
-  def read():
-    out = np.empty(shape, first.dtype)  # Filled layer by layer.
+  def load(dtype):
+    out = np.empty(shape, dtype)  # Filled layer by layer.
     for i, leaf in enumerate(leaves):
-      out[i] = leaf.read()
+      out[i] = leaf.load(dtype)
     return out
 
-  return LazyTensor(shape, first.dtype, read)
+  return LazyTensor(shape, first.dtype, load)
+
+
+def astype(tree: Any, dtype) -> Any:
+  """Every lazy leaf of `tree`, to be read as `dtype` (nothing is read)."""
+  return jax.tree_util.tree_map(lambda leaf: leaf.astype(dtype), tree)
 
 
 def is_lazy(leaf: Any) -> bool:
@@ -78,10 +92,10 @@ def place(tree: Any, shardings: Optional[Any] = None) -> Any:
     if not is_lazy(leaf):
       return place_leaf(np.asarray(leaf), sharding)
     array = leaf.read()
-    if tuple(array.shape) != tuple(leaf.shape):
+    if tuple(array.shape) != tuple(leaf.shape) or array.dtype != leaf.dtype:
       raise errors.ShapeMismatchError(
-          f'a reader returned shape {tuple(array.shape)} for a tensor of '
-          f'shape {tuple(leaf.shape)}')
+          f'a reader returned {array.dtype}{list(array.shape)} for a tensor '
+          f'of {leaf.dtype}{list(leaf.shape)}')
     return place_leaf(array, sharding)
 
   if shardings is None:

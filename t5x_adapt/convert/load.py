@@ -9,19 +9,21 @@ or a training step directory `MODEL_DIR/checkpoints/<step>`), transformers
 directories (config.json + safetensors) and GGUF files. Ours are restored
 by orbax straight onto the shardings (each host reads the shards of its own
 devices). Transformers and GGUF tensors are read one at a time, converted in
-host memory (layout, dtype) and placed with their sharding before the next
-is read (`lazy.place`), so no device ever holds a whole tree and the host
+host memory (layout, and one cast from the stored dtype straight to the
+model's parameter dtype) and placed with their sharding before the next is
+read (`lazy.place`), so no device ever holds a whole tree and the host
 holds one tensor in flight. (Each host reads the whole of each tensor it
 holds a shard of: safetensors and GGUF tensors need a layout change before
 they can be cut.)
 
 A transformers or GGUF checkpoint must have the model's architecture: each
-StackConfig field that says what a stack computes is compared
-(`check_architecture`) and every differing one is named.
+StackConfig field that says what a stack computes (all but its run fields,
+`StackConfig.architecture`) is compared (`check_architecture`) and every
+differing one is named.
 
 Everything that starts a model from a checkpoint comes here: INIT_CHECKPOINT
-(`BaseModel.init_from_checkpoint`, the classifiers' backbone included), the
-distillation teacher, evaluation and inference, and the adaptation sources
+(`initial_params`, the classifiers' backbone included), the distillation
+teacher, evaluation and inference, and the adaptation sources
 (`t5x_adapt.adapt`).
 """
 
@@ -38,22 +40,18 @@ from t5x_adapt import checkpoints
 from t5x_adapt import layout
 from t5x_adapt.checkpoints.params import flat_shapes, mismatch_error
 from t5x_adapt.checkpoints.params import only_subtrees
-from t5x_adapt.config import StackConfig, config_from_dict, config_to_dict
+from t5x_adapt.config import StackConfig, config_from_dict
 from t5x_adapt.convert import gguf
 from t5x_adapt.convert import hf
 from t5x_adapt.convert import lazy
+from t5x_adapt.convert import registry
 from t5x_adapt.models import DecoderOnlyModel, model_for_config
 
 Params = Any
 
 ORBAX = 'orbax'
-TRANSFORMERS = 'transformers'
-GGUF = 'gguf'
-
-# StackConfig fields that describe how a model runs, not what it computes:
-# a checkpoint may differ from the model in these.
-_RUN_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy',
-               'dropout_rate', 'attention_impl')
+TRANSFORMERS = registry.TRANSFORMERS
+GGUF = registry.GGUF
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
@@ -69,16 +67,9 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------ architecture --
 
 
-def _architecture(cfg: StackConfig) -> dict:
-  fields = config_to_dict(cfg)
-  for name in _RUN_FIELDS:
-    fields.pop(name)
-  return fields
-
-
 def same_architecture(a: StackConfig, b: StackConfig) -> bool:
   """Whether two stacks compute the same function (run fields aside)."""
-  return _architecture(a) == _architecture(b)
+  return a.architecture() == b.architecture()
 
 
 def _same(a, b) -> bool:
@@ -91,7 +82,7 @@ def _same(a, b) -> bool:
 def check_architecture(source: StackConfig, target: StackConfig,
                        where: str) -> None:
   """Raises ValueError naming every field in which `source` != `target`."""
-  source_fields, target_fields = _architecture(source), _architecture(target)
+  source_fields, target_fields = source.architecture(), target.architecture()
   differing = [f'{name}: checkpoint {source_fields[name]!r}, model '
                f'{target_fields[name]!r}' for name in source_fields
                if not _same(source_fields[name], target_fields[name])]
@@ -109,13 +100,14 @@ def _check_stacks(loaded_config, config, names: Optional[Sequence[str]],
   else:
     fits = set(names) <= set(loaded)
   if not fits:
-    kind = 'an encoder-decoder' if len(loaded) > 1 else 'a decoder-only model'
+    kind = ('an encoder-decoder' if loaded_config.is_encoder_decoder
+            else 'a decoder-only model')
     raise ValueError(f'{where}: the checkpoint is {kind} (stacks '
                      f'{sorted(loaded)}); the model needs '
                      f'{sorted(names or target)}')
   for name in names or target:
     check_architecture(loaded[name], target[name], f'{where} ({name})'
-                       if len(loaded) > 1 else where)
+                       if loaded_config.is_encoder_decoder else where)
 
 
 # ------------------------------------------------------------------ loading --
@@ -124,7 +116,8 @@ def _check_stacks(loaded_config, config, names: Optional[Sequence[str]],
 def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
                 text_only: bool = False):
   """(model, tree of float32 `lazy.LazyTensor`s) of a transformers or GGUF
-  file; `text_only`: see `hf.lazy_params`."""
+  file; `text_only`: see `hf.lazy_params` (GGUF files have no vision
+  tower)."""
   kind = checkpoint_kind(path)
   if kind == GGUF:
     return gguf.lazy_params(path, scan_layers)
@@ -134,34 +127,20 @@ def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
                    '(use load_params)')
 
 
-def _cast(tree, config) -> Any:
-  """Each stack's leaves read as that stack's parameter dtype."""
-  stacks = config.stacks()
-
-  def cast(name, leaf):
-    dtype = stacks[name].weight_dtype
-    if leaf.dtype == dtype:
-      return leaf
-    return lazy.LazyTensor(leaf.shape, dtype,
-                           lambda: leaf.read().astype(dtype))
-
-  return {name: jax.tree_util.tree_map(lambda l, n=name: cast(n, l), sub)
-          for name, sub in tree.items()}
-
-
 def _lazy_model_params(path, model, subtrees):
   """A transformers / GGUF checkpoint as `model`'s lazy parameter tree
-  (`model` has no vision tower, so a checkpoint's is left unread)."""
+  (`model` has no vision tower, so a checkpoint's is left unread); each
+  leaf is read straight into the model's parameter dtype."""
   loaded, tree = lazy_params(path, scan_layers=False, text_only=True)
   _check_stacks(loaded.config, model.config, subtrees, str(path))
-  # Cast layer by layer, before the scanned layout stacks the layers.
-  tree = _cast(only_subtrees(tree, subtrees), model.config)
-  tree = layout.to_model_layout(tree, model.config, stack=lazy.stacked)
+  tree = layout.to_model_layout(only_subtrees(tree, subtrees), model.config,
+                                stack=lazy.stacked)
   expected = only_subtrees(model.param_shapes(), subtrees)
   error = mismatch_error(path, flat_shapes(tree), flat_shapes(expected))
   if error is not None:
     raise error
-  return tree
+  return jax.tree_util.tree_map(lambda leaf, like: leaf.astype(like.dtype),
+                                tree, expected)
 
 
 def load_params(path: str | os.PathLike, model, *,
@@ -221,3 +200,15 @@ def model_and_params(path: str | os.PathLike, scan_layers: bool = True,
         f'{path}: no model config in the checkpoint metadata')
   model = model_for_config(config_from_dict(metadata['config']))
   return model, checkpoints.restore_params(path, model)
+
+
+def initial_params(path: str | os.PathLike, model,
+                   shardings: Optional[Any] = None):
+  """The parameters `model` starts training from, read from `path` (any
+  checkpoint kind), each leaf onto its sharding.
+
+  The model says how its tree relates to the checkpoint's
+  (`BaseModel.params_from_checkpoint`: the same tree, or a classifier's
+  backbone stack and a fresh head); this module does the reading.
+  """
+  return model.params_from_checkpoint(str(path), load_params, shardings)

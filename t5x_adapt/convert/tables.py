@@ -10,7 +10,7 @@ GGUF import share one table each and no per-tensor branches.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -20,7 +20,11 @@ from t5x_adapt.convert import lazy
 
 
 class Transform:
-  """Layout change of one tensor: external <-> ours (unrolled layout)."""
+  """Layout change of one tensor: external <-> ours (unrolled layout).
+
+  `load` gets the tensor in its stored dtype; the reader casts the result
+  once, to the dtype of our parameter (`lazy_tensors`).
+  """
 
   def load(self, x: np.ndarray, target_shape) -> np.ndarray:
     return x
@@ -46,7 +50,8 @@ class Transpose(Transform):
 
 
 class SplitHeads(Transform):
-  """torch q/k/v Linear [heads * head_dim, embed] <-> ours [embed, heads, head_dim]."""
+  """torch q/k/v Linear [heads * head_dim, embed] <-> ours
+  [embed, heads, head_dim]."""
 
   def load(self, x, target_shape):
     return x.T.reshape(target_shape)
@@ -60,7 +65,8 @@ class SplitHeads(Transform):
 
 
 class MergeHeads(Transform):
-  """torch o Linear [embed, heads * head_dim] <-> ours [heads, head_dim, embed]."""
+  """torch o Linear [embed, heads * head_dim] <-> ours
+  [heads, head_dim, embed]."""
 
   def load(self, x, target_shape):
     return x.T.reshape(target_shape)
@@ -90,7 +96,9 @@ class UnitOffset(Transform):
   """Norm weights stored as `1 + scale` (GGUF) <-> ours as `scale`."""
 
   def load(self, x, target_shape):
-    return x - 1.0
+    # In float32 whatever the stored and target dtypes, so that a bfloat16
+    # load is the float32 one cast (a bfloat16 subtraction rounds twice).
+    return x.astype(np.float32, copy=False) - np.float32(1.0)
 
   def save(self, x):
     return x + 1.0
@@ -104,7 +112,9 @@ class NameScheme:
   """How one checkpoint format spells the tensors of a stack.
 
   `{i}` in `layer` is the layer index. Our sublayer names (keys) map to the
-  format's names (values); every name is followed by `suffix`.
+  format's names (values); every name is followed by `suffix`, except
+  `eoi_embedding` (the end-of-image vector of a stack with an
+  `eoi_token_id`, named in full; None: the format has none).
   """
 
   embedding: str
@@ -117,6 +127,7 @@ class NameScheme:
   suffix: str = '.weight'
   bias_suffix: str = '.bias'
   norm_transform: Transform = IDENTITY
+  eoi_embedding: Optional[str] = None
 
 
 _PROJECTION_TRANSFORMS = {
@@ -144,6 +155,8 @@ def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
       Rule(source_prefix + scheme.final_norm + s,
            (target, 'final_norm', 'scale'), scheme.norm_transform),
   ]
+  if cfg.eoi_token_id is not None:
+    rules.append(_eoi_rule(scheme, source_prefix, target))
   attentions = ['self_attention'] + (['cross_attention'] if cross_attention
                                      else [])
   projections = ['query', 'key', 'value', 'out']
@@ -176,6 +189,15 @@ def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
   return rules
 
 
+def _eoi_rule(scheme: NameScheme, source_prefix: str, target: str) -> Rule:
+  if scheme.eoi_embedding is None:
+    raise errors.UnsupportedArchitectureError(
+        f'stack {target!r} has an end-of-image token (eoi_token_id), '
+        'which this checkpoint format has no tensor for')
+  return Rule(source_prefix + scheme.eoi_embedding,
+              (target, 'token_embedder', 'eoi_embedding'), IDENTITY)
+
+
 def _get(tree, path):
   for key in path:
     tree = tree[key]
@@ -193,21 +215,21 @@ def lazy_tensors(rules: Iterable[Rule],
                  available: Iterable[str],
                  target_shapes,
                  source: str,
-                 ignorable: Callable[[str], bool] = lambda name: False,
-                 dtype=np.float32) -> dict:
+                 ignorable: Callable[[str], bool] = lambda name: False) -> dict:
   """Our tree (unrolled) of `LazyTensor`s, one per rule; names checked now.
 
   Nothing is read here: each leaf reads its tensor when placed
-  (`lazy.place`), and checks its shape then.
+  (`lazy.place`), checks its shape then, and casts it once, from the dtype
+  it is stored in to the dtype asked of the leaf (its target's, unless
+  changed with `lazy.astype`).
 
   Args:
     rules: The tensors to read.
-    read: name -> array (numpy-convertible).
+    read: name -> array (numpy-convertible) in the dtype it is stored in.
     available: Names present in the checkpoint.
     target_shapes: Our parameter tree (unrolled) of ShapeDtypeStructs.
     source: File or directory name, for error messages.
     ignorable: Names that may be present without a rule (buffers, tied heads).
-    dtype: dtype of the arrays read.
 
   Raises:
     MissingTensorError, UnexpectedTensorError; ShapeMismatchError when a
@@ -222,23 +244,24 @@ def lazy_tensors(rules: Iterable[Rule],
   if extra:
     raise errors.unexpected(source, extra)
 
-  def reader(rule, target_shape):
-    def read_one():
+  def loader(rule, target_shape):
+    def load(dtype):
       array = np.asarray(read(rule.source))
       expected = rule.transform.source_shape(target_shape)
       if tuple(array.shape) != expected:
         raise errors.ShapeMismatchError(
             f'{source}: tensor {rule.source!r} has shape '
             f'{tuple(array.shape)}, the config implies {expected}')
-      return rule.transform.load(array.astype(dtype, copy=False),
-                                 target_shape)
-    return read_one
+      return rule.transform.load(array, target_shape).astype(dtype,
+                                                             copy=False)
+    return load
 
   params = {}
   for rule in rules:
-    target_shape = tuple(_get(target_shapes, rule.target).shape)
+    target = _get(target_shapes, rule.target)
+    shape = tuple(target.shape)
     _set(params, rule.target, lazy.LazyTensor(
-        target_shape, np.dtype(dtype), reader(rule, target_shape)))
+        shape, np.dtype(target.dtype), loader(rule, shape)))
   return params
 
 
