@@ -1,7 +1,9 @@
 # Set-up is two commands: `make demo` and `make test`. Each creates .venv with
-# pinned dependencies on first use. t5 is installed with --no-deps: its
-# declared dependencies (seqio-nightly, tfds-nightly) would overwrite the
-# files of seqio and tensorflow_datasets (tests/test_install.py checks).
+# pinned dependencies on first use, and the package installed in editable
+# mode (its console commands, t5x-adapt-*, in .venv/bin). t5 is installed
+# with --no-deps: its declared dependencies (seqio-nightly, tfds-nightly)
+# would overwrite the files of seqio and tensorflow_datasets
+# (tests/test_install.py checks; t5x_adapt/tasks/t5_lib.py).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -14,7 +16,7 @@ TEST_ENV := TF_CPP_MIN_LOG_LEVEL=3 GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: demo test test-all install clean
 
-$(VENV)/.installed: requirements.txt setup.py
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt
@@ -28,8 +30,10 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-t
 
 install: $(VENV)/.installed
 
+# No TF_CPP_MIN_LOG_LEVEL: the package quiets TensorFlow
+# (t5x_adapt/__init__.py).
 demo: $(VENV)/.installed
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m t5x_adapt.demo
+	$(PY) -m t5x_adapt.demo
 
 # The suite CI runs: everything but the tests marked `slow` (README, "Tests"),
 # then its ten slowest tests and set-ups (the paper experiment's quick grid is

@@ -1,8 +1,19 @@
-"""t5x_adapt: decoder-only -> encoder-decoder adaptation (T5Gemma) in JAX."""
+"""t5x_adapt: decoder-only -> encoder-decoder adaptation (T5Gemma) in JAX.
+
+`pip install .` (or `pip install '.[tpu]'`) installs the `t5x_adapt` package
+with its gin files and console commands; t5 comes separately, with
+`pip install --no-deps t5==0.9.4` (requirements.txt says why). The top-level
+`tasks` package of a checkout is not installed: the tasks are
+`t5x_adapt.tasks`.
+"""
 
 import pathlib
 
 import setuptools
+
+# Console script -> module:function (t5x_adapt/cli.py: each does what
+# `python -m` does for its module).
+_COMMANDS = ('train', 'eval', 'infer', 'adapt', 'convert', 'precompile')
 
 
 def _requirements(name):
@@ -16,14 +27,20 @@ setuptools.setup(
     description=('Pretrain, adapt (decoder-only -> encoder-decoder), '
                  'fine-tune and evaluate Gemma-family models in JAX/Flax.'),
     python_requires='>=3.11',
-    packages=setuptools.find_packages(include=['t5x_adapt', 't5x_adapt.*',
-                                               'tasks', 'tasks.*']),
+    packages=[*setuptools.find_packages(include=['t5x_adapt', 't5x_adapt.*']),
+              't5x_adapt.gin'],
+    # The repository's gin/ tree (its only copy) goes into the wheel as
+    # t5x_adapt/gin/, which t5x_adapt.gin_utils puts on gin's search path.
+    package_dir={'t5x_adapt.gin': 'gin'},
+    package_data={'t5x_adapt': ['py.typed'], 't5x_adapt.gin': ['**/*.gin']},
     install_requires=_requirements('requirements.txt'),
     extras_require={
         'test': _requirements('requirements-test.txt'),
         # libtpu: compile steps for TPU topologies on any machine
-        # (`python -m t5x_adapt.precompile`), and run on TPUs.
+        # (`t5x-adapt-precompile`), and run on TPUs.
         'tpu': _requirements('requirements-tpu.txt'),
     },
-    package_data={'t5x_adapt': ['py.typed']},
+    entry_points={'console_scripts': [
+        f't5x-adapt-{name} = t5x_adapt.cli:{name}_command'
+        for name in _COMMANDS]},
 )

@@ -1,29 +1,38 @@
-"""What the gin-configured entry points (train, eval, infer) share.
+"""What the command-line entry points share.
 
   python -m t5x_adapt.<train|eval|infer> --gin_file=RUN.gin \
     --gin_file=gin/models/PRESET.gin --gin.NAME=VALUE ...
 
-Flags (`--gin_file`, `--gin_bindings` and T5X's `--gin.NAME=VALUE`
-shorthand; the multi-host flags), `jax.distributed` start-up (by
-`t5x_adapt.distributed.initialize`), printing on process 0, and the run's
-model with its vocabulary fitted to the task.
+For the gin-configured commands (train, eval, infer): flags (`--gin_file`,
+`--gin_bindings` and T5X's `--gin.NAME=VALUE` shorthand; the multi-host
+flags), `jax.distributed` start-up (by `t5x_adapt.distributed.initialize`),
+printing on process 0, and the run's model with its vocabulary fitted to
+the task.
+
+For every command, the console scripts that pip installs (`t5x-adapt-train`,
+`-eval`, `-infer`, `-adapt`, `-convert`, `-precompile`; `COMMANDS`): each
+does what `python -m t5x_adapt.<module>` does. A console script imports this
+module before the command may restart itself on huge pages
+(`t5x_adapt.host_memory`), so it imports nothing heavy (JAX, TensorFlow) at
+module level: the functions that need them import them.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-import seqio
 import tqdm
 
-from t5x_adapt import distributed
 from t5x_adapt import gin_utils
-from t5x_adapt import step_guard
-from t5x_adapt.checkpoints import errors as checkpoint_errors
+from t5x_adapt import host_memory
+
+if TYPE_CHECKING:
+  import seqio
 
 _GIN_FILES = flags.DEFINE_multi_string(
     'gin_file', [], 'Gin files, parsed in order (relative to the working '
@@ -46,6 +55,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 
 def say(message: str) -> None:
   """Prints on process 0, without breaking a progress bar."""
+  from t5x_adapt import distributed  # pylint: disable=g-import-not-at-top
   if distributed.is_main_process():
     tqdm.tqdm.write(message, file=sys.stderr)
 
@@ -54,6 +64,7 @@ def say(message: str) -> None:
 
 
 def _task_vocab_size(mixture_or_task_name: str) -> int:
+  import seqio  # pylint: disable=g-import-not-at-top,redefined-outer-name
   features = seqio.get_mixture_or_task(mixture_or_task_name).output_features
   return max(f.vocabulary.vocab_size for f in features.values())
 
@@ -102,9 +113,14 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   return out
 
 
-# Errors whose message says all a user needs: printed without a traceback.
-_STOPS = (step_guard.TrainingDiverged, checkpoint_errors.CheckpointSaveError,
-          checkpoint_errors.CorruptCheckpointError)
+def _stops() -> tuple[type[Exception], ...]:
+  """Errors whose message says all a user needs: printed without a
+  traceback."""
+  # pylint: disable=g-import-not-at-top
+  from t5x_adapt import step_guard
+  from t5x_adapt.checkpoints import errors
+  return (step_guard.TrainingDiverged, errors.CheckpointSaveError,
+          errors.CorruptCheckpointError)
 
 
 def run(entry: Callable[[], object],
@@ -120,6 +136,8 @@ def run(entry: Callable[[], object],
       before the command line's bindings.
   """
 
+  from t5x_adapt import distributed  # pylint: disable=g-import-not-at-top
+
   def main(args: Sequence[str]) -> None:
     if len(args) > 1:
       raise app.UsageError(f'unexpected arguments: {args[1:]}')
@@ -131,7 +149,56 @@ def run(entry: Callable[[], object],
                         [*defaults, *_GIN_BINDINGS.value], finalize=True)
     try:
       entry()
-    except _STOPS as e:  # A run that stops for a reason it explains.
+    except _stops() as e:  # A run that stops for a reason it explains.
       sys.exit(f'error: {e}')
 
   app.run(main, argv=rewrite_gin_args(sys.argv if argv is None else argv))
+
+
+# ------------------------------------------------------------- commands --
+
+# Console script -> (module whose main() it runs, whether `python -m` of
+# that module restarts on huge pages first, as its `__main__` block does).
+COMMANDS = {
+    't5x-adapt-train': ('t5x_adapt.train', True),
+    't5x-adapt-eval': ('t5x_adapt.eval', True),
+    't5x-adapt-infer': ('t5x_adapt.infer', True),
+    't5x-adapt-adapt': ('t5x_adapt.adapt', False),
+    't5x-adapt-convert': ('t5x_adapt.convert.__main__', False),
+    't5x-adapt-precompile': ('t5x_adapt.precompile', False),
+}
+
+
+def run_command(name: str) -> Optional[int]:
+  """Does what `python -m` does for the module of console script `name`.
+
+  Args:
+    name: A key of `COMMANDS`.
+
+  Returns:
+    The exit status the module's main() returns (None: 0).
+  """
+  module_name, huge_pages = COMMANDS[name]
+  if huge_pages:
+    host_memory.use_huge_pages()  # Restarts the process: before JAX loads.
+  module = importlib.import_module(module_name)
+  # absl's --help prints the docstring of `__main__`, here the script's.
+  sys.modules['__main__'].__doc__ = module.__doc__
+  return module.main()
+
+
+def _command(name: str) -> Callable[[], Optional[int]]:
+  def main() -> Optional[int]:
+    return run_command(name)
+
+  main.__doc__ = f'The `{name}` console script.'
+  return main
+
+
+# The console scripts' entry points (setup.py).
+train_command = _command('t5x-adapt-train')
+eval_command = _command('t5x-adapt-eval')
+infer_command = _command('t5x-adapt-infer')
+adapt_command = _command('t5x-adapt-adapt')
+convert_command = _command('t5x-adapt-convert')
+precompile_command = _command('t5x-adapt-precompile')

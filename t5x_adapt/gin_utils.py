@@ -2,11 +2,27 @@
 
 Model presets live in `gin/models/<preset>.gin`. Each binds the macro `MODEL`
 to a model (`@DecoderOnlyModel()` or `@EncoderDecoderModel()`) whose config
-names one or two scoped stacks from `gin/models/stacks/`. Include paths in gin
-files are written relative to the repository root, which `parse_gin`
-registers as a gin search path:
+names one or two scoped stacks from `gin/models/stacks/`. Paths in gin files
+and on the command line are written relative to a gin root, a directory that
+holds `gin/`:
 
   include 'gin/models/stacks/gemma2_2b.gin'
+  python -m t5x_adapt.train --gin_file=gin/adapt/t5gemma_tiny_prefixlm_kd.gin
+
+Where the gin files come from. The repository's top-level `gin/` directory
+is their only source. A wheel carries it as package data: setup.py maps it
+to `t5x_adapt/gin/` (`package_dir`), so an installed package is its own gin
+root (`<site-packages>/t5x_adapt/gin/models/...`). `parse_gin` registers
+these gin search paths, searched in this order:
+
+  1. the working directory (gin's own first place);
+  2. the checkout the working directory is in, if any (its root: the
+     directory with `setup.py`, `t5x_adapt/` and `gin/models/`);
+  3. `GIN_ROOT`: the checkout this module lives in (a checkout, or an
+     editable install of one), else the installed package directory.
+
+So `gin/...` paths resolve from any directory, and a checkout's files win
+when you are inside it. `REPO_ROOT` is `GIN_ROOT`'s older name.
 
 Typical use:
 
@@ -16,14 +32,31 @@ Typical use:
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
+import os
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import gin
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO_ROOT / 'gin' / 'models'
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def checkout_root(path: pathlib.Path) -> Optional[pathlib.Path]:
+  """The root of the t5x_adapt checkout that `path` is in, or None."""
+  for directory in (path, *path.parents):
+    if ((directory / 'setup.py').is_file() and
+        (directory / 't5x_adapt').is_dir() and
+        (directory / 'gin' / 'models').is_dir()):
+      return directory
+  return None
+
+
+GIN_ROOT = checkout_root(PACKAGE_DIR.parent) or PACKAGE_DIR
+REPO_ROOT = GIN_ROOT
+MODELS_DIR = GIN_ROOT / 'gin' / 'models'
 MODEL_MACRO = 'MODEL'
 
 # Modules whose import registers the configurables the gin files name.
@@ -32,12 +65,36 @@ CONFIGURABLE_MODULES = ('t5x_adapt.config', 't5x_adapt.models')
 _search_path_added = False
 
 
+@functools.cache
+def gin_roots() -> tuple[pathlib.Path, ...]:
+  """The gin roots searched after the working directory, in order (the
+  working directory's checkout as it was on the first call)."""
+  roots = [checkout_root(pathlib.Path.cwd()), GIN_ROOT]
+  return tuple(dict.fromkeys(root for root in roots if root is not None))
+
+
+_GIN_RESOURCE_READER = os.path.join('gin', 'resource_reader.py')
+
+
+class _QuietSearch(logging.Filter):
+  """Drops gin's "Path not found" errors: its package-resource reader logs
+  one for each place a relative path is looked for in vain (the working
+  directory first), even when the next place has the file. A file found
+  nowhere still fails, with gin's IOError."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.pathname.endswith(_GIN_RESOURCE_READER) and
+                str(record.msg).startswith('Path not found'))
+
+
 def _register() -> None:
-  """Adds the repository root to gin's search path (once) and imports the
-  modules that hold configurables."""
+  """Adds the gin roots to gin's search path (once) and imports the modules
+  that hold configurables."""
   global _search_path_added
   if not _search_path_added:
-    gin.add_config_file_search_path(str(REPO_ROOT))
+    for root in gin_roots():
+      gin.add_config_file_search_path(str(root))
+    logging.getLogger().addFilter(_QuietSearch())
     _search_path_added = True
   for module in CONFIGURABLE_MODULES:
     importlib.import_module(module)
@@ -50,7 +107,7 @@ def parse_gin(files: Iterable[str | pathlib.Path],
 
   Adds to whatever is already bound (call `gin.clear_config()` first for a
   fresh config). Relative paths, here and in `include` statements, are looked
-  up in the working directory and then under `REPO_ROOT`.
+  up in the working directory and then under `gin_roots()`.
 
   Args:
     files: Gin files, parsed in order.
@@ -69,18 +126,25 @@ def list_presets() -> list[str]:
   return sorted(path.stem for path in MODELS_DIR.glob('*.gin'))
 
 
+def _find(relative: pathlib.Path) -> Optional[pathlib.Path]:
+  """`relative` in the working directory, else under the first gin root
+  that has it (gin's search order)."""
+  for root in (pathlib.Path(), *gin_roots()):
+    if (root / relative).exists():
+      return root / relative
+  return None
+
+
 def preset_path(preset_or_path: str | pathlib.Path) -> pathlib.Path:
   """The gin file of a preset name (`'gemma2_2b'`) or a path to a gin file."""
   text = str(preset_or_path)
   if text.endswith('.gin') or '/' in text:
-    path = pathlib.Path(text)
-    if not path.is_absolute() and not path.exists():
-      path = REPO_ROOT / path
-    if not path.exists():
+    path = _find(pathlib.Path(text))  # An absolute path stays as it is.
+    if path is None:
       raise FileNotFoundError(f'no gin file {text!r}')
     return path
-  path = MODELS_DIR / f'{text}.gin'
-  if not path.exists():
+  path = _find(pathlib.Path('gin', 'models', f'{text}.gin'))
+  if path is None:
     raise ValueError(f'unknown model preset {text!r}; presets: '
                      f'{", ".join(list_presets())}')
   return path

@@ -1,20 +1,20 @@
-"""seqio task and mixture registrations (imported for their side effect).
+"""The task registrations' old name, kept in the checkout only.
 
-Task names say what they hold and which vocabulary they use:
-
-  corpus_{lm,prefix_lm,ul2,span_corruption}_{spm8k,gemma3}
-      Shakespeare + Milton + King James Bible + Botchan.
-  sentiment_{spm8k,gemma3}         text-to-text ("positive" / "negative")
-  sentiment_cls_{spm8k,gemma3}     classification (inputs + integer label)
-  super_glue_{boolq,cb,copa,rte,wic,wsc,multirc}_cls_{spm8k,gemma3}
-      TFDS super_glue (needs a download), cast as classification.
-  sft_{sentiment,continuation}_{spm8k,gemma3}
-      instruction tuning in Gemma's turn template (tasks/sft.py).
-
-`spm8k` is the corpus-trained SentencePiece model, `gemma3` Gemma 3's.
+They live in `t5x_adapt.tasks` (gin files say `import t5x_adapt.tasks`).
+`import tasks` and `from tasks import sft` still work inside a checkout and
+give the same module objects (seqio would refuse a second registration of
+each task). setup.py does not install this package: a top-level `tasks` in
+site-packages would take a name any project may use.
 """
 
-from tasks import corpus  # pylint: disable=unused-import
-from tasks import sentiment  # pylint: disable=unused-import
-from tasks import sft  # pylint: disable=unused-import
-from tasks import super_glue  # pylint: disable=unused-import
+import sys
+
+from t5x_adapt.tasks import corpus
+from t5x_adapt.tasks import sentiment
+from t5x_adapt.tasks import sft
+from t5x_adapt.tasks import super_glue
+from t5x_adapt.tasks import t5_lib
+from t5x_adapt.tasks import vocabularies
+
+for _module in (corpus, sentiment, sft, super_glue, t5_lib, vocabularies):
+  sys.modules[f'{__name__}.{_module.__name__.rsplit(".", 1)[1]}'] = _module

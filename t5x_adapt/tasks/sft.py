@@ -15,14 +15,13 @@ The template and how each vocabulary spells its markers:
 
 
 import seqio
-from t5.data import postprocessors as t5_postprocessors
-from t5.evaluation import metrics as t5_metrics
 import tensorflow as tf
 
 from t5x_adapt.data import sft
-from tasks import corpus
-from tasks import sentiment
-from tasks.vocabularies import VOCABULARIES
+from t5x_adapt.tasks import corpus
+from t5x_adapt.tasks import sentiment
+from t5x_adapt.tasks import t5_lib
+from t5x_adapt.tasks.vocabularies import VOCABULARIES
 
 SENTIMENT_QUESTION = 'Is this review positive or negative?\n'
 CONTINUATION_INSTRUCTION = 'Continue the passage with its next sentence.\n'
@@ -63,7 +62,7 @@ def _continuation_exchanges(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _label_of_response(text, **kwargs):
-  return t5_postprocessors.string_label_to_class_id(
+  return t5_lib.string_label_to_class_id(
       sft.strip_end_of_turn(text), label_classes=sentiment.LABELS, **kwargs)
 
 
@@ -76,12 +75,12 @@ def _register(vocab_name, vocabulary, ensure):
       f'sft_sentiment_{vocab_name}', source=sentiment.source(ensure),
       preprocessors=[_sentiment_exchange, *steps],
       output_features=features, postprocess_fn=_label_of_response,
-      metric_fns=[t5_metrics.accuracy])
+      metric_fns=[t5_lib.accuracy])
   seqio.TaskRegistry.add(
       f'sft_continuation_{vocab_name}', source=corpus.source(ensure),
       preprocessors=[_continuation_exchanges, *steps],
       output_features=features, postprocess_fn=sft.strip_end_of_turn,
-      metric_fns=[t5_metrics.rouge])
+      metric_fns=[t5_lib.rouge])
   seqio.MixtureRegistry.add(
       f'sft_mixture_{vocab_name}',
       [f'sft_sentiment_{vocab_name}', f'sft_continuation_{vocab_name}'],

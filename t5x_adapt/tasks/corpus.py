@@ -3,12 +3,12 @@
 import functools
 
 import seqio
-from t5.data import preprocessors as t5_preprocessors
 
 from t5x_adapt.data import objectives
 from t5x_adapt.data import sources
 from t5x_adapt.data.sources_seqio import PreparedSource, TEXT
-from tasks.vocabularies import VOCABULARIES
+from t5x_adapt.tasks import t5_lib
+from t5x_adapt.tasks.vocabularies import VOCABULARIES
 
 
 def source(ensure_vocabulary):
@@ -50,7 +50,7 @@ def _register(vocab_name, vocabulary, ensure):
           functools.partial(seqio.preprocessors.rekey,
                             key_map={'targets': 'text'}),
           seqio.preprocessors.tokenize,
-          t5_preprocessors.span_corruption,
+          t5_lib.span_corruption,
           seqio.preprocessors.append_eos_after_trim,
       ],
       output_features={'inputs': no_eos, 'targets': with_eos},

@@ -2,25 +2,31 @@
 
 Inputs are t5's text casting of each task; the integer `label` feature is kept
 for a classification head, and the label name is the text target so the same
-task also works text-to-text with t5's metrics.
+task also works text-to-text with t5's metrics. t5 is imported when a task
+first reads data or scores (`t5_lib`), not to register the tasks.
 """
 
 import functools
 
 import seqio
-from t5.data import glue_utils
-from t5.data import preprocessors as t5_preprocessors
-from t5.evaluation import metrics as t5_metrics
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tasks.vocabularies import VOCABULARIES
+from t5x_adapt.tasks import t5_lib
+from t5x_adapt.tasks.vocabularies import VOCABULARIES
 
 TASKS = ('boolq', 'cb', 'copa', 'rte', 'wic', 'wsc', 'multirc')
 _BUILDER_NAMES = {'wsc': 'wsc.fixed'}
 VERSION = '1.0.2'
 # t5 has no metric entry for WSC: SuperGLUE scores it by accuracy.
-_METRICS = {'wsc': [t5_metrics.accuracy]}
+_METRICS = {'wsc': [t5_lib.accuracy]}
+
+
+def __getattr__(name):
+  # `super_glue.glue_utils`: t5's module, imported on first use.
+  if name == 'glue_utils':
+    return t5_lib.module('data.glue_utils')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def _builder_config(name):
@@ -32,20 +38,43 @@ def _register(task, vocab_name, vocabulary):
   config = _builder_config(task)
   features = {'inputs': seqio.Feature(vocabulary, add_eos=True),
               'targets': seqio.Feature(vocabulary, add_eos=True)}
-  text_preprocessor = glue_utils.get_glue_text_preprocessor(config)
   seqio.TaskRegistry.add(
       f'super_glue_{task}_cls_{vocab_name}',
       source=seqio.TfdsDataSource(
           tfds_name=f'super_glue/{config.name}:{VERSION}'),
       preprocessors=[
-          functools.partial(_with_label, text_preprocessor=text_preprocessor,
-                            label_names=tuple(config.label_classes)),
+          functools.partial(
+              _with_label,
+              text_preprocessor=functools.partial(_text, config=config),
+              label_names=tuple(config.label_classes)),
           seqio.preprocessors.tokenize,
           seqio.preprocessors.append_eos_after_trim,
       ],
       output_features=features,
-      postprocess_fn=glue_utils.get_glue_postprocess_fn(config),
-      metric_fns=_METRICS.get(task) or glue_utils.get_super_glue_metric(task))
+      postprocess_fn=functools.partial(_postprocess, config=config),
+      metric_fns=[functools.partial(_metrics, task=task)])
+
+
+def _text(dataset, config):
+  """t5's text casting of the SuperGLUE task of builder `config`."""
+  glue_utils = t5_lib.module('data.glue_utils')
+  return glue_utils.get_glue_text_preprocessor(config)(dataset)
+
+
+def _postprocess(output, config, **kwargs):
+  """t5's postprocessor of the SuperGLUE task of builder `config`."""
+  glue_utils = t5_lib.module('data.glue_utils')
+  return glue_utils.get_glue_postprocess_fn(config)(output, **kwargs)
+
+
+def _metrics(targets, predictions, task):
+  """t5's metrics of `task`, merged (as seqio merges a task's metrics)."""
+  functions = (_METRICS.get(task) or
+               t5_lib.module('data.glue_utils').get_super_glue_metric(task))
+  results = {}
+  for function in functions:
+    results.update(function(targets, predictions))
+  return results
 
 
 def _with_label(dataset, text_preprocessor, label_names):

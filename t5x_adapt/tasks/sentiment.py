@@ -3,13 +3,12 @@
 import functools
 
 import seqio
-from t5.data import postprocessors as t5_postprocessors
-from t5.evaluation import metrics as t5_metrics
 import tensorflow as tf
 
 from t5x_adapt.data import sources
 from t5x_adapt.data.sources_seqio import LABELLED, PreparedSource
-from tasks.vocabularies import VOCABULARIES
+from t5x_adapt.tasks import t5_lib
+from t5x_adapt.tasks.vocabularies import VOCABULARIES
 
 LABELS = ('negative', 'positive')
 
@@ -36,21 +35,21 @@ def _to_text(example, prefix='sentiment: '):
 def _register(vocab_name, vocabulary, ensure):
   features = {'inputs': seqio.Feature(vocabulary, add_eos=True),
               'targets': seqio.Feature(vocabulary, add_eos=True)}
-  postprocess = functools.partial(t5_postprocessors.string_label_to_class_id,
+  postprocess = functools.partial(t5_lib.string_label_to_class_id,
                                   label_classes=LABELS)
   seqio.TaskRegistry.add(
       f'sentiment_{vocab_name}', source=source(ensure),
       preprocessors=[_to_text, seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
       output_features=features, postprocess_fn=postprocess,
-      metric_fns=[t5_metrics.accuracy])
+      metric_fns=[t5_lib.accuracy])
   seqio.TaskRegistry.add(
       f'sentiment_cls_{vocab_name}', source=source(ensure),
       preprocessors=[functools.partial(_to_text, prefix=''),
                      seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos_after_trim],
       output_features=features, postprocess_fn=postprocess,
-      metric_fns=[t5_metrics.accuracy])
+      metric_fns=[t5_lib.accuracy])
 
 
 for _name, (_vocabulary, _ensure) in VOCABULARIES.items():
