@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from t5x_adapt.kernels import blocked
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec, dense_attention
+from t5x_adapt.kernels.attention import dense_attention
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 8, 4, 128
 CASES = (('causal window 512', 4096, 512), ('global causal', 4096, None),

@@ -58,7 +58,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 # pylint: disable=g-import-not-at-top
-import train_step as ts  # puts the repository on sys.path
+import common  # puts the repository on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,10 +128,10 @@ def measure(runners: list[Runner], new_tokens: int,
       call()
   best = [dict.fromkeys(r.calls, float('inf')) for r in runners]
   for round_index in range(repeats):
-    ts.log(f'{", ".join(r.name for r in runners)}: round {round_index + 1}')
+    common.log(f'{", ".join(r.name for r in runners)}: round {round_index + 1}')
     for runner, seconds in zip(runners, best):
       for n, call in runner.calls.items():
-        seconds[n] = min(seconds[n], ts.timed(call)[1].wall)
+        seconds[n] = min(seconds[n], common.timed(call)[1].wall)
   return [Timing(r, new_tokens, s[1], s[new_tokens])
           for r, s in zip(runners, best)]
 
@@ -149,7 +149,7 @@ def pairs() -> dict[str, EncoderDecoderConfig]:
   tiny = gin_utils.load_model('t5gemma_tiny').config
   return {'tiny': tiny.map_stacks(dtype='float32', param_dtype='float32',
                                   scan_layers=True, remat_policy='none'),
-          's': ts.s_s_config()}
+          's': common.s_s_config()}
 
 
 def models(configs: dict[str, EncoderDecoderConfig], names: list[str],
@@ -180,8 +180,7 @@ def cpu_pressure() -> str:
 # ------------------------------------------------------ weight-streaming floor --
 
 
-def step_bytes(config: StackConfig | EncoderDecoderConfig, params,
-               batch: int, length: int, new_tokens: int) -> int:
+def step_bytes(model, params, batch: int, length: int, new_tokens: int) -> int:
   """Bytes one greedy step reads at the least, in the parameter dtype (the
   caches are kept in the activation dtype): every decoder
   parameter (the LM head included; an encoder-decoder's encoder is not run)
@@ -189,10 +188,8 @@ def step_bytes(config: StackConfig | EncoderDecoderConfig, params,
   the decoding (`length` prompt + half the new tokens for a decoder-only
   model; half the new tokens of self-attention plus the `length` encoder
   positions of cross-attention for an encoder-decoder)."""
-  is_encdec = isinstance(config, EncoderDecoderConfig)
-  stack = config.decoder if is_encdec else config
-  decoder_params = params['decoder'] if is_encdec else params
-  weights = ts.count_params(decoder_params)
+  stack = model.config.decoder_stack
+  weights = common.count_params(model.decoder_params(params))
   cached = new_tokens / 2 + length  # self-attention (+ cross-attention)
   kv = 2 * stack.num_layers * batch * stack.num_kv_heads * stack.head_dim
   return int(stack.weight_dtype.itemsize * weights +
@@ -208,7 +205,7 @@ def streaming_bandwidth(batch: int, embed_dim: int, vocab: int,
   table = jax.random.normal(jax.random.PRNGKey(0), (embed_dim, vocab), dtype)
   matmul = jax.jit(functools.partial(matmul_2d, contract=1))
   jax.block_until_ready(matmul(rows, table))
-  best = min(ts.timed(lambda: jax.block_until_ready(matmul(rows, table)))[1]
+  best = min(common.timed(lambda: jax.block_until_ready(matmul(rows, table)))[1]
              .wall for _ in range(10))
   return table.dtype.itemsize * embed_dim * vocab / best
 
@@ -220,23 +217,21 @@ def ours_runner(name: str, config: StackConfig | EncoderDecoderConfig,
                 batch: int, length: int, new_tokens: int) -> Runner:
   """Our greedy `predict_batch`, compiled for 1 and `new_tokens` tokens."""
   model = model_for_config(config)
-  is_encdec = isinstance(config, EncoderDecoderConfig)
-  vocab = (config.decoder if is_encdec else config).vocab_size
-  key = 'encoder_input_tokens' if is_encdec else 'decoder_input_tokens'
-  features = {key: jnp.asarray(prompts(batch, length, vocab))}
+  features = {model.INPUTS_FEATURE: jnp.asarray(
+      prompts(batch, length, config.vocab_size))}
   # Parameters do not depend on the batch shape: init on the default one.
   params = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
   calls, compile_s = {}, 0.0
   for n in (1, new_tokens):
-    ts.log(f'ours {name} batch {batch}: compile {n} new tokens')
-    compiled, sample = ts.timed(lambda n=n: jax.jit(
+    common.log(f'ours {name} batch {batch}: compile {n} new tokens')
+    compiled, sample = common.timed(lambda n=n: jax.jit(
         model.predict_batch, static_argnums=2).lower(
             params, features, n).compile())
     compile_s += sample.wall
     calls[n] = lambda c=compiled: jax.block_until_ready(c(params, features))
-  return Runner(name, ts.count_params(params), batch, compile_s, calls,
-                step_bytes(config, params, batch, length, new_tokens),
-                ts.count_params(params['decoder'] if is_encdec else params))
+  return Runner(name, common.count_params(params), batch, compile_s, calls,
+                step_bytes(model, params, batch, length, new_tokens),
+                common.count_params(model.decoder_params(params)))
 
 
 # ------------------------------------------------------------ transformers --
@@ -248,13 +243,13 @@ def hf_model(config: StackConfig | EncoderDecoderConfig):
   import torch
   import transformers
   from t5x_adapt.convert.hf import stack_config_to_hf
-  if isinstance(config, EncoderDecoderConfig):
+  if config.is_encoder_decoder:
     cls, hf_config = (transformers.T5GemmaForConditionalGeneration,
-                      ts.hf_config(config))
+                      common.hf_config(config))
   else:
     cls, hf_config = (transformers.Gemma2ForCausalLM,
                       transformers.Gemma2Config(**stack_config_to_hf(config)))
-  stack = config.stacks()['decoder']
+  stack = config.decoder_stack
   torch.manual_seed(0)
   return cls._from_config(  # pylint: disable=protected-access
       hf_config, attn_implementation='eager',
@@ -320,7 +315,7 @@ def print_table(rows: list[tuple[Timing, Timing | None, float]],
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = ts.argument_parser(__doc__)
+  parser = common.argument_parser(__doc__)
   parser.add_argument('--quick', action='store_true',
                       help='prompts of 64, 16 new tokens, 2 timed calls')
   parser.add_argument('--repeats', type=int, default=None,
@@ -352,7 +347,7 @@ def main(argv=None) -> None:
       if not args.skip_hf:
         runners.append(hf_runner(name, config, batch, length, new_tokens))
       timings = measure(runners, new_tokens, repeats)
-      stack = config.stacks()['decoder']
+      stack = config.decoder_stack
       # The floor streams at the float32 rate whatever the dtype: XLA's
       # bfloat16 matvec reads its table slower than the float32 one, and
       # the floor is what the memory allows, not what one kernel reaches.
@@ -372,7 +367,7 @@ def main(argv=None) -> None:
                  f'transformers {transformers.__version__}']
   device = jax.devices()[0]
   print(f'\n## Greedy decoding on {device.platform} ({device.device_kind}), '
-        f'{ts.num_cores()} cores\n')
+        f'{common.num_cores()} cores\n')
   print(f'{", ".join(versions)}; {args.dtypes}; best of {repeats} interleaved '
         'timed calls after a warm-up. Load average at start '
         f'{load_start:.2f}, at end {os.getloadavg()[0]:.2f}; CPU pressure '

@@ -45,15 +45,15 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 # pylint: disable=g-import-not-at-top
-import decode  # puts the repository on sys.path; malloc on huge pages
-import train_step as ts
+import common  # puts the repository on sys.path; malloc on huge pages
+import decode
 import jax
 
-from t5x_adapt import flops as flops_lib
 from t5x_adapt import gin_utils
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
+from t5x_adapt.models import model_for_config
 
-VOCAB = ts.S_S_VOCAB
+VOCAB = common.S_S_VOCAB
 STACKS = {'s': 't5gemma_s_s', 'b': 't5gemma_b_b', 'l': 't5gemma_l_l',
           'ml': 't5gemma_ml_ml'}
 
@@ -78,16 +78,6 @@ def architectures(small: StackConfig, big: StackConfig, small_name: str,
           (f'{big_name}-{small_name}', encdec(big, small))]
 
 
-def generation_flops(config: StackConfig | EncoderDecoderConfig, prompt: int,
-                     new_tokens: int) -> int:
-  """Forward FLOPs of generating `new_tokens` after a `prompt`-token input
-  with a KV cache (each position runs once; logits only where generated)."""
-  if isinstance(config, EncoderDecoderConfig):
-    return flops_lib.encoder_decoder_flops(config, prompt, new_tokens)
-  return flops_lib.decoder_only_flops(config, prompt + new_tokens,
-                                      logit_positions=new_tokens)
-
-
 def print_table(timings: list[decode.Timing], configs: list, prompt: int,
                 new_tokens: int) -> None:
   """One markdown row per model, latencies against the first model's."""
@@ -99,9 +89,10 @@ def print_table(timings: list[decode.Timing], configs: list, prompt: int,
   for timing, config in zip(timings, configs):
     runner = timing.runner
     per_token = (timing.total_s - timing.prefill_s) / (new_tokens - 1)
+    flops = model_for_config(config).generation_flops(prompt, new_tokens)
     print(f'| {runner.name} | {runner.params / 1e6:.1f}M | '
           f'{runner.decoder_params / 1e6:.1f}M | '
-          f'{generation_flops(config, prompt, new_tokens) / 1e9:.1f} | '
+          f'{flops / 1e9:.1f} | '
           f'{timing.prefill_s:.3f} | {timing.total_s:.3f} | '
           f'{per_token * 1e3:.1f} | '
           f'{timing.total_s / reference.total_s:.2f}x |')
@@ -132,7 +123,7 @@ def plot(timings: list[decode.Timing], path: pathlib.Path, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = ts.argument_parser(__doc__)
+  parser = common.argument_parser(__doc__)
   parser.add_argument('--small', default='s', choices=sorted(STACKS))
   parser.add_argument('--big', default='b', choices=sorted(STACKS))
   parser.add_argument('--prompt', type=int, default=None,
@@ -166,7 +157,7 @@ def main(argv=None) -> None:
 
   device = jax.devices()[0]
   print(f'\n## Decode latency by architecture on {device.platform} '
-        f'({device.device_kind}), {ts.num_cores()} cores\n')
+        f'({device.device_kind}), {common.num_cores()} cores\n')
   print(f'jax {jax.__version__}; {args.dtype}; batch 1, {prompt} prompt '
         f'tokens, {new_tokens} new (greedy, KV caches); best of {repeats} '
         f'interleaved calls; load average at start {load_start:.2f}, at end '
@@ -177,7 +168,7 @@ def main(argv=None) -> None:
   if args.plot:
     plot(timings, args.plot,
          f'{args.dtype}, batch 1, {prompt} prompt + {new_tokens} new tokens, '
-         f'{ts.num_cores()} CPU cores')
+         f'{common.num_cores()} CPU cores')
     print(f'\nPlot: {args.plot}')
 
 

@@ -38,7 +38,7 @@ import time
 import traceback
 from typing import Callable
 
-from common import argument_parser, log  # pylint: disable=g-bad-import-order
+from common import argument_parser, count_params, log, make_batch  # pylint: disable=g-bad-import-order
 
 # pylint: disable=g-import-not-at-top
 import jax
@@ -48,8 +48,8 @@ import numpy as np
 from t5x_adapt import flops as flops_lib
 from t5x_adapt import gin_utils
 from t5x_adapt.kernels import cudnn
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
 from t5x_adapt.kernels.attention import dense_attention
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec
 
 # Gemma 3 1B-like attention: 8 query heads over 4 kv heads, head_dim 256.
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 256
@@ -187,7 +187,7 @@ class StepResult:
 def train_step(model_name: str, impl: str, batch: int, inputs: int,
                targets: int, steps: int, peak: float) -> StepResult:
   """Compiles and times the model's bf16 train step with `impl`."""
-  from train_step import compile_ours, count_params, make_batch
+  from train_step import compile_ours
   from t5x_adapt import trainer as trainer_lib
   model = gin_utils.load_model(model_name, dtype='bfloat16',
                                param_dtype='float32', remat_policy='full',
@@ -197,7 +197,7 @@ def train_step(model_name: str, impl: str, batch: int, inputs: int,
   input_shapes = {k: v.shape for k, v in host_batch.items()}
   log(f'train {impl}: compile')
   trainer, compiled, compile_s = compile_ours(config, host_batch)
-  state = trainer.init_state(input_shapes)
+  state = trainer.init_state()
   device_batch = trainer.partitioner.shard_batch(host_batch)
   losses, times = [], []
   for i in range(steps + 1):  # the first step warms up, untimed

@@ -18,16 +18,14 @@ TensorBoard event files exist. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
-from common import REPO_ROOT, argument_parser, elapsed, log  # pylint: disable=g-bad-import-order
+from common import REPO_ROOT, argument_parser, log  # pylint: disable=g-bad-import-order
 
 # pylint: disable=g-import-not-at-top
 
@@ -124,11 +122,10 @@ def last_progress(stderr: str) -> str:
 
 
 def table(args, model_dir, stderr, unigram) -> str:
+  from t5x_adapt import summaries
   cross_entropy, entropy, tokens = unigram
-  metrics = [json.loads(l) for l in
-             (model_dir / 'metrics.jsonl').read_text().splitlines()]
-  evals = [m for m in metrics if 'eval_loss' in m]
-  train = [m for m in metrics if 'loss' in m]
+  evals = summaries.read_metrics(model_dir / 'metrics.jsonl', 'eval_loss')
+  train = summaries.read_metrics(model_dir / 'metrics.jsonl', 'loss')
   events = {kind: sorted(p.name for p in (model_dir / kind).glob(
       'events.out.tfevents.*')) for kind in ('train', 'eval')}
   rows = [

@@ -67,10 +67,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Callable, Optional
 
-from common import REPO_ROOT, argument_parser, elapsed, log  # pylint: disable=g-bad-import-order
+from common import S_S_VOCAB, Sample, argument_parser, count_params  # pylint: disable=g-bad-import-order
+from common import elapsed, hf_config, log, make_batch, num_cores
+from common import s_s_config, timed
 
 # pylint: disable=g-import-not-at-top
 import jax
@@ -81,44 +82,13 @@ from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import trainer as trainer_lib
 from t5x_adapt.config import EncoderDecoderConfig
-from t5x_adapt.data.vocab import BOS_ID, EOS_ID
 from t5x_adapt.models import EncoderDecoderModel
 from t5x_adapt.partitioning import Partitioner
 
 LEARNING_RATE = 1e-4
-# A GPT-2-sized vocabulary brings the S-S stacks (50.4M parameters) to 102M.
-S_S_VOCAB = 50_257
-
-
-def num_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------- measurement --
-
-
-@dataclasses.dataclass
-class Sample:
-  """One timed call: wall seconds and this process's CPU use during it."""
-  wall: float
-  user: float
-  sys: float
-  minflt: int
-
-
-def timed(fn: Callable[[], object]) -> tuple[object, Sample]:
-  """Runs `fn()` (which must block until its work is done)."""
-  before = resource.getrusage(resource.RUSAGE_SELF)
-  start = time.perf_counter()
-  out = fn()
-  wall = time.perf_counter() - start
-  after = resource.getrusage(resource.RUSAGE_SELF)
-  return out, Sample(wall, after.ru_utime - before.ru_utime,
-                     after.ru_stime - before.ru_stime,
-                     after.ru_minflt - before.ru_minflt)
 
 
 @dataclasses.dataclass
@@ -166,26 +136,6 @@ def timed_steps(name: str, one_step: Callable[[], float], steps: int):
   return losses, first, samples
 
 
-def make_batch(batch: int, inputs: int, targets: int, vocab: int,
-               seed: int = 0) -> dict[str, np.ndarray]:
-  """Random unpadded examples: targets end with EOS, decoder inputs are the
-  targets shifted right behind BOS."""
-  rng = np.random.default_rng(seed)
-  encoder = rng.integers(3, vocab, (batch, inputs), dtype=np.int32)
-  target = rng.integers(3, vocab, (batch, targets), dtype=np.int32)
-  target[:, -1] = EOS_ID
-  decoder_input = np.concatenate(
-      [np.full((batch, 1), BOS_ID, np.int32), target[:, :-1]], axis=1)
-  return {'encoder_input_tokens': encoder,
-          'decoder_input_tokens': decoder_input,
-          'decoder_target_tokens': target,
-          'decoder_loss_weights': np.ones_like(target)}
-
-
-def count_params(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
 # ---------------------------------------------------------------- our step --
 
 
@@ -229,12 +179,9 @@ def compile_ours(config: EncoderDecoderConfig, host_batch: dict):
   partitioner = Partitioner(devices=jax.devices()[:1])
   trainer = trainer_lib.Trainer(
       model, partitioner, optimizers.optimizer(learning_rate=LEARNING_RATE))
-  input_shapes = {k: v.shape for k, v in host_batch.items()}
   batch_structs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                    for k, v in host_batch.items()}
-  compiled, sample = timed(lambda: trainer.compile_step(
-      trainer.state_shardings(input_shapes), batch_structs,
-      trainer.state_shapes(input_shapes)))
+  compiled, sample = timed(lambda: trainer.compile_step(batch_structs))
   return trainer, compiled, sample.wall
 
 
@@ -265,7 +212,7 @@ def run_ours(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
   memory = trainer_lib.memory_summary(compiled)
 
   log(f'{name}: init state')
-  state = trainer.init_state(input_shapes)
+  state = trainer.init_state()
   params = count_params(state.params)
   device_batch = trainer.partitioner.shard_batch(host_batch)
   step_flops = trainer.model.train_step_flops(input_shapes)
@@ -288,19 +235,6 @@ def run_ours(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
 
 
 # ---------------------------------------------------------- transformers --
-
-
-def hf_config(config: EncoderDecoderConfig):
-  """The transformers T5GemmaConfig of `config` (as `save_hf` writes it)."""
-  import transformers
-  from t5x_adapt.convert.hf import stack_config_to_hf
-  encoder = transformers.T5GemmaModuleConfig(
-      **stack_config_to_hf(config.encoder, window_offset=1))
-  decoder = transformers.T5GemmaModuleConfig(
-      **stack_config_to_hf(config.decoder))
-  return transformers.T5GemmaConfig(
-      encoder=encoder, decoder=decoder,
-      vocab_size=config.decoder.vocab_size, tie_word_embeddings=True)
 
 
 def run_hf(name: str, config: EncoderDecoderConfig, batch: int, inputs: int,
@@ -581,12 +515,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--peak_flops', type=float, default=None,
                       help='override the device peak (FLOP/s) used for MFU')
   return parser.parse_args(argv)
-
-
-def s_s_config(vocab: int = S_S_VOCAB) -> EncoderDecoderConfig:
-  return gin_utils.load_model('t5gemma_s_s').config.map_stacks(
-      vocab_size=vocab, dtype='float32', param_dtype='float32',
-      scan_layers=True, remat_policy='none')
 
 
 def main(argv=None) -> None:

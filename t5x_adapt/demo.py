@@ -13,9 +13,10 @@
      scratch model; print a table and a few generations; write
      `results.json` and `loss_curves.png` to the run directory.
 
-Every stage runs `t5x_adapt.train` with the project's gin files, so each
-has its own checkpoints, metrics.jsonl and TensorBoard logs under the run
-directory; a stage whose final checkpoint exists is reused, not retrained.
+Every stage runs `t5x_adapt.train` with the project's gin files
+(`t5x_adapt.stages`), so each has its own checkpoints, metrics.jsonl and
+TensorBoard logs under the run directory; a stage whose final checkpoint
+exists is reused, not retrained.
 
   python -m t5x_adapt.demo [--run_dir runs/demo] [--pretrain_steps 500] ...
 """
@@ -41,11 +42,12 @@ import seqio
 
 from t5x_adapt import adapt
 from t5x_adapt import gin_utils
+from t5x_adapt import stages
+from t5x_adapt import summaries
 from t5x_adapt import train as train_lib
 from t5x_adapt.convert import load
 from t5x_adapt.data import feature_converters
-from t5x_adapt.data import pipeline
-import tasks  # pylint: disable=unused-import  # registers the seqio tasks
+from t5x_adapt import tasks  # pylint: disable=unused-import  # registers the seqio tasks
 
 PRETRAIN_TASK = 'corpus_lm_spm8k'
 PREFIX_LM_TASK = 'corpus_prefix_lm_spm8k'
@@ -79,41 +81,8 @@ def _say(message: str, start: float) -> None:
   print(f'[{time.perf_counter() - start:6.1f}s] {message}', flush=True)
 
 
-def final_checkpoint(model_dir: pathlib.Path, steps: int) -> pathlib.Path:
-  """Where a stage of `steps` steps in `model_dir` leaves its last checkpoint."""
-  return model_dir / train_lib.CHECKPOINT_DIR / str(steps)
-
-
-def run_stage(model_dir: pathlib.Path, files: Sequence[str], steps: int,
-              task: str, bindings: Sequence[str] = ()) -> pathlib.Path:
-  """Trains one stage with gin `files` (reused when already complete).
-
-  Returns:
-    The final checkpoint's step directory.
-
-  Raises:
-    StageStopped: training returned before its last step (a SIGTERM: it
-      saved where it was, and running the stage again resumes there).
-  """
-  final = final_checkpoint(model_dir, steps)
-  if not final.exists():
-    gin.clear_config()
-    gin_utils.parse_gin(files, [
-        f"MODEL_DIR = '{model_dir}'", f'TRAIN_STEPS = {steps}',
-        f"MIXTURE_OR_TASK_NAME = '{task}'", *bindings])
-    train_lib.train()
-    if not final.exists():
-      raise StageStopped(
-          f'{model_dir}: training stopped before step {steps} (no {final}); '
-          'it saved its last step: run again to resume')
-  return final
-
-
-class StageStopped(RuntimeError):
-  """A stage's training returned before its last step."""
-
-
-def _run_bindings(cfg: DemoConfig, lengths: dict[str, int]) -> list[str]:
+def run_bindings(cfg: DemoConfig, lengths: dict[str, int]) -> list[str]:
+  """The gin bindings of a demo stage of these feature lengths."""
   return [f'BATCH_SIZE = {cfg.batch_size}', f'TASK_FEATURE_LENGTHS = {lengths}',
           f'EVAL_EVERY = {cfg.eval_every}', f'EVAL_STEPS = {cfg.eval_batches}',
           f'SAVE_EVERY = {cfg.adapt_steps}']
@@ -124,31 +93,16 @@ def _run_bindings(cfg: DemoConfig, lengths: dict[str, int]) -> list[str]:
 
 def validation_batches(cfg: DemoConfig) -> list[dict[str, np.ndarray]]:
   """Fixed, unpacked PrefixLM validation batches (the same for every model)."""
-  converter = feature_converters.EncDecFeatureConverter(pack=False)
-  dataset = pipeline.get_dataset(PREFIX_LM_TASK, cfg.lengths, converter,
-                                 cfg.batch_size, split='validation',
-                                 shuffle=False, num_epochs=1)
-  return list(dataset.take(cfg.eval_batches).as_numpy_iterator())
-
-
-def mean_loss(loss_fn, params, batches) -> float:
-  """Token-weighted mean of `loss_fn(params, batch) -> (loss, metrics)`."""
-  step = jax.jit(lambda p, b: loss_fn(p, b)[1])
-  total = tokens = 0.0
-  for batch in batches:
-    metrics = jax.device_get(step(params, batch))
-    total += float(metrics['cross_entropy']) * float(metrics['num_tokens'])
-    tokens += float(metrics['num_tokens'])
-  return total / max(tokens, 1.0)
+  return stages.validation_batches(
+      PREFIX_LM_TASK, cfg.lengths,
+      feature_converters.EncDecFeatureConverter(pack=False), cfg.batch_size,
+      cfg.eval_batches)
 
 
 def _eval_curve(model_dir: pathlib.Path) -> list[tuple[int, float]]:
-  lines = (model_dir / train_lib.METRICS_FILE).read_text().splitlines()
-  points = {}
-  for line in map(json.loads, lines):
-    if 'eval_loss' in line:
-      points[line['step']] = line['eval_loss']
-  return sorted(points.items())
+  """Training's validation loss by step."""
+  return summaries.curve(summaries.read_metrics(
+      model_dir / train_lib.METRICS_FILE, 'eval_loss'), 'eval_loss')
 
 
 def generations(model, params, batches, vocabulary, count: int):
@@ -205,11 +159,6 @@ def adapted_model():
   return _model_of(ADAPT_FILES, ['SOURCE_CHECKPOINT = None'])
 
 
-def _hard_loss(model):
-  """`(params, batch) -> (loss, metrics)`: ground-truth targets, no teacher."""
-  return lambda params, batch: model.loss_fn(params, batch, None)
-
-
 def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
   """Runs every stage; returns the results (also written to results.json)."""
   start = time.perf_counter() if start is None else start
@@ -220,21 +169,21 @@ def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
   def stage(name, *args, **kwargs):
     began = time.perf_counter()
     _say(f'{name} ...', start)
-    result = run_stage(*args, **kwargs)
+    result = stages.run_stage(*args, **kwargs)
     timings[name] = round(time.perf_counter() - began, 1)
     return result
 
   source = stage('pretraining the decoder-only model', root / 'decoder_only',
                  DECODER_ONLY_FILES, cfg.pretrain_steps, PRETRAIN_TASK,
-                 _run_bindings(cfg, {'targets': cfg.pretrain_length}) +
+                 run_bindings(cfg, {'targets': cfg.pretrain_length}) +
                  [f'SAVE_EVERY = {cfg.pretrain_steps}'])
   adapted = stage('adapting it: PrefixLM + distillation', root / 'adapted',
                   ADAPT_FILES, cfg.adapt_steps, PREFIX_LM_TASK,
-                  _run_bindings(cfg, cfg.lengths) +
+                  run_bindings(cfg, cfg.lengths) +
                   [f"SOURCE_CHECKPOINT = '{source}'"])
   scratch = stage('the same encoder-decoder from scratch', root / 'scratch',
                   SCRATCH_FILES, cfg.adapt_steps, PREFIX_LM_TASK,
-                  _run_bindings(cfg, cfg.lengths))
+                  run_bindings(cfg, cfg.lengths))
 
   _say('evaluating on PrefixLM validation targets ...', start)
   batches = validation_batches(cfg)
@@ -249,17 +198,17 @@ def run(cfg: DemoConfig, start: Optional[float] = None) -> dict:
       'adapted': load.load_params(adapted, student),
       'scratch': load.load_params(scratch, scratch_model),
   }
+  # Ground-truth targets: the students' losses without their teacher.
+  adapted_loss = stages.LossOnBatches(student, batches)
+  scratch_loss = stages.LossOnBatches(scratch_model, batches)
   losses = {
-      TEACHER: mean_loss(student.teacher_loss, teacher_params, batches),
-      'adapted, step 0': mean_loss(_hard_loss(student),
-                                   params['adapted, step 0'], batches),
-      'from scratch, step 0': mean_loss(_hard_loss(scratch_model),
-                                        params['from scratch, step 0'],
-                                        batches),
-      f'adapted, step {cfg.adapt_steps}': mean_loss(
-          _hard_loss(student), params['adapted'], batches),
-      f'from scratch, step {cfg.adapt_steps}': mean_loss(
-          _hard_loss(scratch_model), params['scratch'], batches),
+      TEACHER: stages.LossOnBatches(stages.Teacher(student), batches)(
+          teacher_params),
+      'adapted, step 0': adapted_loss(params['adapted, step 0']),
+      'from scratch, step 0': scratch_loss(params['from scratch, step 0']),
+      f'adapted, step {cfg.adapt_steps}': adapted_loss(params['adapted']),
+      f'from scratch, step {cfg.adapt_steps}': scratch_loss(
+          params['scratch']),
   }
   vocabulary = seqio.get_mixture_or_task(
       PREFIX_LM_TASK).output_features['targets'].vocabulary

@@ -3,6 +3,7 @@
 `MetricsLog` is what train.py's metrics.jsonl and eval.py's results.jsonl
 are written with: a JSON line per record in one file, and TensorBoard
 scalars in log directories beside it, by the main process only.
+`read_metrics` reads such a file back, `curve` one scalar of it by step.
 
 The lines are strict JSON (RFC 8259), readable by any parser: a NaN or
 infinite value (a diverging loss, say) is written as `null`. TensorBoard
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from t5x_adapt import distributed
 
@@ -96,3 +98,31 @@ class MetricsLog:
       self._jsonl.close()
     for summaries in self._summaries.values():
       summaries.close()
+
+
+def read_metrics(path: str | os.PathLike,
+                 *keys: str) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file `MetricsLog` wrote, in order.
+
+  Args:
+    path: The file (a run's metrics.jsonl, an evaluation's results.jsonl).
+    *keys: Only the records that have every one of these keys (e.g.
+      'eval_loss': training's validation lines).
+
+  Returns:
+    One dict per line; a non-finite value reads as None.
+  """
+  lines = pathlib.Path(path).read_text(encoding='utf-8').splitlines()
+  records = [json.loads(line) for line in lines if line.strip()]
+  return [r for r in records if all(key in r for key in keys)]
+
+
+def curve(records: Sequence[Mapping[str, Any]],
+          key: str) -> list[tuple[int, Any]]:
+  """(step, value) of `key` in step order, from the records that have it.
+
+  A run resumed from an earlier checkpoint writes its steps again: a step's
+  last value counts.
+  """
+  points = {r['step']: r[key] for r in records if key in r}
+  return sorted(points.items())

@@ -16,6 +16,7 @@ from t5x_adapt import demo
 from t5x_adapt import gin_utils
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
+from t5x_adapt import stages
 from t5x_adapt import trainer as trainer_lib
 from t5x_adapt.convert import load
 from t5x_adapt.models import DecoderOnlyModel
@@ -233,9 +234,9 @@ def pretrained(tmp_path_factory):
   """A gemma2_tiny trained briefly on the corpus, and PrefixLM batches."""
   cfg = demo.DemoConfig(batch_size=16, eval_batches=4, pretrain_length=64)
   run_dir = tmp_path_factory.mktemp('demo')
-  source = demo.run_stage(
+  source = stages.run_stage(
       run_dir / 'decoder_only', demo.DECODER_ONLY_FILES, 100,
-      demo.PRETRAIN_TASK, demo._run_bindings(cfg, {'targets': 64}) +
+      demo.PRETRAIN_TASK, demo.run_bindings(cfg, {'targets': 64}) +
       ['EVAL_EVERY = 0', 'SAVE_EVERY = 100', 'WARMUP_STEPS = 10'])
   return source, demo.validation_batches(cfg)
 
@@ -247,10 +248,10 @@ def test_adapted_step0_loss_is_far_below_random_init(pretrained):
   adapted = adapt.Adaptation(str(source)).init_params(student)
   random = student.get_initial_variables(jax.random.PRNGKey(0), {})['params']
   teacher = load.load_decoder_only(source, student.teacher.config)
-  hard = lambda p, b: student.loss_fn(p, b, None)
-  losses = {'teacher': demo.mean_loss(student.teacher_loss, teacher, batches),
-            'adapted': demo.mean_loss(hard, adapted, batches),
-            'random': demo.mean_loss(hard, random, batches)}
+  hard = stages.LossOnBatches(student, batches)
+  teacher_loss = stages.LossOnBatches(stages.Teacher(student), batches)
+  losses = {'teacher': teacher_loss(teacher), 'adapted': hard(adapted),
+            'random': hard(random)}
   print('\nPrefixLM target loss at step 0 (nats/token): ' +
         ', '.join(f'{k} {v:.3f}' for k, v in losses.items()))
   assert losses['random'] > np.log(8192) - 0.5

@@ -20,9 +20,9 @@ import pytest
 from t5x_adapt import gin_utils
 from t5x_adapt.kernels import attention as attention_lib
 from t5x_adapt.kernels import blocked
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
-from t5x_adapt.kernels.attention import dense_attention, dense_mask
+from t5x_adapt.kernels.attention import dense_attention
 from t5x_adapt.kernels.attention import dot_product_attention
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec, dense_mask
 
 RTOL = 1e-5  # max |blocked - dense| / max |dense|
 SCALE = 0.25

@@ -22,6 +22,7 @@ from t5x_adapt import checkpoints
 from t5x_adapt import classification
 from t5x_adapt import demo
 from t5x_adapt import gin_utils
+from t5x_adapt import stages
 from t5x_adapt import train as train_lib
 from t5x_adapt.convert import load
 from t5x_adapt.checkpoints import errors
@@ -225,9 +226,9 @@ def backbones(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp('classification')
   cfg = demo.DemoConfig(batch_size=16, eval_batches=4, pretrain_length=64)
-  source = demo.run_stage(
+  source = stages.run_stage(
       root / 'decoder_only', demo.DECODER_ONLY_FILES, 100,
-      demo.PRETRAIN_TASK, demo._run_bindings(cfg, {'targets': 64}) +
+      demo.PRETRAIN_TASK, demo.run_bindings(cfg, {'targets': 64}) +
       ['EVAL_EVERY = 0', 'SAVE_EVERY = 100', 'WARMUP_STEPS = 10'])
   student = demo.adapted_model()
   adapted = checkpoints.save_params(
@@ -251,7 +252,7 @@ def _finetune(model_dir, preset, init_checkpoint):
   """Fine-tunes with the recipe; (model, final params, metrics lines)."""
   files = (f'gin/models/{preset}.gin', RECIPE)
   bindings = _bindings(preset, init_checkpoint)
-  final = demo.run_stage(model_dir, files, FINETUNE_STEPS, TASK, bindings)
+  final = stages.run_stage(model_dir, files, FINETUNE_STEPS, TASK, bindings)
   gin.clear_config()
   gin_utils.parse_gin(files, bindings)
   model = train_lib.build_model(TASK, None)

@@ -11,9 +11,9 @@ import math
 import gin
 import pytest
 
-from t5x_adapt import demo
 from t5x_adapt import eval as eval_lib
 from t5x_adapt import gin_utils
+from t5x_adapt import stages as stages_lib
 from t5x_adapt import train as train_lib
 from t5x_adapt.experiments import paper
 from t5x_adapt.experiments import report
@@ -157,6 +157,6 @@ def test_a_stage_stopped_before_its_last_step_stops_the_grid(tmp_path,
   gin.clear_config()
   gin_utils.parse_gin([paper.QUICK_FILE])
   stage = paper.source_stage(paper.Settings(), 'small')
-  with pytest.raises(demo.StageStopped, match='stopped before step 6'):
-    demo.run_stage(tmp_path / stage.path, stage.files, stage.steps,
-                   stage.task, stage.bindings)
+  with pytest.raises(stages_lib.StageStopped, match='stopped before step 6'):
+    stages_lib.run_stage(tmp_path / stage.path, stage.files, stage.steps,
+                         stage.task, stage.bindings)

@@ -8,13 +8,13 @@ the 27B and 9B-9B presets are cheap. Each count is checked against
     any kind changes it), and
   * for the decoder-only Gemma models, the published parameter counts.
 
-Run with `-s` to see the table of counts.
+The table of counts, with the published figures and build times, is
+`python benchmarks/presets.py`.
 """
 
 import dataclasses
 import functools
 import math
-import time
 from typing import Optional
 
 import jax
@@ -219,16 +219,14 @@ class Built:
   model: object
   shapes: dict
   count: int
-  seconds: float
 
 
 @functools.lru_cache(maxsize=None)
 def build(preset: str) -> Built:
-  start = time.perf_counter()
   model = gin_utils.load_model(preset)
   shapes = model.param_shapes()
   count = sum(math.prod(leaf.shape) for _, leaf in _leaves(shapes))
-  return Built(model, shapes, count, time.perf_counter() - start)
+  return Built(model, shapes, count)
 
 
 def test_preset_table_is_complete():
@@ -342,37 +340,3 @@ def test_load_model_overrides_and_bindings():
 
   with pytest.raises(ValueError, match='unknown model preset'):
     gin_utils.load_model('gemma2_3b')
-
-
-def _human(count: float) -> str:
-  if count >= 1e9:
-    return f'{count / 1e9:.3f}B'
-  if count >= 1e6:
-    return f'{count / 1e6:.1f}M'
-  return f'{count / 1e3:.1f}K'
-
-
-def test_print_table():
-  rows = []
-  total_seconds = 0.0
-  for preset in sorted(PRESETS, key=lambda p: (PRESETS[p][0] is not None,
-                                               analytic_params(p))):
-    built = build(preset)
-    total_seconds += built.seconds
-    if preset in PUBLISHED:
-      published = _human(PUBLISHED[preset])
-    elif preset in PAPER_ONLY:
-      published = _human(PAPER_ONLY[preset]) + '*'
-    else:
-      published = ''
-    kind = 'decoder-only' if PRESETS[preset][0] is None else 'enc-dec'
-    rows.append((preset, kind, f'{built.count:,}', _human(built.count),
-                 published, f'{built.seconds:.2f}s'))
-  header = ('preset', 'type', 'parameters', '', 'published', 'build')
-  widths = [max(len(r[i]) for r in rows + [header]) for i in range(6)]
-  print()
-  for row in [header] + rows:
-    print('  '.join(c.rjust(w) if i >= 2 else c.ljust(w)
-                    for i, (c, w) in enumerate(zip(row, widths))))
-  print('* the T5Gemma paper\'s figure, not asserted (see PAPER_ONLY).')
-  print(f'load_model + param_shapes, all presets: {total_seconds:.1f}s')

@@ -14,7 +14,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5x_adapt import demo
+from t5x_adapt import stages
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data import pipeline
 from t5x_adapt.data import sft
@@ -211,8 +211,8 @@ def _bindings(steps):
 
 
 def test_sft_steps_lower_the_loss_encoder_decoder(tmp_path):
-  demo.run_stage(tmp_path, ('gin/models/t5gemma_tiny.gin', RECIPE), 30,
-                 'sft_sentiment_spm8k', _bindings(30))
+  stages.run_stage(tmp_path, ('gin/models/t5gemma_tiny.gin', RECIPE), 30,
+                   'sft_sentiment_spm8k', _bindings(30))
   losses = _losses(tmp_path)
   print(f'\nt5gemma_tiny SFT losses every 5 steps: '
         f'{[round(x, 3) for x in losses]}')

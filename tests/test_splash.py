@@ -29,8 +29,8 @@ import pytest
 
 from t5x_adapt.kernels import cudnn
 from t5x_adapt.kernels import splash
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
 from t5x_adapt.kernels.attention import dense_attention
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec
 from t5x_adapt.partitioning import Partitioner
 
 RTOL = 1e-5  # max |kernel - dense| / max |dense|, float32
@@ -178,7 +178,8 @@ import jax, jax.numpy as jnp
 import t5x_adapt.layers
 from jax.sharding import PartitionSpec as P
 from t5x_adapt.kernels import splash
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec, dense_attention
+from t5x_adapt.kernels.attention import dense_attention
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec
 from t5x_adapt.partitioning import Partitioner
 assert jax.device_count() == 4, jax.devices()
 part = Partitioner(data=1, fsdp=2, tensor=2)

@@ -72,11 +72,13 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from t5x_adapt import assets
 from t5x_adapt import cli
-from t5x_adapt import demo
 from t5x_adapt import eval as eval_lib
 from t5x_adapt import gin_utils
+from t5x_adapt import stages
+from t5x_adapt import summaries
 from t5x_adapt import train as train_lib
 from t5x_adapt.convert import load
+from t5x_adapt.data import feature_converters
 from t5x_adapt.distillation import DistillationModel
 from t5x_adapt.experiments import jobs
 from t5x_adapt.experiments import report
@@ -210,10 +212,6 @@ class Candidate:
   def model_file(self) -> str:
     return f'{MODELS}/{self.model}.gin'
 
-  @property
-  def encoder_decoder(self) -> bool:
-    return self.model.startswith('encdec')
-
 
 CANDIDATES = (
     Candidate('small_small_prefixlm_kd', 'small-small, PrefixLM + KD',
@@ -299,6 +297,15 @@ def adaptation_stage(settings: Settings, candidate: Candidate,
        *settings.common_bindings))
 
 
+def model_reference(model_file: str) -> str:
+  """What a model file binds to MODEL, as gin writes it: a classifier's
+  BACKBONE (`@DecoderOnlyModel()`). Replaces the global gin config by the
+  file's."""
+  gin.clear_config()
+  gin_utils.parse_gin([model_file])
+  return str(gin.query_parameter(f'{gin_utils.MODEL_MACRO}/gin.macro.value'))
+
+
 def _seeded(settings: Settings, seed: int) -> tuple[str, ...]:
   return (f'Trainer.seed = {seed}', f'get_dataset.seed = {seed}',
           f'LEARNING_RATE = {settings.finetune_learning_rate}',
@@ -310,8 +317,7 @@ def classification_stage(settings: Settings, candidate: Candidate,
                          init_checkpoint: str, seed: int) -> Stage:
   """Sentiment classification from the candidate's encoder (or decoder)."""
   steps = settings.classification_steps
-  backbone = ('@EncoderDecoderModel()' if candidate.encoder_decoder
-              else '@DecoderOnlyModel()')
+  backbone = model_reference(candidate.model_file)
   return Stage(
       f'finetune/{candidate.name}/classification_seed{seed}',
       (candidate.model_file, 'gin/finetune/classification.gin'),
@@ -387,8 +393,8 @@ class Runner:
     """The stage's final checkpoint (trained unless it exists)."""
     self._progress.announce(stage.path)
     began = time.perf_counter()
-    final = demo.run_stage(self.root / stage.path, stage.files, stage.steps,
-                           stage.task, stage.bindings)
+    final = stages.run_stage(self.root / stage.path, stage.files,
+                             stage.steps, stage.task, stage.bindings)
     self.seconds[stage.path] = round(time.perf_counter() - began, 1)
     return final
 
@@ -426,8 +432,8 @@ def _eval_sft(settings: Settings, candidate: Candidate,
 
 
 def _final_eval_line(model_dir: pathlib.Path) -> dict[str, float]:
-  lines = (model_dir / train_lib.METRICS_FILE).read_text().splitlines()
-  line = [json.loads(l) for l in lines if 'eval_accuracy' in l][-1]
+  line = summaries.read_metrics(model_dir / train_lib.METRICS_FILE,
+                                'eval_accuracy')[-1]
   return {'accuracy': line['eval_accuracy'], 'loss': line['eval_loss']}
 
 
@@ -467,16 +473,16 @@ def prefix_lm_curve(settings: Settings, candidate: Candidate,
                     model_dir: pathlib.Path, batches) -> dict:
   """{'steps': [...], 'loss': [...]}: PrefixLM validation loss of every
   checkpoint the candidate's training saved (step 0: where it started)."""
-  if candidate.encoder_decoder:
-    model = _build(settings, candidate.model_file)
-    loss_fn = lambda params, batch: model.loss_fn(params, batch, None)
-  else:
+  model = _build(settings, candidate.model_file)
+  scored = model
+  if not model.is_encoder_decoder:
+    # Scored as a teacher is: the targets given the prefix, same tokens.
     scorer = _prefix_lm_scorer(settings, candidate.model_file)
-    loss_fn, model = scorer.teacher_loss, scorer.teacher
-  loss_fn = jax.jit(loss_fn)  # Traced once for all the checkpoints.
+    model, scored = scorer.teacher, stages.Teacher(scorer)
+  loss = stages.LossOnBatches(scored, batches)  # Compiled once for all.
   steps = _saved_steps(model_dir)
-  losses = [demo.mean_loss(loss_fn, load.load_params(
-      str(model_dir / train_lib.CHECKPOINT_DIR / str(step)), model), batches)
+  losses = [loss(load.load_params(
+      str(model_dir / train_lib.CHECKPOINT_DIR / str(step)), model))
             for step in steps]
   return {'steps': steps, 'loss': losses}
 
@@ -486,7 +492,8 @@ def source_loss(settings: Settings, size: str, checkpoint: str,
   """A source's PrefixLM validation loss (the targets given the prefix)."""
   scorer = _prefix_lm_scorer(settings, f'{MODELS}/decoder_only_{size}.gin')
   params = load.load_params(checkpoint, scorer.teacher)
-  return {'loss': demo.mean_loss(scorer.teacher_loss, params, batches)}
+  return {'loss': stages.LossOnBatches(stages.Teacher(scorer), batches)(
+      params)}
 
 
 def decode_latency(settings: Settings, model_file: str) -> dict:
@@ -496,8 +503,7 @@ def decode_latency(settings: Settings, model_file: str) -> dict:
   `predict_batch` generates every position (a finished row is padded).
   """
   model = _build(settings, model_file)
-  encoder_decoder = 'encoder' in model.config.stacks()
-  key = 'encoder_input_tokens' if encoder_decoder else 'decoder_input_tokens'
+  key = model.INPUTS_FEATURE
   vocab = model.config.vocab_size
   tokens = np.random.default_rng(0).integers(
       3, vocab, (1, settings.latency_prompt_length), dtype=np.int32)
@@ -596,9 +602,10 @@ def _runner(root: pathlib.Path) -> Runner:
 @functools.lru_cache(maxsize=None)
 def _validation_batches(batch_size: int, inputs: int, targets: int,
                         batches: int) -> list[dict[str, np.ndarray]]:
-  return demo.validation_batches(demo.DemoConfig(
-      batch_size=batch_size, inputs_length=inputs, targets_length=targets,
-      eval_batches=batches))
+  return stages.validation_batches(
+      PREFIX_LM_TASK, {'inputs': inputs, 'targets': targets},
+      feature_converters.EncDecFeatureConverter(pack=False), batch_size,
+      batches)
 
 
 def _curve_batches(settings: Settings) -> list[dict[str, np.ndarray]]:
@@ -657,7 +664,7 @@ def _latency_job(root: pathlib.Path, settings: Settings):
 
 
 def _final(root: pathlib.Path, stage: Stage) -> str:
-  return str(demo.final_checkpoint(root / stage.path, stage.steps))
+  return str(stages.final_checkpoint(root / stage.path, stage.steps))
 
 
 def grid_jobs(root: pathlib.Path, settings: Settings) -> list[jobs.Job]:

@@ -9,4 +9,9 @@ layer; `StackConfig.attention_impl` picks its implementation:
   splash   Pallas TPU splash attention (interpret mode on CPU, for tests)
   cudnn    `jax.nn.dot_product_attention(implementation='cudnn')` on GPUs
   auto     splash on TPU, cudnn on GPU, blocked elsewhere
+
+What the implementations share lies below them, so that `attention` may
+import them and none imports `attention`: the mask and its two halves
+(`masks.MaskInputs`, `masks.MaskSpec`), the target platform (`platform`)
+and the logit softcap (`softcap`).
 """

@@ -15,104 +15,19 @@ kernels may give zeros); tests compare the rows that see a key.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from t5x_adapt.kernels.masks import attention_mask
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec, dense_mask
+from t5x_adapt.kernels.platform import target_platform
+from t5x_adapt.kernels.softcap import softcap
 
 IMPLEMENTATIONS = ('dense', 'blocked', 'splash', 'cudnn', 'auto')
 # `auto` keeps calls with fewer queries than this (decoding) dense.
 AUTO_DENSE_BELOW = 128
-
-
-class MaskInputs(NamedTuple):
-  """The dynamic half of a mask: what `kernels.masks.attention_mask` reads.
-
-  Attributes:
-    query_positions: [b, t] int positions of the queries.
-    key_positions: [b, s] int positions of the keys (-1: an empty cache slot).
-    query_segment_ids: [b, t]; 0 is padding.
-    key_segment_ids: [b, s]; 0 is padding.
-    query_prefix: Optional [b, t] bool prefix-LM flags.
-    key_prefix: Optional [b, s] bool prefix-LM flags.
-  """
-
-  query_positions: jax.Array
-  key_positions: jax.Array
-  query_segment_ids: jax.Array
-  key_segment_ids: jax.Array
-  query_prefix: Optional[jax.Array] = None
-  key_prefix: Optional[jax.Array] = None
-
-  @property
-  def has_prefix(self) -> bool:
-    return self.query_prefix is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-  """The static half of a mask.
-
-  Attributes:
-    causal: Queries see keys at or before their position.
-    window: Sliding window W (q - k < W and k - q < W), None for global
-      attention.
-    index_ordered: Positions advance by one with the array index inside
-      every segment, and queries and keys are the same tokens (self-attention
-      over a training or prefill batch, packed or padded). Kernels may then
-      skip tiles from indices alone; a decoding cache (a ring buffer) or
-      cross-attention is not index-ordered.
-    window_ahead: For a lopsided two-sided window, the bound on k - q
-      instead of W (T5Gemma 2's encoder); None: W.
-  """
-
-  causal: bool
-  window: Optional[int] = None
-  index_ordered: bool = False
-  window_ahead: Optional[int] = None
-
-  @property
-  def ahead(self) -> Optional[int]:
-    """The bound on k - q of a windowed mask (None without a window)."""
-    if self.window is None:
-      return None
-    return self.window if self.window_ahead is None else self.window_ahead
-
-  def describe(self) -> str:
-    kind = 'causal' if self.causal else 'bidirectional'
-    if self.window is not None:
-      kind += f' window {self.window}'
-      if not self.causal and self.ahead != self.window:
-        kind += f' (ahead {self.ahead})'
-    return kind
-
-
-def current_mesh():
-  """The mesh being traced under: `jax.set_mesh`'s abstract mesh, else a
-  legacy `with mesh:` one (None without either)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    return mesh
-  # A legacy `with mesh:` sets only the resource env, not the abstract mesh.
-  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  physical = mesh_lib.thread_resources.env.physical_mesh
-  return None if physical.empty else physical
-
-
-def target_platform(mesh=None) -> str:
-  """The platform code is compiled for: the mesh's devices' (a TPU topology
-  compiled for from a CPU host), else the default backend's."""
-  mesh = mesh if mesh is not None else current_mesh()
-  if mesh is not None:
-    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else (
-        mesh.abstract_mesh)
-    if abstract.abstract_device is not None:
-      return abstract.abstract_device.platform
-  return jax.default_backend()
 
 
 def resolve(impl: str, platform: Optional[str] = None, *,
@@ -142,23 +57,6 @@ def resolve(impl: str, platform: Optional[str] = None, *,
     return 'splash' if index_masks_apply else 'blocked'
   cudnn_runs = logit_softcap is None and dtype in (jnp.bfloat16, jnp.float16)
   return 'cudnn' if platform == 'gpu' and cudnn_runs else 'blocked'
-
-
-def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
-  """`cap * tanh(x / cap)`, or `x` when `cap` is None."""
-  if cap is None:
-    return x
-  return jnp.tanh(x / cap) * cap
-
-
-def dense_mask(mask: MaskInputs, spec: MaskSpec) -> jax.Array:
-  """The boolean [b, 1, t, s] mask (`kernels.masks.attention_mask`)."""
-  return attention_mask(mask.query_positions, mask.key_positions,
-                        mask.query_segment_ids, mask.key_segment_ids,
-                        causal=spec.causal, window=spec.window,
-                        window_ahead=spec.window_ahead,
-                        query_prefix=mask.query_prefix,
-                        key_prefix=mask.key_prefix)
 
 
 def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array,

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec, softcap
-from t5x_adapt.kernels.masks import attention_mask
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec, attention_mask
+from t5x_adapt.kernels.softcap import softcap
 
 # Tile sizes when the caller gives none (module-level so that tests can use
 # tiny tiles through the models).

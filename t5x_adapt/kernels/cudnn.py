@@ -34,8 +34,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec, dense_mask
-from t5x_adapt.kernels.masks import attention_mask
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec, attention_mask
+from t5x_adapt.kernels.masks import dense_mask
 
 _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_adapt import losses
-from t5x_adapt.kernels.attention import softcap as apply_softcap
+from t5x_adapt.kernels.softcap import softcap as apply_softcap
 from t5x_adapt.kernels.matmul import matmul_2d
 
 # 'auto' chunks when a row's logits (target length * vocab) exceed this, in

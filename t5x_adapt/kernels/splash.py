@@ -65,8 +65,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
-from t5x_adapt.kernels.attention import current_mesh, target_platform
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec
+from t5x_adapt.kernels.platform import current_mesh, target_platform
 
 # Kernel tiles are multiples of the TPU lane width.
 MIN_BLOCK = 128

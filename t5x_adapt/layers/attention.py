@@ -6,9 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5x_adapt.kernels.attention import MaskInputs, MaskSpec
-from t5x_adapt.kernels.attention import dot_product_attention, softcap
+from t5x_adapt.kernels.attention import dot_product_attention
 from t5x_adapt.kernels.attention import merged_attention
+from t5x_adapt.kernels.masks import MaskInputs, MaskSpec
+from t5x_adapt.kernels.softcap import softcap
 from t5x_adapt.layers.dense import Projection
 from t5x_adapt.layers.norms import RMSNorm
 from t5x_adapt.layers.rope import apply_rope
@@ -148,7 +149,7 @@ class Attention(nn.Module):
       cache_length: Slots of a global layer's self-attention cache (total
         decoding length); created on the first decoding call.
       index_ordered: The tokens' positions follow their indices inside
-        contiguous segments (`kernels.attention.MaskSpec`).
+        contiguous segments (`kernels.masks.MaskSpec`).
       encoded: Merged attention only: the encoder output
         [batch, enc_len, embed].
       encoder_positions: Merged attention only: [batch, enc_len].
