@@ -13,6 +13,9 @@ The encoder-decoder's parameters are assembled from decoder-only ones:
                                         scale 0 for Gemma's norms, 1 for
                                         Llama-style ones, as the reference
                                         implementations do)
+  token_embedder/...                 <- decoder source  decoder/token_embedder
+                                        (tied tables: one array, the
+                                        decoder's, which is the LM head)
   */token_embedder/eoi_embedding     <- fresh init (zeros, as transformers'
                                         T5Gemma 2)
 
@@ -20,8 +23,8 @@ T5Gemma 2 (`encoder_attention = 'merged'`) has no cross-attention: its
 decoder's self-attention reads the encoder output with the same projections,
 so every tensor but the end-of-image embedding comes from the source.
 
-With `EncoderDecoderConfig.tie_embeddings` the encoder's table is the
-decoder's (they then train as one; see `EncoderDecoderModel.tie_gradients`).
+With `EncoderDecoderConfig.tie_embeddings` the model has one table, the
+decoder source's, read by both stacks (`params['token_embedder']`).
 
 Balanced models (2B-2B) take both stacks from one checkpoint; unbalanced ones
 (9B-2B) take the encoder from the large checkpoint and the decoder from the
@@ -95,6 +98,8 @@ def _source_key(key: Key, copy_cross_attention: bool) -> Origin:
   stack, *rest = key
   if rest[-1] == 'eoi_embedding':
     return None
+  if stack == 'token_embedder':  # Tied: the decoder's table (the LM head).
+    return 'decoder', ('decoder', stack, *rest)
   if stack == 'encoder':
     return 'encoder', ('decoder', *rest)
   if any(part.endswith('cross_attention_norm') for part in rest):
@@ -104,6 +109,11 @@ def _source_key(key: Key, copy_cross_attention: bool) -> Origin:
       return None
     rest = [SELF_ATTENTION if p == 'cross_attention' else p for p in rest]
   return 'decoder', ('decoder', *rest)
+
+
+def _unread_by(key: Key, parts: tuple[str, ...]) -> bool:
+  """Whether a source key lies under any of `parts`."""
+  return any(part in key for part in parts)
 
 
 def assembly_plan(target: Mapping[Key, Any],
@@ -141,10 +151,13 @@ def assembly_plan(target: Mapping[Key, Any],
                        f'{tuple(tensor.shape)}, the model needs '
                        f'{tuple(value.shape)}')
     used[name].add(source_key)
+  # An encoder has no LM head: an untied one of its source goes unused, and
+  # so does its table where the model has one tied table (the decoder's).
+  unread = ('lm_head', 'token_embedder') if (
+      'token_embedder', 'embedding') in target else ('lm_head',)
   for name, flat in sources.items():
-    # An encoder has no LM head: an untied one of its source goes unused.
     unused = sorted('/'.join(k) for k in set(flat) - used[name]
-                    if not (name == 'encoder' and 'lm_head' in k))
+                    if not (name == 'encoder' and _unread_by(k, unread)))
     if unused:
       raise ValueError(f'the {name} source has tensors the encoder-decoder '
                        f'does not use: {unused[:5]}')
@@ -216,11 +229,7 @@ def adapt_params(model: EncoderDecoderModel, encoder_source: Params,
   flat_shardings = None if shardings is None else _flat(shardings)
   fresh = _fresh_leaves(model, [k for k, o in plan.items() if o is None],
                         seed, flat_shardings)
-  params = assemble(plan, sources, fresh, flat_shardings)
-  if model.config.tie_embeddings:  # One table: the decoder's (the LM head).
-    params['encoder']['token_embedder'] = dict(
-        params['decoder']['token_embedder'])
-  return params
+  return assemble(plan, sources, fresh, flat_shardings)
 
 
 def _source_shardings(plan: Mapping[Key, Origin], name: str,

@@ -225,6 +225,10 @@ class StackConfig:
     """The stack that produces the output tokens (this one)."""
     return self
 
+  def embedder_path(self, stack: str = 'decoder') -> tuple[str, ...]:
+    """Where the token embedding lives in the parameter tree."""
+    return (stack, 'token_embedder')
+
   def stacks(self) -> dict[str, 'StackConfig']:
     """{parameter subtree name: stack}: the decoder-only model's one."""
     return {'decoder': self}
@@ -254,11 +258,11 @@ class EncoderDecoderConfig:
   Attributes:
     encoder: The encoder stack.
     decoder: The decoder stack (its embedding is tied to the LM head).
-    tie_embeddings: Tie the encoder's embedding table to the decoder's
-      (T5Gemma 2 ties them). Both tables stay in the parameter tree (so
-      checkpoints and converters see one layout); they start equal and
-      every step gives both the sum of their gradients, so they stay
-      bitwise equal (`EncoderDecoderModel.tie_gradients`).
+    tie_embeddings: One embedding table for the encoder, the decoder and
+      the LM head (T5Gemma 2 ties them): a single array (with the
+      end-of-image vector, if any) at `params['token_embedder']`, read by
+      both stacks, so its gradient is the sum of both paths and it is
+      stored, clipped and updated once (`embedder_path`).
     encoder_attention: How the decoder reads the encoder output: 'cross'
       (a cross-attention sublayer per block, T5Gemma) or 'merged' (T5Gemma
       2: one softmax over the self and encoder keys, see
@@ -273,10 +277,14 @@ class EncoderDecoderConfig:
   is_encoder_decoder = True
 
   def __post_init__(self):
-    if self.tie_embeddings and (self.encoder.embed_dim !=
-                                self.decoder.embed_dim):
-      raise ValueError('tie_embeddings needs equal encoder and decoder widths:'
-                       f' {self.encoder.embed_dim} != {self.decoder.embed_dim}')
+    if self.tie_embeddings:
+      for field in ('embed_dim', 'eoi_token_id', 'scale_embeddings'):
+        mine, theirs = (getattr(self.encoder, field),
+                        getattr(self.decoder, field))
+        if mine != theirs:
+          raise ValueError(f'tie_embeddings needs one embedding for both '
+                           f'stacks: encoder {field}={mine!r}, decoder '
+                           f'{field}={theirs!r}')
     if self.encoder_attention not in ('cross', 'merged'):
       raise ValueError("encoder_attention must be 'cross' or 'merged', got "
                        f'{self.encoder_attention!r}')
@@ -305,6 +313,12 @@ class EncoderDecoderConfig:
   def decoder_stack(self) -> StackConfig:
     """The stack that produces the output tokens."""
     return self.decoder
+
+  def embedder_path(self, stack: str) -> tuple[str, ...]:
+    """Where `stack`'s token embedding lives in the parameter tree: the
+    model's one table when tied, else the stack's own."""
+    return ('token_embedder',) if self.tie_embeddings else (
+        stack, 'token_embedder')
 
   def stacks(self) -> dict[str, StackConfig]:
     """{parameter subtree name: stack}."""

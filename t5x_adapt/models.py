@@ -92,7 +92,7 @@ class BaseModel(abc.ABC):
 
   What the trainer, the entry points and the FLOP count need to know of a
   model, the model says: `teacher` (a distillation teacher, else None),
-  `tie_gradients`, `params_from_checkpoint`, `train_step_flops` and
+  `params_from_checkpoint`, `train_step_flops` and
   `config.vocab_size`.
 
   Args:
@@ -160,7 +160,9 @@ class BaseModel(abc.ABC):
 
   def decoder_params(self, params: Params) -> Params:
     """The parameters one decoding step reads (the encoder's excluded)."""
-    return params['decoder']
+    shared = {key: params[key] for key in params
+              if key not in self.config.stacks()}  # A tied table.
+    return {'decoder': params['decoder'], **shared}
 
   @abc.abstractmethod
   def _init_args(self, input_shapes: Mapping[str, tuple[int, ...]]) -> Batch:
@@ -213,10 +215,6 @@ class BaseModel(abc.ABC):
   def _init(self, rng, batch):
     """`module.init` on a dummy batch."""
 
-  def tie_gradients(self, grads: Params) -> Params:
-    """Gradients of parameters that train as one, combined (none here)."""
-    return grads
-
   @abc.abstractmethod
   def train_step_flops(self, batch_shapes: Mapping[str, tuple[int, ...]]
                        ) -> int:
@@ -261,11 +259,13 @@ class BaseModel(abc.ABC):
               hidden: jax.Array) -> lm_head_loss.Head:
     """The LM head of this model's decoder on `hidden` [b, t, e]: the
     embedding table, or the decoder's own `lm_head` table when untied."""
-    config = self.config.stacks()['decoder']
-    head = 'token_embedder' if config.tie_lm_head else 'lm_head'
-    return lm_head_loss.Head(
-        hidden, params['decoder'][head]['embedding'],
-        config.final_logit_softcap, config.activation_dtype)
+    config = self.config.decoder_stack
+    path = (self.config.embedder_path('decoder') if config.tie_lm_head
+            else ('decoder', 'lm_head'))
+    table = functools.reduce(lambda tree, key: tree[key], path, params)
+    return lm_head_loss.Head(hidden, table['embedding'],
+                             config.final_logit_softcap,
+                             config.activation_dtype)
 
   def loss_chunk(self, target_length: int) -> Optional[int]:
     """Target positions per chunk of the LM head in `loss_fn` (None: the
@@ -466,14 +466,6 @@ class EncoderDecoderModel(BaseModel):
     super().__init__(EncoderDecoderTransformer(config), **kwargs)
     self.decoder_start_id = decoder_start_id
 
-  def get_initial_variables(self, rng, input_shapes=None):
-    """Initialises parameters; tied embeddings start as the decoder's."""
-    variables = super().get_initial_variables(rng, input_shapes)
-    if self.config.tie_embeddings:
-      params = variables['params']
-      params['encoder']['token_embedder'] = params['decoder']['token_embedder']
-    return variables
-
   def train_step_flops(self, batch_shapes):
     batch, inputs = batch_shapes['encoder_input_tokens']
     targets = batch_shapes['decoder_target_tokens'][1]
@@ -482,16 +474,6 @@ class EncoderDecoderModel(BaseModel):
 
   def generation_flops(self, input_length, new_tokens):
     return flops.encoder_decoder_flops(self.config, input_length, new_tokens)
-
-  def tie_gradients(self, grads):
-    """With tied embeddings, both tables get the sum of their gradients."""
-    if not self.config.tie_embeddings:
-      return grads
-    total = jax.tree_util.tree_map(jnp.add,
-                                   grads['decoder']['token_embedder'],
-                                   grads['encoder']['token_embedder'])
-    return {stack: {**grads[stack], 'token_embedder': total}
-            for stack in grads}
 
   def _init_args(self, input_shapes):
     enc = input_shapes.get('encoder_input_tokens', (1, 8))

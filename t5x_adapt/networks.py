@@ -18,6 +18,7 @@ import jax
 
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.layers import Stack
+from t5x_adapt.layers.stack import embedder_of
 
 
 class DecoderOnlyTransformer(nn.Module):
@@ -56,10 +57,17 @@ class EncoderDecoderTransformer(nn.Module):
   config: EncoderDecoderConfig
 
   def setup(self):
+    # Tied tables are one array (and one end-of-image vector), owned here:
+    # params['token_embedder'], read by both stacks and the LM head.
+    embedder = None
+    if self.config.tie_embeddings:
+      self.token_embedder = embedder_of(self.config.decoder, name=None)
+      embedder = self.token_embedder
     self.encoder = Stack(self.config.encoder, causal=False,
-                         produce_logits=False)
+                         produce_logits=False, embedder=embedder)
     self.decoder = Stack(self.config.decoder, causal=True,
-                         encoder_attention=self.config.encoder_attention)
+                         encoder_attention=self.config.encoder_attention,
+                         embedder=embedder)
 
   def encode(self,
              tokens: jax.Array,

@@ -8,7 +8,7 @@ warm-up) is by regular expression over '/'-joined parameter paths such as
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import gin
 import jax
@@ -52,6 +52,50 @@ def hold_until(steps: int, held: Sequence[str]) -> optax.GradientTransformation:
     return updates, _HoldState(count=jnp.minimum(state.count + 1, steps))
 
   return optax.GradientTransformation(init, update)
+
+
+# The one embedding table of a model with tied tables (`EncoderDecoderConfig.
+# tie_embeddings`): a top-level subtree that every stack reads.
+TIED_TABLE = 'token_embedder'
+
+
+def check_tied_table_frozen_whole(params, frozen: Sequence[str]) -> None:
+  """Refuses freezing a tied table for one stack only.
+
+  A tied table is one array that the encoder, the decoder and the LM head
+  all read (`params['token_embedder']`). A pattern written for a stack's
+  own table (`'^encoder/'` covers `encoder/token_embedder/embedding` in an
+  untied model) cannot freeze it for that stack alone, and silently
+  training it would break what the pattern says.
+
+  Raises:
+    ValueError: a pattern covers a stack's table by its per-stack path but
+      not the tied table itself; the message says how to write either.
+  """
+  # optax also asks for labels of placeholders (`tree_map_params`).
+  if not isinstance(params, Mapping) or TIED_TABLE not in params:
+    return
+  compiled = [(p, re.compile(p)) for p in frozen]
+  for path in param_paths_of(params[TIED_TABLE]):
+    whole = f'{TIED_TABLE}/{path}'
+    if any(c.search(whole) for _, c in compiled):
+      continue
+    for stack in sorted(set(params) - {TIED_TABLE}):
+      per_stack = f'{stack}/{whole}'
+      for pattern, c in compiled:
+        if c.search(per_stack):
+          raise ValueError(
+              f'frozen pattern {pattern!r} covers {per_stack}, but the '
+              f'model ties its tables: {whole} is one array that every '
+              f'stack and the LM head read, so it cannot be frozen for '
+              f'{stack} alone. Freeze it for all ({f"^{TIED_TABLE}/"!r}) '
+              f'or leave it out of the pattern (e.g. '
+              f'{f"^{stack}/(?!{TIED_TABLE}/)"!r}).')
+
+
+def param_paths_of(tree) -> list[str]:
+  """The '/'-joined paths of a subtree's leaves."""
+  return jax.tree_util.tree_leaves(param_paths(tree))
 
 
 def _complement(patterns: Sequence[str]) -> str:
@@ -106,7 +150,9 @@ def optimizer(name: str = 'adamw',
     weight_decay: Decoupled weight decay.
     no_decay: Parameter-path regexes exempt from weight decay.
     clip_norm: Global gradient-norm clip (None: no clipping).
-    frozen: Parameter-path regexes whose updates are always zero.
+    frozen: Parameter-path regexes whose updates are always zero. A tied
+      embedding table freezes whole or not at all
+      (`check_tied_table_frozen_whole`).
     warmup_trainable: Parameter-path regexes that alone train during the
       first `warmup_trainable_steps` steps (the unbalanced adaptation
       warm-up: cross-attention and its norms); every other parameter is held
@@ -138,8 +184,10 @@ def optimizer(name: str = 'adamw',
   else:
     tx = optax.chain(*steps, base)
   if frozen:
-    labels = lambda params: jax.tree_util.tree_map(
-        lambda m: 'frozen' if m else 'trained', match_tree(params, frozen))
+    def labels(params):
+      check_tied_table_frozen_whole(params, frozen)
+      return jax.tree_util.tree_map(lambda m: 'frozen' if m else 'trained',
+                                    match_tree(params, frozen))
     tx = optax.multi_transform(
         {'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx

@@ -184,7 +184,6 @@ class Trainer:
   def _step(self, state: TrainState, batch: Batch, teacher_params=None):
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
     grads, metrics = self._grads(state.params, batch, rng, teacher_params)
-    grads = self.model.tie_gradients(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state,
                                                state.params)
     params = optax.apply_updates(state.params, updates)

@@ -321,9 +321,11 @@ def _force_eos(harness, out):
   row, step = next((r, k) for k in range(NUM_TOKENS // 2, NUM_TOKENS - 2)
                    for r in range(len(out)) if out[r, k] not in out[r, :k])
   params = jax.tree_util.tree_map(lambda x: x, harness.params)  # new dicts
-  # An encoder-decoder's encoder has its own table; the decoder's is the head.
-  embedder = params['decoder'].get('lm_head',
-                                   params['decoder']['token_embedder'])
+  # The decoder's table is the head (tied tables: the model's one table).
+  table_owner = params
+  for key in harness.model.config.embedder_path('decoder'):
+    table_owner = table_owner[key]
+  embedder = params['decoder'].get('lm_head', table_owner)
   embedding = embedder['embedding']
   embedder['embedding'] = embedding.at[EOS].set(
       1.01 * embedding[out[row, step]])

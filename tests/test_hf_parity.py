@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import transformers
 
 import hf_fixtures as hf
@@ -107,9 +108,17 @@ def test_t5gemma2_round_trip_and_vision_tower(t5gemma2_checkpoint, tmp_path):
     convert.load_hf(t5gemma2_checkpoint)
   cls = transformers.T5Gemma2ForConditionalGeneration
   model, params = convert.load_hf(t5gemma2_checkpoint, text_only=True)
+  # One table in the tree, the checkpoint's (stored with the encoder).
+  assert 'token_embedder' in params
+  assert 'token_embedder' not in params['encoder']
+  assert 'token_embedder' not in params['decoder']
+  stored = safetensors.numpy.load_file(
+      str(t5gemma2_checkpoint / 'model.safetensors'))
+  np.testing.assert_array_equal(params['token_embedder']['embedding'],
+                                stored['model.encoder.embed_tokens.weight'])
   np.testing.assert_array_equal(
-      params['encoder']['token_embedder']['embedding'],
-      params['decoder']['token_embedder']['embedding'])
+      params['token_embedder']['eoi_embedding'],
+      stored['model.encoder.embed_tokens.eoi_embedding'])
   convert.save_hf(model, params, tmp_path)
   batch = _with_eoi(hf.seq2seq_batch(seed=9))
   original = hf.seq2seq_logits(hf.load(t5gemma2_checkpoint, cls), batch)

@@ -197,13 +197,14 @@ def analytic_stack_params(a: Arch, cross_kv_width: Optional[int] = None) -> int:
 
 
 def analytic_params(preset: str) -> int:
-  """Parameters in the tree (T5Gemma 2's tied table counted per stack)."""
+  """Parameters in the tree (T5Gemma 2's tied table counted once)."""
   encoder, decoder = PRESETS[preset]
   if encoder is None:
     return analytic_stack_params(ARCH[decoder])
-  if preset in T5GEMMA2:  # No cross-attention; an end-of-image vector each.
+  if preset in T5GEMMA2:  # No cross-attention; one table + end-of-image.
+    table = ARCH[decoder].vocab * ARCH[decoder].d + ARCH[decoder].d
     return sum(analytic_stack_params(ARCH[s]) + ARCH[s].d
-               for s in (encoder, decoder))
+               for s in (encoder, decoder)) - table
   return (analytic_stack_params(ARCH[encoder]) +
           analytic_stack_params(ARCH[decoder], cross_kv_width=ARCH[encoder].d))
 
@@ -267,7 +268,8 @@ def test_preset(preset):
     assert type(built.model) is EncoderDecoderModel
     _check_stack(built.model.config.encoder, encoder)
     _check_stack(built.model.config.decoder, decoder)
-    assert set(built.shapes) == {'encoder', 'decoder'}
+    tied = {'token_embedder'} if built.model.config.tie_embeddings else set()
+    assert set(built.shapes) == {'encoder', 'decoder'} | tied
   assert built.count == analytic_params(preset)
   if preset in T5GEMMA2:
     config = built.model.config
@@ -275,8 +277,7 @@ def test_preset(preset):
                                                                  True)
     assert config.encoder.bidirectional_window == 'split'
     assert config.encoder.eoi_token_id == config.decoder.eoi_token_id
-    unique = built.count - ARCH[decoder].vocab * ARCH[decoder].d - (
-        ARCH[decoder].d)  # the tied table and end-of-image vector, once
+    unique = built.count  # the tied table and end-of-image vector, once
     print(f'\n{preset}: {unique / 1e6:.1f}M text parameters (one table), '
           f'{(unique + VISION_TOWER) / 1e6:.0f}M with the vision encoder')
   if preset in PUBLISHED:

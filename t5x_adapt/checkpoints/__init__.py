@@ -6,12 +6,15 @@
       input position), resume, keep-last / keep-best
   integrity: checksums of every checkpoint's files, written at commit and
       verified before a restore
+  embeddings: where a checkpoint keeps its embedding tables and where the
+      model does (two-copy checkpoints of a tied model, converted on read)
   errors: what reading or writing a checkpoint raises (also the
       converters': `t5x_adapt.convert` uses these)
 
 The parameter API is re-exported here: `checkpoints.restore_params(...)`.
 """
 
+from t5x_adapt.checkpoints import embeddings
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.checkpoints import integrity
 from t5x_adapt.checkpoints import training

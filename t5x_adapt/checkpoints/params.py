@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from t5x_adapt import layout
+from t5x_adapt.checkpoints import embeddings
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.checkpoints import integrity
 from t5x_adapt.checkpoints import training
@@ -356,7 +357,11 @@ def restore_params(path: str | os.PathLike, model, *,
 
   The checkpoint may be in either layout; it is read in the layout it was
   saved in and then converted (`t5x_adapt.layout`). Arrays are cast to the
-  model's parameter dtype.
+  model's parameter dtype. Embedding tables are read where the checkpoint
+  keeps them (`embeddings`): a tied model's checkpoint written with a copy
+  per stack gives the model's one table its decoder copy, with a warning
+  (that says whether the copies were equal); a stack's own table (an
+  encoder classifier's) is read from a tied checkpoint's one.
 
   Args:
     path: Checkpoint directory, or a training checkpoint's step directory
@@ -392,25 +397,35 @@ def restore_params(path: str | os.PathLike, model, *,
   checkpointer = _checkpointer()
   try:
     saved = _saved_shapes(checkpointer, item_path, subtree)
+    # The checkpoint may keep the embedding tables elsewhere than the model
+    # (copies of a tied table, from before it was one array; a tied table
+    # read into a stack's own): read them where they are, move them after.
+    tables = embeddings.plan(saved, flat_shapes(model_shapes))
     if subtrees is not None:
       saved = {k: v for k, v in saved.items()
-               if k.partition('/')[0] in subtrees}
-    saved_layouts = _stack_layouts(saved)
+               if k.partition('/')[0] in subtrees or tables.reads(k)}
+    saved_layouts = _stack_layouts(k for k in saved if not tables.reads(k))
     to_saved = functools.partial(
         layout.to_model_layout,
         config=_config_with_layouts(model.config, saved_layouts))
     target = jax.eval_shape(to_saved, model_shapes)
-    error = mismatch_error(path, saved, flat_shapes(target))
+    error = mismatch_error(path, saved, flat_shapes(
+        embeddings.to_checkpoint(target, tables)))
     if error is not None:
       raise error
     same_layout = saved_layouts == _stack_layouts(flat_shapes(model_shapes))
     target_shardings = _saved_layout_shardings(
         shardings, same_layout, to_saved, model_shapes, target)
-    restored = _restore_tree(checkpointer, item_path, subtree,
-                             training.abstract_tree(target, target_shardings),
-                             partial=subtrees is not None)
+    restored = _restore_tree(
+        checkpointer, item_path, subtree,
+        embeddings.to_checkpoint(
+            training.abstract_tree(target, target_shardings), tables),
+        partial=subtrees is not None)
   finally:
     checkpointer.close()
+  if tables:
+    restored, spares = embeddings.to_model(restored, tables)
+    embeddings.report(str(path), tables, restored, spares)
   if same_layout:
     return restored
   to_model = functools.partial(layout.to_model_layout, config=model.config)

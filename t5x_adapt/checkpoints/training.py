@@ -25,6 +25,10 @@ the newest intact one. `latest_step` additionally skips step directories
 that are not complete (no commit timestamp, or an item missing), e.g. a
 half-copied directory.
 
+Tied tables: a tied model's state saved with a copy of its embedding
+table per stack (written before the table was one array) is converted on
+`restore`, in its parameters and optimizer moments (`embeddings`).
+
 Integrity: `restore` verifies the step's checksums first. `restore_latest`
 goes back from the newest step to the newest one that verifies, moving each
 corrupt one aside (to `<step>.corrupt-<time>`, kept for inspection) with an
@@ -52,6 +56,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t5x_adapt import distributed
+from t5x_adapt.checkpoints import embeddings
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.checkpoints import integrity
 
@@ -246,36 +251,75 @@ class CheckpointManager:
         warning, if the step has none (e.g. one saved before the position
         became host-independent, as per-host `input_state-<process>`).
 
+    A tied model's state saved with a copy of the table per stack (before
+    the table was one array) is converted, parameters and every optimizer
+    tree shaped like them, to the decoder's copy, with a warning
+    (`embeddings`).
+
     Returns:
       The restored TrainState.
 
     Raises:
       CorruptCheckpointError: a file of the step differs from its checksum.
+      CheckpointError: a two-copy state whose optimizer state does not fit
+        the converted target (the message says to start from its
+        parameters).
     """
-    integrity.verify_on_main(self.directory / str(step))
-    absent = self._absent_fields(step, defaults or {})
+    step_dir = self.directory / str(step)
+    integrity.verify_on_main(step_dir)
+    saved = ocp.StandardCheckpointHandler().metadata(step_dir / STATE)
+    absent = {k: v for k, v in (defaults or {}).items() if k not in saved}
     item = target
     if absent:
       item = {name: getattr(target, name) for name in
               (f.name for f in dataclasses.fields(target))
               if name not in absent}
+    # A tied model's state saved with a table per stack (before the table
+    # was one array): read as saved, then made the model's (`embeddings`).
+    params = getattr(target, PARAMS, None)
+    tables = embeddings.Relocation()
+    if params is not None and PARAMS in saved:
+      tables = embeddings.plan(embeddings.paths(saved[PARAMS]),
+                               embeddings.paths(params))
+    model_item = item
+    if tables:
+      item = embeddings.state_to_checkpoint(item, params, tables)
     args = {STATE: ocp.args.StandardRestore(item)}
     if iterator is not None:
       args[INPUT] = InputRestore(iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    with self._naming_conversion_failures(step_dir, tables):
+      restored = self._manager.restore(step,
+                                       args=ocp.args.Composite(**args))
+    state = restored[STATE]
+    if tables:
+      read = state[PARAMS] if absent else state.params
+      embeddings.report(str(step_dir), tables,
+                        *embeddings.to_model(read, tables))
+      state = embeddings.state_to_model(model_item, state, params, tables)
     if absent:
       logging.warning('%s predates %s; they start from their defaults',
-                      self.directory / str(step), sorted(absent))
-      return target.replace(**restored[STATE], **absent)
-    return restored[STATE]
+                      step_dir, sorted(absent))
+      return target.replace(**state, **absent)
+    return state
 
-  def _absent_fields(self, step: int, defaults: Mapping[str, Any]) -> dict:
-    """The `defaults` whose fields the saved state of `step` lacks."""
-    if not defaults:
-      return {}
-    saved = ocp.StandardCheckpointHandler().metadata(
-        self.directory / str(step) / STATE)
-    return {k: v for k, v in defaults.items() if k not in saved}
+  @contextlib.contextmanager
+  def _naming_conversion_failures(self, step_dir: epath.Path,
+                                  tables: embeddings.Relocation):
+    """A state whose tables were to be converted but did not restore (an
+    optimizer state that is not the parameters' shape around the table)
+    is an error that says how to go on: from its parameters alone."""
+    try:
+      yield
+    except (ValueError, KeyError, TypeError) as e:
+      if not tables or isinstance(e, errors.CheckpointError):
+        raise
+      raise errors.CheckpointError(
+          f'{step_dir}: saved with a copy of the tied embedding table per '
+          'stack (before the table was one array), and its training state '
+          f'could not be converted ({e}). Start a run in a new MODEL_DIR '
+          'from its parameters instead, which are converted (the optimizer '
+          "state starts afresh): --gin.INIT_CHECKPOINT=\"'"
+          f"{step_dir}'\"") from e
 
   def restore_latest(self, target: Any,
                      iterator: Optional[InputIterator] = None,

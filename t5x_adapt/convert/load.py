@@ -16,6 +16,13 @@ holds one tensor in flight. (Each host reads the whole of each tensor it
 holds a shard of: safetensors and GGUF tensors need a layout change before
 they can be cut.)
 
+Embedding tables are read where the checkpoint keeps them and moved to
+where the model does (`checkpoints.embeddings`): a tied model reads the
+decoder's table of a checkpoint with one per stack (an Orbax checkpoint
+written before the tied table was one array, converted with a warning; a
+transformers T5Gemma), and an encoder classifier reads a tied checkpoint's
+one table into its stack's own.
+
 A transformers or GGUF checkpoint must have the model's architecture: each
 StackConfig field that says what a stack computes (all but its run fields,
 `StackConfig.architecture`) is compared (`check_architecture`) and every
@@ -38,6 +45,7 @@ import jax
 
 from t5x_adapt import checkpoints
 from t5x_adapt import layout
+from t5x_adapt.checkpoints import embeddings
 from t5x_adapt.checkpoints.params import flat_shapes, mismatch_error
 from t5x_adapt.checkpoints.params import only_subtrees
 from t5x_adapt.config import StackConfig, config_from_dict
@@ -133,9 +141,14 @@ def _lazy_model_params(path, model, subtrees):
   leaf is read straight into the model's parameter dtype."""
   loaded, tree = lazy_params(path, scan_layers=False, text_only=True)
   _check_stacks(loaded.config, model.config, subtrees, str(path))
+  expected = only_subtrees(model.param_shapes(), subtrees)
+  # A table per stack into a tied model (T5Gemma), or a tied table into a
+  # stack's own (an encoder classifier of T5Gemma 2): moved, not read.
+  tables = embeddings.plan(flat_shapes(tree), flat_shapes(expected))
+  tree, _ = embeddings.to_model(tree, tables)
+  embeddings.report(str(path), tables)
   tree = layout.to_model_layout(only_subtrees(tree, subtrees), model.config,
                                 stack=lazy.stacked)
-  expected = only_subtrees(model.param_shapes(), subtrees)
   error = mismatch_error(path, flat_shapes(tree), flat_shapes(expected))
   if error is not None:
     raise error

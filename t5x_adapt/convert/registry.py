@@ -68,7 +68,11 @@ class Source:
     lm_head: Name of the tensor of an untied LM head
       (`StackConfig.tie_lm_head=False`); None: the source has none.
     tables_from: The stack whose embedding tensors every stack reads (T5Gemma
-      2 stores one table, with the encoder); None: each stack its own.
+      2 stores one table, with the encoder); None: each stack its own. A
+      model with tied tables (`EncoderDecoderConfig.tie_embeddings`) has
+      one, at `config.embedder_path(stack)` for every stack: one rule reads
+      it (from `tables_from`, else from the decoder, whose table is the LM
+      head) and writes it under every name the source stores it as.
     tied: Names of tensors that copy one read under another name (a tied LM
       head, T5Gemma 2's decoder table): skipped when present, not written.
     vision_tower: Name prefixes of a vision tower, which t5x_adapt does not
@@ -129,17 +133,23 @@ class Source:
 
   def rules(self, config: Config) -> list[Rule]:
     """Every tensor of a model of `config`: its name here and our path in
-    the unrolled layout."""
+    the unrolled layout, one rule per path.
+
+    A stack's table goes where the config keeps it (`embedder_path`): a
+    model with tied tables has one, which every stack's rules target; they
+    become one rule (`_one_rule_per_target`).
+    """
     stacks = config.stacks()
-    rules = []
+    by_stack = {}
     for name, prefix in self.prefixes.items():
       cross = name == 'decoder' and self.encoder_attention == 'cross'
-      rules += stack_rules(self.names, prefix, name, stacks[name], cross)
+      by_stack[name] = stack_rules(self.names, prefix, name, stacks[name],
+                                   cross, config.embedder_path(name))
       if not stacks[name].tie_lm_head:
-        rules.append(self._lm_head_rule(name))
+        by_stack[name].append(self._lm_head_rule(name))
     if self.tables_from is not None:
-      rules = _tables_read_from(rules, self.tables_from)
-    return rules
+      by_stack = _tables_read_from(by_stack, self.tables_from, config)
+    return _one_rule_per_target(by_stack, self.tables_from or _HEAD_STACK)
 
   def _lm_head_rule(self, stack: str) -> Rule:
     if self.lm_head is None:
@@ -164,12 +174,48 @@ class Source:
           'to read the text model without it')
 
 
-def _tables_read_from(rules: list[Rule], stack: str) -> list[Rule]:
-  """Every stack's `token_embedder` reads the tensors of `stack`'s."""
-  names = {r.target[1:]: r.source for r in rules
-           if r.target[:2] == (stack, 'token_embedder')}
-  return [dataclasses.replace(r, source=names[r.target[1:]])
-          if r.target[1] == 'token_embedder' else r for r in rules]
+# The stack whose table a model with tied tables reads from a format that
+# stores one per stack: the decoder's, which is also the LM head.
+_HEAD_STACK = 'decoder'
+
+
+def _table_rules(rules: list[Rule], path: tuple[str, ...]) -> dict:
+  """{table leaf ('embedding', 'eoi_embedding'): rule} of the rules of one
+  stack whose target is under its table's `path`."""
+  return {r.target[-1]: r for r in rules if r.target[:len(path)] == path}
+
+
+def _tables_read_from(by_stack: Mapping[str, list[Rule]], stack: str,
+                      config: Config) -> dict[str, list[Rule]]:
+  """{stack: rules}, every stack's table read from the tensors of `stack`'s
+  (the only ones the format stores)."""
+  names = {leaf: r.source for leaf, r in _table_rules(
+      by_stack[stack], config.embedder_path(stack)).items()}
+  out = {}
+  for name, rules in by_stack.items():
+    table = _table_rules(rules, config.embedder_path(name))
+    out[name] = [dataclasses.replace(r, source=names[r.target[-1]])
+                 if table.get(r.target[-1]) is r else r for r in rules]
+  return out
+
+
+def _one_rule_per_target(by_stack: Mapping[str, list[Rule]],
+                         reader: str) -> list[Rule]:
+  """The stacks' rules, those that target one path (a tied table) merged
+  into one in the place of the first: it reads the `reader` stack's
+  tensor, and the other stacks' names, where the format stores a copy per
+  stack, are its aliases (written on export, unread on import)."""
+  merged: dict[tuple[str, ...], Rule] = {}
+  for stack, rules in by_stack.items():
+    for rule in rules:
+      first = merged.setdefault(rule.target, rule)
+      if first is rule or rule.source == first.source:
+        continue
+      if stack == reader:
+        first, rule = rule, first
+      merged[rule.target] = dataclasses.replace(
+          first, aliases=first.aliases + (rule.source,) + rule.aliases)
+  return list(merged.values())
 
 
 # ------------------------------------------------------------------ lookup --

@@ -138,25 +138,38 @@ _PROJECTION_TRANSFORMS = {
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One tensor: its external name, our path and the layout transform."""
+  """One tensor: its external name, our path and the layout transform.
+
+  `aliases`: other names the checkpoint format gives the same tensor (one
+  table that two stacks read, where the format stores a copy per stack):
+  written with it on export, left unread on import.
+  """
 
   source: str
   target: tuple[str, ...]
   transform: Transform
+  aliases: tuple[str, ...] = ()
 
 
 def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
-                cfg: StackConfig, cross_attention: bool) -> list[Rule]:
-  """Every tensor of one stack (unrolled layout)."""
+                cfg: StackConfig, cross_attention: bool,
+                embedder: Optional[tuple[str, ...]] = None) -> list[Rule]:
+  """Every tensor of one stack (unrolled layout).
+
+  `embedder`: our path of the stack's token embedding (`embedder_path` of
+  the model's config: the model's one table when the stacks share it);
+  None: the stack's own, `(target, 'token_embedder')`.
+  """
   s = scheme.suffix
+  embedder = embedder or (target, 'token_embedder')
   rules = [
-      Rule(source_prefix + scheme.embedding + s,
-           (target, 'token_embedder', 'embedding'), IDENTITY),
+      Rule(source_prefix + scheme.embedding + s, embedder + ('embedding',),
+           IDENTITY),
       Rule(source_prefix + scheme.final_norm + s,
            (target, 'final_norm', 'scale'), scheme.norm_transform),
   ]
   if cfg.eoi_token_id is not None:
-    rules.append(_eoi_rule(scheme, source_prefix, target))
+    rules.append(_eoi_rule(scheme, source_prefix, target, embedder))
   attentions = ['self_attention'] + (['cross_attention'] if cross_attention
                                      else [])
   projections = ['query', 'key', 'value', 'out']
@@ -189,13 +202,14 @@ def stack_rules(scheme: NameScheme, source_prefix: str, target: str,
   return rules
 
 
-def _eoi_rule(scheme: NameScheme, source_prefix: str, target: str) -> Rule:
+def _eoi_rule(scheme: NameScheme, source_prefix: str, target: str,
+              embedder: tuple[str, ...]) -> Rule:
   if scheme.eoi_embedding is None:
     raise errors.UnsupportedArchitectureError(
         f'stack {target!r} has an end-of-image token (eoi_token_id), '
         'which this checkpoint format has no tensor for')
   return Rule(source_prefix + scheme.eoi_embedding,
-              (target, 'token_embedder', 'eoi_embedding'), IDENTITY)
+              embedder + ('eoi_embedding',), IDENTITY)
 
 
 def _get(tree, path):
@@ -240,7 +254,8 @@ def lazy_tensors(rules: Iterable[Rule],
   wanted = {r.source for r in rules}
   if wanted - available:
     raise errors.missing(source, wanted - available)
-  extra = {n for n in available - wanted if not ignorable(n)}
+  copies = {alias for r in rules for alias in r.aliases}
+  extra = {n for n in available - wanted - copies if not ignorable(n)}
   if extra:
     raise errors.unexpected(source, extra)
 
@@ -266,7 +281,11 @@ def lazy_tensors(rules: Iterable[Rule],
 
 
 def export_tensors(rules: Iterable[Rule], params) -> dict[str, np.ndarray]:
-  """Our params (unrolled) -> {external name: array}."""
-  return {r.source: np.ascontiguousarray(
-      r.transform.save(np.asarray(_get(params, r.target), np.float32)))
-          for r in rules}
+  """Our params (unrolled) -> {external name: array}, each alias of a rule
+  (a copy the format stores) included."""
+  tensors = {}
+  for r in rules:
+    array = np.ascontiguousarray(
+        r.transform.save(np.asarray(_get(params, r.target), np.float32)))
+    tensors.update({name: array for name in (r.source, *r.aliases)})
+  return tensors

@@ -65,6 +65,13 @@ def _maybe_remat(module_cls, policy: str, scanned: bool):
                   prevent_cse=not scanned)
 
 
+def embedder_of(cfg: StackConfig, name: str = 'token_embedder') -> Embed:
+  """The token embedding (and tied LM head) of a stack configured so."""
+  return Embed(cfg.vocab_size, cfg.embed_dim, cfg.eoi_token_id,
+               cfg.scale_embeddings, cfg.activation_dtype, cfg.weight_dtype,
+               name=name)
+
+
 class Stack(nn.Module):
   """Encoder, decoder or decoder-only stack, by its flags.
 
@@ -75,12 +82,16 @@ class Stack(nn.Module):
       or 'merged' (`layers.blocks`).
     produce_logits: End with the tied LM head (decoders) or return the
       final-normed hidden states (encoder).
+    embedder: The token embedding of both stacks of an encoder-decoder with
+      tied tables (owned by the model, `EncoderDecoderConfig.tie_embeddings`);
+      None: the stack's own `token_embedder`.
   """
 
   config: StackConfig
   causal: bool = True
   encoder_attention: Optional[str] = None
   produce_logits: bool = True
+  embedder: Optional[Embed] = None
 
   @nn.compact
   def __call__(self,
@@ -124,9 +135,7 @@ class Stack(nn.Module):
       [batch, length, embed].
     """
     cfg = self.config
-    embedder = Embed(cfg.vocab_size, cfg.embed_dim, cfg.eoi_token_id,
-                     cfg.scale_embeddings, cfg.activation_dtype,
-                     cfg.weight_dtype, name='token_embedder')
+    embedder = self.embedder or embedder_of(cfg)
     x = embedder(tokens)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
