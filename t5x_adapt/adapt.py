@@ -46,7 +46,7 @@ cross-attention trains for the first K steps) is the optimizer's
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.traverse_util
 import gin
@@ -232,17 +232,25 @@ def adapt_params(model: EncoderDecoderModel, encoder_source: Params,
   return assemble(plan, sources, fresh, flat_shardings)
 
 
-def _source_shardings(plan: Mapping[Key, Origin], name: str,
+def _source_shardings(plan: Mapping[Key, Origin], served: Sequence[str],
+                      source_keys: Sequence[Key],
                       shardings: Optional[Params]) -> Optional[Params]:
-  """Shardings of a source's leaves: those of the first target each feeds."""
+  """Shardings of a source's leaves (`source_keys`): those of the first
+  target each feeds as any of the `served` sources (one read may serve
+  both stacks), replicated for a leaf that feeds none (an encoder source's
+  untied LM head, or its table where the model ties them)."""
   if shardings is None:
     return None
   flat = _flat(shardings)
-  out = {}
-  for key, origin in plan.items():
-    if origin is not None and origin[0] == name:
-      out.setdefault(origin[1], flat[key])
-  return flax.traverse_util.unflatten_dict(out)
+  fed = {}
+  for name in served:  # The first served source's targets first.
+    for key, origin in plan.items():
+      if origin is not None and origin[0] == name:
+        fed.setdefault(origin[1], flat[key])
+  mesh = next(iter(flat.values())).mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return flax.traverse_util.unflatten_dict(
+      {key: fed.get(key, replicated) for key in source_keys})
 
 
 def _same_tree(a: StackConfig, b: StackConfig) -> bool:
@@ -294,18 +302,20 @@ class Adaptation:
     paths = {'encoder': self.checkpoint,
              'decoder': self.decoder_checkpoint or self.checkpoint}
     mode = resolve_cross_attention_init(config, self.cross_attention_init)
-    plan = assembly_plan(
-        _flat(model.param_shapes()),
-        {name: _flat(DecoderOnlyModel(stack).param_shapes())
-         for name, stack in stacks.items()},
-        copy_cross_attention=mode == SELF_ATTENTION)
+    source_shapes = {name: _flat(DecoderOnlyModel(stack).param_shapes())
+                     for name, stack in stacks.items()}
+    plan = assembly_plan(_flat(model.param_shapes()), source_shapes,
+                         copy_cross_attention=mode == SELF_ATTENTION)
+    one_read = paths['decoder'] == paths['encoder'] and _same_tree(
+        stacks['encoder'], stacks['decoder'])
     sources = {}
     for name in ('encoder', 'decoder'):
-      if name == 'decoder' and paths['decoder'] == paths['encoder'] and (
-          _same_tree(stacks['encoder'], stacks['decoder'])):
+      if name == 'decoder' and one_read:
         sources['decoder'] = sources['encoder']
         continue
-      source_shardings = _source_shardings(plan, name, shardings)
+      served = ('encoder', 'decoder') if one_read else (name,)
+      source_shardings = _source_shardings(plan, served, source_shapes[name],
+                                           shardings)
       stack, params = (loaded or {}).get(paths[name], (None, None))
       if stack is not None and _same_tree(stack, stacks[name]):
         sources[name] = params if shardings is None else jax.device_put(
