@@ -37,6 +37,7 @@ import flax.traverse_util
 import jax
 import numpy as np
 
+import gguf_fixtures
 from t5x_adapt import adapt
 from t5x_adapt import checkpoints
 from t5x_adapt import gin_utils
@@ -135,30 +136,10 @@ def _gguf_style(stack):
 
 def write_gguf(path: pathlib.Path, stack, params) -> pathlib.Path:
   """Decoder-only float32 parameters as a Gemma 3 GGUF file."""
-  import gguf
-  writer = gguf.GGUFWriter(str(path), 'gemma3')
-  for key, value in {'block_count': stack.num_layers,
-                     'embedding_length': stack.embed_dim,
-                     'feed_forward_length': stack.mlp_dim,
-                     'attention.head_count': stack.num_heads,
-                     'attention.head_count_kv': stack.num_kv_heads,
-                     'attention.key_length': stack.head_dim,
-                     'attention.value_length': stack.head_dim,
-                     'attention.sliding_window': stack.sliding_window}.items():
-    writer.add_uint32(f'gemma3.{key}', value)
-  writer.add_float32('gemma3.rope.freq_base', stack.rope_global_base)
-  writer.add_float32('gemma3.attention.layer_norm_rms_epsilon',
-                     stack.rms_norm_eps)
   rules = stack_rules(gguf_lib.GEMMA3_GGUF_NAMES, '', 'decoder', stack, False)
   unrolled = DecoderOnlyModel(stack.replace(scan_layers=False))
-  for name, tensor in export_tensors(
-      rules, layout.to_unrolled(params, unrolled.config)).items():
-    writer.add_tensor(name, tensor)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+  return gguf_fixtures.write_gemma3_gguf(path, stack, export_tensors(
+      rules, layout.to_unrolled(params, unrolled.config)))
 
 
 def _random_source(stack, seed):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import gguf_fixtures
 import hf_fixtures as hf
 from t5x_adapt import convert
 from t5x_adapt.config import StackConfig
@@ -108,28 +109,9 @@ def _add_tensor(writer, name, tensor):
 
 def _write_gguf(path, stack):
   """A Gemma 3 GGUF file of random parameters, tensors of mixed types."""
-  import gguf  # pylint: disable=g-import-not-at-top
-  writer = gguf.GGUFWriter(str(path), 'gemma3')
-  for key, value in {'block_count': stack.num_layers,
-                     'embedding_length': stack.embed_dim,
-                     'feed_forward_length': stack.mlp_dim,
-                     'attention.head_count': stack.num_heads,
-                     'attention.head_count_kv': stack.num_kv_heads,
-                     'attention.key_length': stack.head_dim,
-                     'attention.value_length': stack.head_dim,
-                     'attention.sliding_window': stack.sliding_window}.items():
-    writer.add_uint32(f'gemma3.{key}', value)
-  writer.add_float32('gemma3.rope.freq_base', stack.rope_global_base)
-  writer.add_float32('gemma3.attention.layer_norm_rms_epsilon',
-                     stack.rms_norm_eps)
   rules = registry.find(registry.GGUF, 'gemma3', 'test').rules(stack)
-  for name, tensor in export_tensors(rules, _random_params(stack)).items():
-    _add_tensor(writer, name, tensor)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+  return gguf_fixtures.write_gemma3_gguf(
+      path, stack, export_tensors(rules, _random_params(stack)), _add_tensor)
 
 
 @pytest.fixture(scope='module')
