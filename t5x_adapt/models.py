@@ -255,15 +255,19 @@ class BaseModel(abc.ABC):
     `compute_logits` feeds to the LM head."""
     raise NotImplementedError(f'{type(self).__name__} has no LM head')
 
+  def lm_head_params(self, params: Params) -> Params:
+    """The subtree whose `embedding` is the LM head: the decoder's token
+    embedding (the model's one table when tied), or its own `lm_head`."""
+    path = (self.config.embedder_path('decoder')
+            if self.config.decoder_stack.tie_lm_head
+            else ('decoder', 'lm_head'))
+    return functools.reduce(lambda tree, key: tree[key], path, params)
+
   def lm_head(self, params: Params,
               hidden: jax.Array) -> lm_head_loss.Head:
-    """The LM head of this model's decoder on `hidden` [b, t, e]: the
-    embedding table, or the decoder's own `lm_head` table when untied."""
+    """The LM head of this model's decoder on `hidden` [b, t, e]."""
     config = self.config.decoder_stack
-    path = (self.config.embedder_path('decoder') if config.tie_lm_head
-            else ('decoder', 'lm_head'))
-    table = functools.reduce(lambda tree, key: tree[key], path, params)
-    return lm_head_loss.Head(hidden, table['embedding'],
+    return lm_head_loss.Head(hidden, self.lm_head_params(params)['embedding'],
                              config.final_logit_softcap,
                              config.activation_dtype)
 

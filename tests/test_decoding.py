@@ -321,11 +321,7 @@ def _force_eos(harness, out):
   row, step = next((r, k) for k in range(NUM_TOKENS // 2, NUM_TOKENS - 2)
                    for r in range(len(out)) if out[r, k] not in out[r, :k])
   params = jax.tree_util.tree_map(lambda x: x, harness.params)  # new dicts
-  # The decoder's table is the head (tied tables: the model's one table).
-  table_owner = params
-  for key in harness.model.config.embedder_path('decoder'):
-    table_owner = table_owner[key]
-  embedder = params['decoder'].get('lm_head', table_owner)
+  embedder = harness.model.lm_head_params(params)
   embedding = embedder['embedding']
   embedder['embedding'] = embedding.at[EOS].set(
       1.01 * embedding[out[row, step]])
