@@ -18,7 +18,7 @@ A row emits 0 (padding) after its EOS. `DecodeOptions` picks one of them
 Cache layout (`t5x_adapt.layers`): a tree of per-layer arrays with the batch
 axis first, except under a scanned stack's `layers` node, whose leaves carry
 a leading period axis and the batch second. Each self-attention layer's
-`cache_index` is a scalar (or one per period) shared by all rows.
+`cache_index` counts the tokens of each row ([batch], or [periods, batch]).
 Cross-attention caches hold the encoder keys and values, identical across
 the beams of a row.
 """

@@ -120,6 +120,8 @@ class BaseModel(abc.ABC):
   # The feature that carries a request's input: the encoder's tokens, or a
   # decoder-only model's prompt (`predict_batch`, scoring, serving).
   INPUTS_FEATURE: str
+  # The feature whose length `predict_batch` decodes by default.
+  DEFAULT_LENGTH_FEATURE: str
   # A decoder-only model whose parameters the train step takes as a further
   # argument (`t5x_adapt.distillation`); None: no teacher.
   teacher: Optional['DecoderOnlyModel'] = None
@@ -298,19 +300,51 @@ class BaseModel(abc.ABC):
     weights = batch.get('decoder_loss_weights', targets > 0)
     return jnp.sum(token_log_probs(logits, targets) * weights, axis=-1)
 
+  # -- decoding: a prefill fills a cache, a step extends it by a token. --
+
   @abc.abstractmethod
-  def _prefill(self, params: Params, batch: Batch,
-               max_decode_length: Optional[int],
-               beams: int) -> decoding.Prefill:
-    """Runs the prompt (or encoder and start token) through the cache.
+  def decode_cache_length(self, input_length: int, new_tokens: int) -> int:
+    """Slots of a global self-attention cache for `new_tokens` tokens after
+    an input (prompt or encoder input) of `input_length` tokens."""
+
+  @abc.abstractmethod
+  def prefill(self, params: Params, batch: Batch, cache_length: int
+              ) -> tuple[jax.Array, Any, jax.Array]:
+    """Runs the prompt (or the encoder and the start token) into a cache.
 
     Args:
       params: Model parameters.
-      batch: Model features.
-      max_decode_length: Tokens to generate (None: a model default).
-      beams: Hypotheses per row; the step function runs on batch * beams
-        rows (beam r * beams + j of row r), the prefill on batch rows.
+      batch: Model features (`INPUTS_FEATURE` and its positions / segments).
+      cache_length: Slots of the global self-attention caches
+        (`decode_cache_length`).
+
+    Returns:
+      (first_logits [b, vocab]: of the first generated token, cache: for b
+      rows, next_positions [b]: the position at which the first generated
+      token is fed back).
     """
+
+  @abc.abstractmethod
+  def decode_step(self, params: Params, tokens: jax.Array,
+                  positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    """Feeds one token per row: tokens, positions [b, 1] -> (logits
+    [b, vocab], cache). Rows are independent: each keeps its own cache index
+    and position, and an encoder-decoder's row reads the encoder keys its
+    prefill cached."""
+
+  def _prefill(self, params: Params, batch: Batch,
+               max_decode_length: Optional[int]) -> decoding.Prefill:
+    """`prefill` for `max_decode_length` tokens (None: the length of the
+    batch's decoder feature), with `decode_step` as the step function (it
+    serves any number of beams: a beam is a row)."""
+    input_length = batch[self.INPUTS_FEATURE].shape[1]
+    max_decode_length = (max_decode_length or
+                         batch[self.DEFAULT_LENGTH_FEATURE].shape[1])
+    logits, cache, next_positions = self.prefill(
+        params, batch,
+        self.decode_cache_length(input_length, max_decode_length))
+    return decoding.Prefill(functools.partial(self.decode_step, params),
+                            logits, cache, next_positions, max_decode_length)
 
   def predict_batch(self, params: Params, batch: Batch,
                     max_decode_length: Optional[int] = None,
@@ -350,7 +384,7 @@ class BaseModel(abc.ABC):
     options = options or self.decode_options or decoding.DecodeOptions()
     model, params = self._decoding_model(params)
     prefill = model._prefill(  # pylint: disable=protected-access
-        params, batch, max_decode_length, options.beams)
+        params, batch, max_decode_length)
     tokens, scores = decoding.decode(prefill, options, self.eos_id, rng)
     if options.method == 'beam' and not return_all_decodes:
       tokens, scores = tokens[:, 0], scores[:, 0]
@@ -376,6 +410,7 @@ class DecoderOnlyModel(BaseModel):
 
   FEATURE_CONVERTER_CLS = feature_converters.DecoderFeatureConverter
   INPUTS_FEATURE = 'decoder_input_tokens'
+  DEFAULT_LENGTH_FEATURE = 'decoder_input_tokens'
 
   def __init__(self, config: StackConfig = gin.REQUIRED, **kwargs):
     super().__init__(DecoderOnlyTransformer(config), **kwargs)
@@ -415,47 +450,38 @@ class DecoderOnlyModel(BaseModel):
     return flops.decoder_only_flops(self.config, input_length + new_tokens,
                                     logit_positions=new_tokens)
 
-  def _prefill(self, params, batch, max_decode_length, beams):
+  def decode_cache_length(self, input_length, new_tokens):
+    return input_length + new_tokens
+
+  def prefill(self, params, batch, cache_length):
     """Prefills the cache with each row's prompt.
 
     The prompt of a row is its non-pad `decoder_input_tokens` (restricted to
-    `decoder_causal_attention` when given). Prompts are left-aligned against
-    the cache so all rows decode in lock step, then the cache is extended
-    one token at a time. The step function does not depend on the batch, so
-    it serves any number of beams.
+    `decoder_causal_attention` when given), moved to the right end of the
+    batch's length so that only the last position needs logits (the LM head
+    over a whole prompt would cost as much as its blocks).
     """
-    del beams
     tokens = batch['decoder_input_tokens']
     prompt_mask = tokens > 0
     prefix = batch.get('decoder_causal_attention')
     if prefix is not None:
       prompt_mask &= prefix > 0
-    max_decode_length = max_decode_length or tokens.shape[1]
-    cache_length = tokens.shape[1] + max_decode_length
     prompt, prompt_valid, prompt_prefix = decoding.right_align(
         tokens, prompt_mask, prefix)
     if prompt_prefix is not None:
       prompt_prefix = prompt_prefix > 0
+    logits, mutated = self.module.apply(
+        {'params': params}, prompt, padding_aware_positions(prompt_valid),
+        prompt_valid, prompt_prefix, decode=True, cache_length=cache_length,
+        first_logit=prompt.shape[1] - 1, mutable=['cache'])
+    return (logits[:, -1], mutated['cache'],
+            jnp.sum(prompt_valid, axis=-1))
 
-    def run(tokens, positions, segment_ids, cache, prefix=None):
-      variables = {'params': params}
-      if cache is not None:
-        variables['cache'] = cache
-      # Prompts are right-aligned: only the last position's logits count
-      # (the LM head over a whole prompt would cost as much as its blocks).
-      logits, mutated = self.module.apply(
-          variables, tokens, positions, segment_ids, prefix, decode=True,
-          cache_length=cache_length, first_logit=tokens.shape[1] - 1,
-          mutable=['cache'])
-      return logits[:, -1], mutated['cache']
-
-    def step(tokens, positions, cache):
-      return run(tokens, positions, jnp.ones_like(tokens), cache)
-
-    logits, cache = run(prompt, padding_aware_positions(prompt_valid),
-                        prompt_valid, None, prompt_prefix)
-    lengths = jnp.sum(prompt_valid, axis=-1)
-    return decoding.Prefill(step, logits, cache, lengths, max_decode_length)
+  def decode_step(self, params, tokens, positions, cache):
+    logits, mutated = self.module.apply(
+        {'params': params, 'cache': cache}, tokens, positions,
+        jnp.ones_like(tokens), decode=True, mutable=['cache'])
+    return logits[:, -1], mutated['cache']
 
 
 @gin.configurable
@@ -464,6 +490,7 @@ class EncoderDecoderModel(BaseModel):
 
   FEATURE_CONVERTER_CLS = feature_converters.EncDecFeatureConverter
   INPUTS_FEATURE = 'encoder_input_tokens'
+  DEFAULT_LENGTH_FEATURE = 'decoder_target_tokens'
 
   def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED,
                decoder_start_id: int = BOS_ID, **kwargs):
@@ -513,37 +540,30 @@ class EncoderDecoderModel(BaseModel):
     return self.module.apply({'params': params}, *self._encoder_inputs(batch),
                              method=EncoderDecoderTransformer.encode)
 
-  def _prefill(self, params, batch, max_decode_length, beams):
-    """Encodes once and decodes the start token, caching cross-attention K/V.
+  def decode_cache_length(self, input_length, new_tokens):
+    del input_length  # The decoder caches its own tokens only.
+    return new_tokens
 
-    The start token runs on the batch; the step function sees each row's
-    encoder output (positions, segments) repeated per beam, matching the
-    cache that `decoding.beam_search` repeats.
-    """
+  def prefill(self, params, batch, cache_length):
+    """Encodes once and decodes the start token, caching the encoder's
+    keys and values for the decoder (cross or merged attention)."""
     encoder = self._encoder_inputs(batch)[1:]
     encoded = self.encode(params, batch)
-    if max_decode_length is None:
-      max_decode_length = batch['decoder_target_tokens'].shape[1]
-    batch_size = encoded.shape[0]
+    start = jnp.full((encoded.shape[0], 1), self.decoder_start_id, jnp.int32)
+    logits, mutated = self.module.apply(
+        {'params': params}, encoded, *encoder, start, jnp.zeros_like(start),
+        jnp.ones_like(start), decode=True, cache_length=cache_length,
+        mutable=['cache'], method=EncoderDecoderTransformer.decode)
+    return (logits[:, -1], mutated['cache'],
+            jnp.ones((encoded.shape[0],), jnp.int32))
 
-    def run(encoder_side, tokens, positions, cache):
-      variables = {'params': params}
-      if cache is not None:
-        variables['cache'] = cache
-      logits, mutated = self.module.apply(
-          variables, *encoder_side, tokens, positions, jnp.ones_like(tokens),
-          decode=True, cache_length=max_decode_length, mutable=['cache'],
-          method=EncoderDecoderTransformer.decode)
-      return logits[:, -1], mutated['cache']
-
-    repeated = tuple(jnp.repeat(x, beams, axis=0)
-                     for x in (encoded, *encoder))
-    start = jnp.full((batch_size, 1), self.decoder_start_id, jnp.int32)
-    logits, cache = run((encoded, *encoder), start, jnp.zeros_like(start),
-                        None)
-    lengths = jnp.ones((batch_size,), jnp.int32)
-    return decoding.Prefill(functools.partial(run, repeated), logits, cache,
-                            lengths, max_decode_length)
+  def decode_step(self, params, tokens, positions, cache):
+    # The encoder's keys are in the cache: no encoder output is needed.
+    logits, mutated = self.module.apply(
+        {'params': params, 'cache': cache}, None, None, None, tokens,
+        positions, jnp.ones_like(tokens), decode=True, mutable=['cache'],
+        method=EncoderDecoderTransformer.decode)
+    return logits[:, -1], mutated['cache']
 
 
 def model_for_config(config: StackConfig | EncoderDecoderConfig,

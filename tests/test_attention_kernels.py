@@ -371,7 +371,7 @@ def model_outputs(preset: str, impl: str) -> dict[str, np.ndarray]:
                                              max_decode_length=STEPS)}
     # The prefill of predict_batch, then its step fn, fed `forced`.
     prefill = model._prefill(  # pylint: disable=protected-access
-        params, prompts, STEPS, 1)
+        params, prompts, STEPS)
 
     def step(cache, inputs):
       token, k = inputs

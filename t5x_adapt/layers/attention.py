@@ -26,11 +26,13 @@ class Attention(nn.Module):
   projects from the encoder width.
 
   Decoding (`decode=True`) keeps, per layer, a cache of `cache_length` slots
-  used as a ring buffer: slot `n % cache_length` holds token `n`, together
-  with the token's position (-1 while empty). A sliding-window layer needs only
-  `window` slots. Cross-attention caches the encoder keys and values the first
-  time it is called (when the cache collection is created), and reads them
-  afterwards.
+  used as a ring buffer: row r's slot `n % cache_length` holds its token `n`,
+  together with the token's position (-1 while empty), and `cache_index`
+  [batch] counts each row's tokens, so rows may be at different steps (a
+  serving engine's slots). A sliding-window layer needs only `window` slots.
+  Cross-attention caches the encoder keys and values the first time it is
+  called (when the cache collection is created), and reads them afterwards:
+  later calls need no encoder output.
 
   Merged attention (`merged=True`, T5Gemma 2's decoder) is self-attention
   whose queries also see the encoder output: its keys and values come from
@@ -173,6 +175,8 @@ class Attention(nn.Module):
     if decode and self.is_cross_attention:
       key, value, key_segment_ids = self._cached_cross_kv(
           project_kv, inputs_kv, key_segment_ids)
+      # Cross-attention masks by segment alone: key positions play no part.
+      key_positions = jnp.zeros_like(key_segment_ids)
     else:
       key, value = project_kv(inputs_kv)
       if not self.is_cross_attention:
@@ -219,11 +223,14 @@ class Attention(nn.Module):
                     encoder_segment_ids, query_positions, query_segment_ids,
                     decode):
     """Merged attention's encoder keys: (key, value, mask, spec)."""
-    if encoded is None:
-      raise ValueError('merged attention needs the encoder output')
     if decode:
       key, value, encoder_segment_ids = self._cached_cross_kv(
           project_kv, encoded, encoder_segment_ids, prefix='encoder_')
+      # The encoder keys are unmasked but for padding: positions play no
+      # part.
+      encoder_positions = jnp.zeros_like(encoder_segment_ids)
+    elif encoded is None:
+      raise ValueError('merged attention needs the encoder output')
     else:
       key, value = project_kv(encoded)
     mask = MaskInputs(query_positions, encoder_positions, query_segment_ids,
@@ -235,6 +242,9 @@ class Attention(nn.Module):
     """Encoder keys/values, projected once per encoder output."""
     if self.has_variable('cache', prefix + 'key'):
       key, value = None, None
+    elif inputs_kv is None:
+      raise ValueError(f'{self.name}: the first decoding call needs the '
+                       'encoder output (it fills the encoder key cache)')
     else:
       key, value = project_kv(inputs_kv)
     cached_key = self.variable('cache', prefix + 'key', lambda: key)
@@ -247,8 +257,14 @@ class Attention(nn.Module):
                          key_prefix, cache_length):
     """Returns cache + new keys for attention, and writes the new keys."""
     batch, new_len, _, _ = key.shape
-    slots = cache_length if self.window is None else min(cache_length,
-                                                         self.window)
+    if self.has_variable('cache', 'cached_key'):
+      slots = self.get_variable('cache', 'cached_key').shape[1]
+    elif cache_length is None:
+      raise ValueError(f'{self.name}: the first decoding call needs '
+                       'cache_length')
+    else:
+      slots = cache_length if self.window is None else min(cache_length,
+                                                           self.window)
     kv_shape = (batch, slots, self.num_kv_heads, self.head_dim)
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, kv_shape,
                                key.dtype)
@@ -256,41 +272,40 @@ class Attention(nn.Module):
                                  kv_shape, value.dtype)
     cached_pos = self.variable('cache', 'cached_positions', jnp.full,
                                (batch, slots), -1, jnp.int32)
-    index = self.variable('cache', 'cache_index', jnp.zeros, (), jnp.int32)
+    index = self.variable('cache', 'cache_index', jnp.zeros, (batch,),
+                          jnp.int32)
+    rows = jnp.arange(batch)[:, None]
 
     new_pos = jnp.where(key_segment_ids > 0, key_positions, -1)
     if new_len == 1:
-      # One decoding step: write the token into its slot, then attend over
-      # the cache in place. The slot's previous token is out of the window
-      # (local layers) or the slot is empty (global layers), so nothing the
-      # query may see is lost, and no copy of the cache is made.
-      slot = index.value % slots
-      write_one = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-          cache, new, slot, axis=1)
-      cached_key.value = write_one(cached_key.value, key)
-      cached_value.value = write_one(cached_value.value, value)
-      cached_pos.value = write_one(cached_pos.value, new_pos)
-      index.value = index.value + 1
+      # One decoding step: write each row's token into its slot, then attend
+      # over the cache in place. The slot's previous token is out of the
+      # window (local layers) or the slot is empty (global layers), so
+      # nothing the query may see is lost, and no copy of the cache is made.
+      write = (index.value % slots)[:, None]
+    else:
+      # Only the newest `slots` tokens survive a write; writing fewer keeps
+      # the scatter free of duplicate slots.
+      kept = min(new_len, slots)
+      write = (index.value[:, None] + new_len - kept + jnp.arange(kept)) % slots
+      all_key = jnp.concatenate([cached_key.value, key], axis=1)
+      all_value = jnp.concatenate([cached_value.value, value], axis=1)
+      all_pos = jnp.concatenate([cached_pos.value, new_pos], axis=1)
+      all_prefix = None
+      if key_prefix is not None:
+        # Prefix flags only matter among the tokens of one (prefill) call.
+        all_prefix = jnp.concatenate(
+            [jnp.zeros((batch, slots), bool), key_prefix], axis=1)
+    kept = write.shape[1]
+    cached_key.value = cached_key.value.at[rows, write].set(key[:, -kept:])
+    cached_value.value = cached_value.value.at[rows, write].set(
+        value[:, -kept:])
+    cached_pos.value = cached_pos.value.at[rows, write].set(
+        new_pos[:, -kept:])
+    index.value = index.value + new_len
+    if new_len == 1:
       # A single query's prefix flag shows it nothing causality does not.
       return (cached_key.value, cached_value.value, cached_pos.value,
               (cached_pos.value >= 0).astype(jnp.int32), None)
-
-    all_key = jnp.concatenate([cached_key.value, key], axis=1)
-    all_value = jnp.concatenate([cached_value.value, value], axis=1)
-    all_pos = jnp.concatenate([cached_pos.value, new_pos], axis=1)
-    all_seg = (all_pos >= 0).astype(jnp.int32)
-    all_prefix = None
-    if key_prefix is not None:
-      # Prefix flags only matter among the tokens of one (prefill) call.
-      all_prefix = jnp.concatenate(
-          [jnp.zeros((batch, slots), bool), key_prefix], axis=1)
-
-    # Only the newest `slots` tokens survive a write; writing fewer keeps the
-    # scatter free of duplicate slots.
-    kept = min(new_len, slots)
-    write = (index.value + new_len - kept + jnp.arange(kept)) % slots
-    cached_key.value = cached_key.value.at[:, write].set(key[:, -kept:])
-    cached_value.value = cached_value.value.at[:, write].set(value[:, -kept:])
-    cached_pos.value = cached_pos.value.at[:, write].set(new_pos[:, -kept:])
-    index.value = index.value + new_len
-    return all_key, all_value, all_pos, all_seg, all_prefix
+    return (all_key, all_value, all_pos, (all_pos >= 0).astype(jnp.int32),
+            all_prefix)
