@@ -135,7 +135,7 @@ def _nucleus(sorted_logits: jax.Array, top_p: float) -> jax.Array:
 
   Args:
     sorted_logits: [b, n] logits in descending order.
-    top_p: Probability mass to keep.
+    top_p: Probability mass to keep: a float, or [b, 1] one per row.
 
   Returns:
     [b, n]: a token stays if the tokens before it hold less than `top_p`,
@@ -164,6 +164,29 @@ def sample_select(logits: jax.Array, rng: jax.Array, temperature: float = 1.0,
     candidates = _nucleus(candidates, top_p)
   choice = jax.random.categorical(rng, candidates)
   return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array,
+                top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """`sample_select` with settings and a key per row: [b, vocab] -> [b].
+
+  Row r draws with `keys[r]` alone, so its token does not depend on the
+  other rows (a serving engine's slots, each a request of its own). Its
+  warpers are `sample_select`'s, as arrays: temperature [b] (0: greedy),
+  top_k [b] (0: all), top_p [b] (1: all).
+  """
+  greedy = greedy_select(logits, None)
+  scale = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  # Every row sorted: top-k and top-p cut a prefix of the sorted logits.
+  candidates, indices = jax.lax.top_k(logits.astype(jnp.float32) / scale,
+                                      logits.shape[-1])
+  rank = jnp.arange(logits.shape[-1])
+  candidates = jnp.where((top_k[:, None] == 0) | (rank < top_k[:, None]),
+                         candidates, -jnp.inf)
+  candidates = _nucleus(candidates, top_p[:, None])
+  choice = jax.vmap(jax.random.categorical)(keys, candidates)
+  sampled = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+  return jnp.where(temperature > 0, sampled, greedy)
 
 
 # ---------------------------------------------------- one token per row --
@@ -237,8 +260,9 @@ def sample_loop(step: StepFn, first_logits: jax.Array, cache: Any,
 # ------------------------------------------------------------ beam search --
 
 
-def _cache_batch_axis(path, leaf) -> Optional[int]:
-  """The batch axis of a cache leaf, or None for a leaf shared by all rows."""
+def cache_batch_axis(path, leaf) -> Optional[int]:
+  """The batch axis of a cache leaf (`tree_map_with_path`'s path), or None
+  for a leaf shared by all rows."""
   keys = [getattr(entry, 'key', None) for entry in path]
   # `layers` is the layer scan of `t5x_adapt.layers.stack.Stack`: its caches
   # are [periods, batch, ...].
@@ -249,7 +273,7 @@ def _cache_batch_axis(path, leaf) -> Optional[int]:
 def _map_cache_rows(fn, cache: Any, skip_cross_attention: bool = False):
   """Applies `fn(leaf, axis)` to each cache leaf that has a batch axis."""
   def apply(path, leaf):
-    axis = _cache_batch_axis(path, leaf)
+    axis = cache_batch_axis(path, leaf)
     keys = [getattr(e, 'key', '') or '' for e in path]
     # Cross-attention's cache, and merged attention's encoder keys.
     cross = 'cross_attention' in keys or keys[-1].startswith('encoder_')
