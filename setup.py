@@ -13,7 +13,8 @@ import setuptools
 
 # Console script -> module:function (t5x_adapt/cli.py: each does what
 # `python -m` does for its module).
-_COMMANDS = ('train', 'eval', 'infer', 'adapt', 'convert', 'precompile')
+_COMMANDS = ('train', 'eval', 'infer', 'adapt', 'convert', 'precompile',
+             'serve')
 
 
 def _requirements(name):

@@ -10,9 +10,9 @@ printing on process 0, and the run's model with its vocabulary fitted to
 the task.
 
 For every command, the console scripts that pip installs (`t5x-adapt-train`,
-`-eval`, `-infer`, `-adapt`, `-convert`, `-precompile`; `COMMANDS`): each
-does what `python -m t5x_adapt.<module>` does. A console script imports this
-module before the command may restart itself on huge pages
+`-eval`, `-infer`, `-adapt`, `-convert`, `-precompile`, `-serve`;
+`COMMANDS`): each does what `python -m t5x_adapt.<module>` does. A console
+script imports this module before the command may restart itself on huge pages
 (`t5x_adapt.host_memory`), so it imports nothing heavy (JAX, TensorFlow) at
 module level: the functions that need them import them.
 """
@@ -166,6 +166,7 @@ COMMANDS = {
     't5x-adapt-adapt': ('t5x_adapt.adapt', False),
     't5x-adapt-convert': ('t5x_adapt.convert.__main__', False),
     't5x-adapt-precompile': ('t5x_adapt.precompile', False),
+    't5x-adapt-serve': ('t5x_adapt.serve', True),
 }
 
 
@@ -202,3 +203,4 @@ infer_command = _command('t5x-adapt-infer')
 adapt_command = _command('t5x-adapt-adapt')
 convert_command = _command('t5x-adapt-convert')
 precompile_command = _command('t5x-adapt-precompile')
+serve_command = _command('t5x-adapt-serve')

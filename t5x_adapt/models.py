@@ -300,6 +300,21 @@ class BaseModel(abc.ABC):
     weights = batch.get('decoder_loss_weights', targets > 0)
     return jnp.sum(token_log_probs(logits, targets) * weights, axis=-1)
 
+  def input_states(self, params: Params, batch: Batch) -> jax.Array:
+    """Final-normed states [b, length, embed] of the `INPUTS_FEATURE`
+    tokens: the encoder's, or a decoder-only model's last layer's."""
+    raise NotImplementedError
+
+  def embed(self, params: Params, batch: Batch) -> jax.Array:
+    """Text embeddings [b, embed]: `input_states` averaged over the
+    non-pad input tokens, L2-normalised (the server's /v1/embeddings)."""
+    states = self.input_states(params, batch).astype(jnp.float32)
+    valid = (batch[self.INPUTS_FEATURE] > 0)[..., None]
+    mean = (jnp.sum(states * valid, axis=1) /
+            jnp.maximum(jnp.sum(valid, axis=1), 1))
+    return mean / jnp.maximum(
+        jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
   # -- decoding: a prefill fills a cache, a step extends it by a token. --
 
   @abc.abstractmethod
@@ -436,6 +451,10 @@ class DecoderOnlyModel(BaseModel):
   def compute_hidden(self, params, batch, dropout_rng=None):
     return self._forward(params, batch, dropout_rng, return_hidden=True)
 
+  def input_states(self, params, batch):
+    # Causal states: a token's state sees the tokens before it.
+    return self.compute_hidden(params, batch)
+
   def _forward(self, params, batch, dropout_rng, **kwargs):
     return self.module.apply({'params': params}, *self._inputs(batch),
                              deterministic=dropout_rng is None,
@@ -534,6 +553,9 @@ class EncoderDecoderModel(BaseModel):
                              *self._decoder_inputs(batch),
                              deterministic=dropout_rng is None,
                              rngs=self._rngs(dropout_rng), **kwargs)
+
+  def input_states(self, params, batch):
+    return self.encode(params, batch)
 
   def encode(self, params, batch) -> jax.Array:
     """Final-normed encoder output [batch, enc_length, enc_embed]."""

@@ -215,6 +215,18 @@ def model_and_params(path: str | os.PathLike, scan_layers: bool = True,
   return model, checkpoints.restore_params(path, model)
 
 
+def model_of(path: str | os.PathLike, scan_layers: bool = True):
+  """The model a checkpoint describes, its parameters unread; None for an
+  Orbax checkpoint without a config in its metadata (a training step
+  directory: its model is the run's gin preset)."""
+  if checkpoint_kind(path) != ORBAX:
+    return lazy_params(path, scan_layers, text_only=True)[0]
+  metadata = checkpoints.read_info(path).get('metadata') or {}
+  if 'config' not in metadata:
+    return None
+  return model_for_config(config_from_dict(metadata['config']))
+
+
 def initial_params(path: str | os.PathLike, model,
                    shardings: Optional[Any] = None):
   """The parameters `model` starts training from, read from `path` (any

@@ -74,6 +74,38 @@ PROMPT_TEXT_PART = 1
 RESPONSE_PART = 0
 
 
+# Chat roles -> the template's turn names (Gemma has no system turn).
+TURN_NAMES = {'user': 'user', 'assistant': 'model', 'model': 'model'}
+SYSTEM_ROLES = ('system', 'developer')
+
+
+def chat_parts(messages: Sequence[tuple[str, str]]) -> list[str]:
+  """A conversation of (role, text) messages as template parts, ending
+  with the opening of the model's turn (what the model continues).
+
+  System (or developer) text opens the first user turn, as Gemma's own chat
+  template does.
+
+  Raises:
+    ValueError: an unknown role, or a conversation that does not end with
+      a user turn.
+  """
+  system = [text for role, text in messages if role in SYSTEM_ROLES]
+  turns = [(role, text) for role, text in messages if role not in SYSTEM_ROLES]
+  for role, _ in turns:
+    if role not in TURN_NAMES:
+      raise ValueError(f'unknown role {role!r} (roles: user, assistant, '
+                       f'system)')
+  if not turns or TURN_NAMES[turns[-1][0]] != 'user':
+    raise ValueError('the last message must be a user message')
+  parts = []
+  for i, (role, text) in enumerate(turns):
+    if i == 0 and system and role == 'user':
+      text = '\n\n'.join(system + [text])
+    parts += [START_OF_TURN, f'{TURN_NAMES[role]}\n{text}', END_OF_TURN, '\n']
+  return parts + [START_OF_TURN, 'model\n']
+
+
 def template_text(prompt: str, response: str) -> str:
   """The whole exchange as text, the template's closing newline included."""
   return (f'{START_OF_TURN}user\n{prompt}{END_OF_TURN}\n'

@@ -150,3 +150,37 @@ def corpus_vocabulary() -> seqio.SentencePieceVocabulary:
     sources.prepare()
     train_corpus_model(sources.corpus_text('train'), path)
   return seqio.SentencePieceVocabulary(str(path))
+
+
+def checkpoint_vocabulary(checkpoint_path: str,
+                          vocabulary: str | None = None
+                          ) -> seqio.SentencePieceVocabulary:
+  """The vocabulary a checkpoint's text is tokenized with.
+
+  Args:
+    checkpoint_path: Any checkpoint the one loader reads.
+    vocabulary: A SentencePiece model file; when given, it wins.
+
+  Returns:
+    `vocabulary`'s, else the checkpoint's own: a transformers directory's
+    `tokenizer.model`, a GGUF file's tokenizer (rebuilt as a SentencePiece
+    model, `convert.gguf_tokenizer`). Our Orbax checkpoints carry none yet.
+
+  Raises:
+    ValueError: naming the checkpoint, when it has no SentencePiece
+      tokenizer and no `vocabulary` is given.
+  """
+  if vocabulary:
+    return seqio.SentencePieceVocabulary(str(vocabulary))
+  path = pathlib.Path(checkpoint_path)
+  if path.suffix == '.gguf':
+    from t5x_adapt.convert import gguf_tokenizer  # pylint: disable=g-import-not-at-top
+    out = pathlib.Path(tempfile.mkdtemp()) / f'{path.stem}.model'
+    return seqio.SentencePieceVocabulary(
+        str(gguf_tokenizer.gguf_tokenizer(path, out)))
+  if (path / 'tokenizer.model').exists():
+    return seqio.SentencePieceVocabulary(str(path / 'tokenizer.model'))
+  raise ValueError(
+      f'{checkpoint_path}: no SentencePiece tokenizer in the checkpoint '
+      '(tokenizer.model of a transformers directory, or a GGUF file); give '
+      'a vocabulary (VOCABULARY: a SentencePiece model file)')

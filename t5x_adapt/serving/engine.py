@@ -170,11 +170,24 @@ class Stats:
   busy_slots: int = 0
   num_slots: int = 0
   requests_finished: int = 0
+  requests_cancelled: int = 0  # Stopped before they finished.
   tokens_generated: int = 0
   decode_steps: int = 0
   # Seconds from arrival to the first token, of the latest requests.
   time_to_first_token: collections.deque[float] = dataclasses.field(
       default_factory=lambda: collections.deque(maxlen=10_000))
+  # (time, tokens_generated) after each decode step, the latest ones.
+  progress: collections.deque[tuple[float, int]] = dataclasses.field(
+      default_factory=lambda: collections.deque(maxlen=100_000))
+
+  def tokens_per_second(self, window_s: float = 10.0) -> float:
+    """Generated tokens a second over the last `window_s` seconds."""
+    now = time.monotonic()
+    recent = [(t, n) for t, n in list(self.progress) if now - t <= window_s]
+    if len(recent) < 2:
+      return 0.0
+    (t0, n0), (t1, n1) = recent[0], recent[-1]
+    return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
 def default_buckets(max_prompt_length: int, smallest: int = 16) -> list[int]:
@@ -401,6 +414,13 @@ class Engine:
       self.step()
     return [finals[i] for i in ids]
 
+  def warmup(self) -> None:
+    """Compiles every prefill bucket and the decode step (a two-token
+    request per bucket), then clears the counters."""
+    self.generate([[3] * length for length in self.buckets],
+                  SamplingParams(max_tokens=2, ignore_eos=True))
+    self.stats = Stats(num_slots=self.num_slots)
+
   def _drop_cancelled(self):
     with self._lock:
       cancelled, self._cancelled = self._cancelled, set()
@@ -412,10 +432,12 @@ class Engine:
       self.stats.waiting = len(self._waiting)
     for request in dropped:
       self.stats.requests_finished += 1
+      self.stats.requests_cancelled += 1
       request.on_output(Output(request.request_id, [], [], '', '',
                                FINISH_ABORT, len(request.prompt_ids)))
     for slot, running in enumerate(self._slots):
       if running is not None and running.request.request_id in cancelled:
+        self.stats.requests_cancelled += 1
         self._finish(slot, FINISH_ABORT)
 
   def _next_waiting(self) -> Optional[Request]:
@@ -464,6 +486,8 @@ class Engine:
         self._counts, self._temperature, self._top_k, self._top_p)
     tokens = np.asarray(tokens)
     self.stats.decode_steps += 1
+    self.stats.progress.append((time.monotonic(),
+                                self.stats.tokens_generated))
     for slot, running in enumerate(self._slots):
       if running is not None:
         self._positions[slot] += 1
