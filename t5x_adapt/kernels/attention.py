@@ -61,30 +61,35 @@ def resolve(impl: str, platform: Optional[str] = None, *,
 
 def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     mask: MaskInputs, spec: MaskSpec, *, scale: float,
-                    logit_softcap: Optional[float] = None) -> jax.Array:
+                    logit_softcap: Optional[float] = None,
+                    kv_heads_first: bool = False) -> jax.Array:
   """The reference: the whole score tensor, softmax in float32.
 
   Args:
     query: [b, t, n, h].
-    key: [b, s, k, h].
-    value: [b, s, k, h].
+    key: [b, s, k, h], or [b, k, s, h] with `kv_heads_first`.
+    value: As `key`.
     mask: Positions, segment ids, prefix flags.
     spec: Causality and window.
     scale: Multiplies the raw scores.
     logit_softcap: Softcap of the scaled scores, before masking.
+    kv_heads_first: Keys and values come heads first, the layout the score
+      matmuls read (decoding caches are kept so: a cache transposed at
+      every step would be copied whole at every step).
 
   Returns:
     [b, t, n, h] in the query's dtype.
   """
   return _dense(query, key, value, dense_mask(mask, spec), scale=scale,
-                logit_softcap=logit_softcap)
+                logit_softcap=logit_softcap, kv_heads_first=kv_heads_first)
 
 
 def merged_attention(query: jax.Array,
                      parts: Sequence[tuple[jax.Array, jax.Array, MaskInputs,
                                            MaskSpec]],
                      *, scale: float,
-                     logit_softcap: Optional[float] = None) -> jax.Array:
+                     logit_softcap: Optional[float] = None,
+                     kv_heads_first: bool = False) -> jax.Array:
   """One softmax over several key sets, each with its own mask.
 
   T5Gemma 2's merged attention: a decoder query attends over its own
@@ -93,33 +98,38 @@ def merged_attention(query: jax.Array,
 
   Args:
     query: [b, t, n, h].
-    parts: (key [b, s_i, k, h], value [b, s_i, k, h], mask, spec) per key set.
+    parts: (key [b, s_i, k, h], value [b, s_i, k, h], mask, spec) per key
+      set ([b, k, s_i, h] with `kv_heads_first`).
     scale: Multiplies the raw scores.
     logit_softcap: Softcap of the scaled scores, before masking.
+    kv_heads_first: See `dense_attention`.
 
   Returns:
     [b, t, n, h] in the query's dtype.
   """
-  key = jnp.concatenate([part[0] for part in parts], axis=1)
-  value = jnp.concatenate([part[1] for part in parts], axis=1)
+  axis = 2 if kv_heads_first else 1
+  key = jnp.concatenate([part[0] for part in parts], axis=axis)
+  value = jnp.concatenate([part[1] for part in parts], axis=axis)
   mask = jnp.concatenate([dense_mask(part[2], part[3]) for part in parts],
                          axis=-1)
   return _dense(query, key, value, mask, scale=scale,
-                logit_softcap=logit_softcap)
+                logit_softcap=logit_softcap, kv_heads_first=kv_heads_first)
 
 
-def _dense(query, key, value, mask, *, scale, logit_softcap):
+def _dense(query, key, value, mask, *, scale, logit_softcap,
+           kv_heads_first=False):
   """`dense_attention` under a boolean mask [b, 1, t, s]."""
   batch, q_len, num_heads, head_dim = query.shape
-  num_kv_heads = key.shape[2]
+  num_kv_heads = key.shape[1 if kv_heads_first else 2]
   groups = num_heads // num_kv_heads
   # Heads move in front of the sequence once, on the small q/k/v tensors,
   # so that neither score einsum needs a transpose of the large
   # [b, k, g, t, s] score tensor (or of its gradient).
   query = query.reshape(batch, q_len, num_kv_heads, groups,
                         head_dim).transpose(0, 2, 3, 1, 4)
-  key = key.transpose(0, 2, 1, 3)  # [b, k, s, h]
-  value = value.transpose(0, 2, 1, 3)  # [b, k, s, h]
+  if not kv_heads_first:
+    key = key.transpose(0, 2, 1, 3)  # [b, k, s, h]
+    value = value.transpose(0, 2, 1, 3)  # [b, k, s, h]
   out = _attend(query, key, value, mask, scale, logit_softcap)
   out = out.transpose(0, 3, 1, 2, 4)  # [b, t, k, g, h]
   return out.reshape(batch, q_len, num_heads, head_dim)
@@ -187,7 +197,8 @@ _attend.defvjp(_attend_forward, _attend_backward)
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           mask: MaskInputs, spec: MaskSpec, *, scale: float,
                           logit_softcap: Optional[float] = None,
-                          impl: str = 'dense') -> jax.Array:
+                          impl: str = 'dense',
+                          kv_heads_first: bool = False) -> jax.Array:
   """Attention by the implementation `impl` names (see the package doc).
 
   Shapes as `dense_attention`. A mask or softcap an implementation cannot
@@ -197,7 +208,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                  logit_softcap=logit_softcap, dtype=query.dtype)
   if impl == 'dense':
     return dense_attention(query, key, value, mask, spec, scale=scale,
-                           logit_softcap=logit_softcap)
+                           logit_softcap=logit_softcap,
+                           kv_heads_first=kv_heads_first)
+  if kv_heads_first:  # The other kernels take [b, s, k, h].
+    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
   if impl == 'blocked':
     from t5x_adapt.kernels import blocked  # pylint: disable=g-import-not-at-top
     return blocked.blocked_attention(query, key, value, mask, spec,

@@ -17,6 +17,11 @@ from t5x_adapt.layers.rope import apply_rope
 __all__ = ['Attention', 'softcap']
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+  """[b, s, k, h] -> [b, k, s, h], the decoding caches' layout."""
+  return x.transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
   """Multi-head attention with MHA / GQA / MQA, Gemma style.
 
@@ -30,6 +35,8 @@ class Attention(nn.Module):
   together with the token's position (-1 while empty), and `cache_index`
   [batch] counts each row's tokens, so rows may be at different steps (a
   serving engine's slots). A sliding-window layer needs only `window` slots.
+  Keys and values are cached heads first ([batch, kv_heads, slots,
+  head_dim]): the layout the score matmuls read, so no step copies a cache.
   Cross-attention caches the encoder keys and values the first time it is
   called (when the cache collection is created), and reads them afterwards:
   later calls need no encoder output.
@@ -200,18 +207,21 @@ class Attention(nn.Module):
                       key_segment_ids,
                       None if self.is_cross_attention else query_prefix,
                       None if self.is_cross_attention else key_prefix)
+    # Decoding caches keep keys and values heads first ([b, k, s, h]).
     if self.merged:
       encoder_part = self._encoder_part(
           project_kv, encoded, encoder_positions, encoder_segment_ids,
           query_positions, own_query_segment_ids, decode)
       out = merged_attention(query, [(key, value, mask, spec), encoder_part],
                              scale=self.query_scale,
-                             logit_softcap=self.attn_logit_softcap)
+                             logit_softcap=self.attn_logit_softcap,
+                             kv_heads_first=decode)
     else:
       out = dot_product_attention(query, key, value, mask, spec,
                                   scale=self.query_scale,
                                   logit_softcap=self.attn_logit_softcap,
-                                  impl=self.attention_impl)
+                                  impl=self.attention_impl,
+                                  kv_heads_first=decode)
     out = nn.with_logical_constraint(
         out, ('batch', 'length', 'heads', 'head_dim'))
     # The output projection has no bias in any supported family.
@@ -239,14 +249,15 @@ class Attention(nn.Module):
 
   def _cached_cross_kv(self, project_kv, inputs_kv, key_segment_ids,
                        prefix: str = 'cached_'):
-    """Encoder keys/values, projected once per encoder output."""
+    """Encoder keys/values [b, k, s, h], projected once per encoder
+    output."""
     if self.has_variable('cache', prefix + 'key'):
       key, value = None, None
     elif inputs_kv is None:
       raise ValueError(f'{self.name}: the first decoding call needs the '
                        'encoder output (it fills the encoder key cache)')
     else:
-      key, value = project_kv(inputs_kv)
+      key, value = (_heads_first(x) for x in project_kv(inputs_kv))
     cached_key = self.variable('cache', prefix + 'key', lambda: key)
     cached_value = self.variable('cache', prefix + 'value', lambda: value)
     cached_segments = self.variable('cache', prefix + 'segment_ids',
@@ -255,17 +266,18 @@ class Attention(nn.Module):
 
   def _update_self_cache(self, key, value, key_positions, key_segment_ids,
                          key_prefix, cache_length):
-    """Returns cache + new keys for attention, and writes the new keys."""
+    """Returns cache + new keys for attention (heads first: [b, k, s, h]),
+    and writes the new keys."""
     batch, new_len, _, _ = key.shape
     if self.has_variable('cache', 'cached_key'):
-      slots = self.get_variable('cache', 'cached_key').shape[1]
+      slots = self.get_variable('cache', 'cached_key').shape[2]
     elif cache_length is None:
       raise ValueError(f'{self.name}: the first decoding call needs '
                        'cache_length')
     else:
       slots = cache_length if self.window is None else min(cache_length,
                                                            self.window)
-    kv_shape = (batch, slots, self.num_kv_heads, self.head_dim)
+    kv_shape = (batch, self.num_kv_heads, slots, self.head_dim)
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, kv_shape,
                                key.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros,
@@ -288,8 +300,10 @@ class Attention(nn.Module):
       # the scatter free of duplicate slots.
       kept = min(new_len, slots)
       write = (index.value[:, None] + new_len - kept + jnp.arange(kept)) % slots
-      all_key = jnp.concatenate([cached_key.value, key], axis=1)
-      all_value = jnp.concatenate([cached_value.value, value], axis=1)
+      all_key = jnp.concatenate([cached_key.value, _heads_first(key)],
+                                axis=2)
+      all_value = jnp.concatenate([cached_value.value, _heads_first(value)],
+                                  axis=2)
       all_pos = jnp.concatenate([cached_pos.value, new_pos], axis=1)
       all_prefix = None
       if key_prefix is not None:
@@ -297,8 +311,10 @@ class Attention(nn.Module):
         all_prefix = jnp.concatenate(
             [jnp.zeros((batch, slots), bool), key_prefix], axis=1)
     kept = write.shape[1]
-    cached_key.value = cached_key.value.at[rows, write].set(key[:, -kept:])
-    cached_value.value = cached_value.value.at[rows, write].set(
+    # [rows, :, write] selects [b, kept, k, h]: the new keys as they come.
+    cached_key.value = cached_key.value.at[rows, :, write].set(
+        key[:, -kept:])
+    cached_value.value = cached_value.value.at[rows, :, write].set(
         value[:, -kept:])
     cached_pos.value = cached_pos.value.at[rows, write].set(
         new_pos[:, -kept:])
