@@ -40,6 +40,7 @@ import bisect
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -54,6 +55,7 @@ from t5x_adapt.data.vocab import EOS_ID
 FINISH_STOP = 'stop'  # EOS or a stop string (OpenAI's reason).
 FINISH_LENGTH = 'length'  # max_tokens.
 FINISH_ABORT = 'abort'  # cancelled (a client that went away).
+FINISH_ERROR = 'error'  # the engine failed (logged).
 
 
 class RequestError(ValueError):
@@ -383,13 +385,20 @@ class Engine:
 
   def run_forever(self, stop: threading.Event) -> None:
     """Steps while there is work, sleeps while there is none, until
-    `stop` is set."""
+    `stop` is set. A step that fails ends the requests in the slots (reason
+    'error', logged) and the loop goes on with the others."""
     while not stop.is_set():
       with self._lock:
         if not self.has_work and not self._cancelled:
           self._lock.wait(timeout=0.1)
           continue
-      self.step()
+      try:
+        self.step()
+      except Exception:  # pylint: disable=broad-except
+        logging.exception('engine step failed; ending the running requests')
+        for slot, running in enumerate(self._slots):
+          if running is not None:
+            self._finish(slot, FINISH_ERROR, text='')
 
   def wake(self) -> None:
     with self._lock:

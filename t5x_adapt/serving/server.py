@@ -40,7 +40,8 @@ from starlette import exceptions as starlette_exceptions
 
 from t5x_adapt.data import sft
 from t5x_adapt.serving import protocol
-from t5x_adapt.serving.engine import Draining, Engine, QueueFull, RequestError
+from t5x_adapt.serving.engine import (FINISH_ERROR, Draining, Engine,
+                                      QueueFull, RequestError)
 
 # How often a waiting handler checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
@@ -281,6 +282,10 @@ class Server:
     finally:
       if output is None or not output.finished:
         self.engine.cancel(request_id)
+    if output.finish_reason == FINISH_ERROR:
+      return responses.JSONResponse(protocol.error(
+          'the engine failed on this request (see the server log)', None,
+          500), status_code=500)
     return protocol.completion(
         request_id, self.model_name, output.text, output.finish_reason,
         chat, protocol.usage(output.prompt_tokens, len(output.token_ids)))
@@ -312,7 +317,9 @@ class Server:
         output = await outputs.get()
         if first:
           self.time_to_first_token.observe(time.monotonic() - arrival)
-        if output.new_text or output.finished:
+        if output.new_token_ids or output.finished:
+          # A chunk per token (its text may be empty, or held back while it
+          # may become a stop string).
           yield sse(protocol.completion(
               request_id, self.model_name, output.new_text,
               output.finish_reason, chat, chunk=True))
