@@ -9,7 +9,8 @@ Every ```sh command is at least parsed: a `python -m t5x_adapt...` or
 `python benchmarks/...` command runs with `--help` appended (absl and
 argparse reject an unknown flag before printing help, with an error), its gin files must
 exist and parse with its bindings; a launch script must exist and pass
-`bash -n`; a make target must exist in the Makefile.
+`bash -n`; a make target must exist in the Makefile; a `curl` call of the
+server's API must send a valid request body to one of its endpoints.
 """
 
 import os
@@ -119,6 +120,9 @@ def test_shell_command_parses(argv, tmp_path):
     assert (ROOT / program).exists(), program
     subprocess.run(['bash', '-n', str(ROOT / program)], check=True)
     return
+  if program == 'curl':
+    _check_api_call(argv[1:])
+    return
   assert program.endswith('python'), f'unknown program {program!r}'
   args = argv[1:]
   files, bindings = _gin_args(args)
@@ -142,6 +146,20 @@ def test_shell_command_parses(argv, tmp_path):
                           text=True, timeout=300, check=False, env=_ENV)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'usage' in result.stdout.lower(), result.stdout[-3000:]
+
+
+def _check_api_call(args: list[str]) -> None:
+  """A curl call of the server's API: its body is a valid request of the
+  endpoint it names."""
+  from t5x_adapt.serving import protocol  # pylint: disable=g-import-not-at-top
+  requests = {'/v1/completions': protocol.CompletionRequest,
+              '/v1/chat/completions': protocol.ChatRequest,
+              '/v1/embeddings': protocol.EmbeddingRequest}
+  url = next(a for a in args if not a.startswith('-') and '/' in a)
+  path = '/' + url.split('/', 1)[1]
+  assert path in requests, f'no endpoint {path}'
+  body = args[args.index('-d') + 1]
+  requests[path].model_validate_json(body)
 
 
 _ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
