@@ -299,6 +299,42 @@ def run_static(runner, load: Workload, arrivals: Sequence[float],
   return run
 
 
+def step_against_predict(model, params, static: StaticPredict,
+                         repeats: int = 3) -> tuple[float, float]:
+  """(engine step, predict_batch per token) in seconds at `static.size`
+  rows: the engine's decode step with every slot busy (512-token prompts,
+  `engine.step` as the server calls it), and predict_batch's time per
+  decoded token ((t(256) - t(32)) / 224, the same prompts)."""
+  from t5x_adapt.serving.engine import Engine, SamplingParams
+  size = static.size
+  engine = Engine(model, params, num_slots=size,
+                  max_prompt_length=PROMPT_RANGE[1],
+                  max_new_tokens=NEW_TOKENS_RANGE[1],
+                  buckets=[PROMPT_RANGE[1]])
+  prompts = workload(size, common.S_S_VOCAB, seed=2).prompts
+  for prompt in prompts:
+    engine.submit(prompt, SamplingParams(max_tokens=NEW_TOKENS_RANGE[1],
+                                         ignore_eos=True))
+  engine.step()  # Admits every request, decodes one token.
+  engine.step()
+  steps = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(10):
+      engine.step()
+    steps.append((time.perf_counter() - start) / 10)
+  totals = {}
+  for n in (32, 256):
+    static._fn(n)  # pylint: disable=protected-access
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      static(prompts, [n] * size)
+      times.append(time.perf_counter() - start)
+    totals[n] = min(times)
+  return min(steps), (totals[256] - totals[32]) / (256 - 32)
+
+
 # ---------------------------------------------------------------- output --
 
 
@@ -387,6 +423,11 @@ def main(argv=None) -> None:
           StaticHF(models['S-S'], n), load, at_once, 'transformers'))
   best_server = best(saturation['server'])
   best_static = best(saturation['predict_batch'])
+  common.log(f'decode step vs predict_batch, {best_server.size} rows')
+  if best_server.size not in statics:
+    statics[best_server.size] = StaticPredict(model, params, best_server.size)
+  step_times = step_against_predict(model, params,
+                                    statics[best_server.size])
 
   # (ii) Latency at fractions of the server's saturation rate.
   request_rate = len(load) / best_server.wall
@@ -412,10 +453,12 @@ def main(argv=None) -> None:
                           [(load, at_once)])[0]
 
   plot({k: v for k, v in latency.items()}, pathlib.Path(args.plot))
-  report(args, load, latency_load, saturation, latency, pairs)
+  report(args, load, latency_load, saturation, latency, pairs, step_times,
+         best_server.size)
 
 
-def report(args, load, latency_load, saturation, latency, pairs):
+def report(args, load, latency_load, saturation, latency, pairs, step_times,
+           slots):
   import jax
   print(f'\n## Serving on {jax.devices()[0].device_kind}, '
         f'{common.num_cores()} cores\n')
@@ -436,6 +479,10 @@ def report(args, load, latency_load, saturation, latency, pairs):
   for system, runs in saturation.items():
     if system != 'server':
       print(f'\nserver / {system}: {server / best(runs).tokens_per_s:.2f}x')
+  step, per_token = step_times
+  print(f'\nDecode step with all {slots} slots busy: {1e3 * step:.1f} ms; '
+        f'predict_batch at batch {slots}: {1e3 * per_token:.1f} ms a token '
+        f'({step / per_token:.2f}x)')
   print(f'\n### (ii) Latency ({len(latency_load)} requests a rate)\n')
   print('| system | requests/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |')
   print('|---|---:|---:|---:|---:|---:|')
