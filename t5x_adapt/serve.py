@@ -125,7 +125,8 @@ def serve(checkpoint_path: str = gin.REQUIRED,
   engine = Engine(model, params, num_slots=num_slots,
                   max_prompt_length=max_prompt_length,
                   max_new_tokens=max_new_tokens, buckets=buckets,
-                  vocabulary=vocab, max_waiting=max_waiting)
+                  vocabulary=vocab, max_waiting=max_waiting,
+                  partitioner=sharded.partitioner)
   del params  # The engine holds the layout it decodes with.
   embedder = server_lib.Embedder(engine.model, engine.params, engine.buckets)
   cli.say(f'compiling {len(engine.buckets)} prefill buckets '

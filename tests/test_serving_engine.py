@@ -205,3 +205,56 @@ def test_cancel_frees_the_slot_and_spares_the_others(tiny):
     assert outputs[str(i)].finish_reason == FINISH_LENGTH
     assert (_until_eos(outputs[str(i)].token_ids, MAX_NEW) ==
             _until_eos(tiny.reference(prompts[i]), MAX_NEW))
+
+
+MESH_WORKER = r'''
+import json, sys
+sys.path.insert(0, 'tests')
+import jax
+import numpy as np
+from t5x_adapt import gin_utils, partitioning
+from t5x_adapt.serving.engine import Engine, SamplingParams
+from test_decoding import random_params
+
+out = {}
+for preset in ('t5gemma_tiny', 'gemma2_tiny'):
+  model = gin_utils.load_model(preset)
+  shapes = {'decoder_input_tokens': (1, 8), 'encoder_input_tokens': (1, 8)}
+  params = random_params(model, shapes, seed=1)
+  rng = np.random.RandomState(0)
+  prompts = [rng.randint(3, 500, rng.randint(1, 48)).tolist()
+             for _ in range(12)]
+  sampling = [SamplingParams(max_tokens=int(rng.randint(1, 24)))
+              for _ in prompts]
+  partitioner = partitioning.Partitioner(data=2, fsdp=2, tensor=2)
+  sharded = jax.device_put(params, partitioner.shardings(model.logical_axes()))
+  kwargs = dict(num_slots=4, max_prompt_length=48, max_new_tokens=24,
+                buckets=(16, 48))
+  meshed = Engine(model, sharded, partitioner=partitioner, **kwargs)
+  alone = Engine(model, jax.device_put(params, jax.devices()[0]), **kwargs)
+  out[preset] = [[o.token_ids for o in engine.generate(prompts, sampling)]
+                 for engine in (meshed, alone)]
+  leaf = jax.tree_util.tree_leaves(meshed.params)[0]
+  out[preset].append(len(leaf.sharding.device_set))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_one_device_against_eight():
+  import json
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', MESH_WORKER], cwd=root,
+                          env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  for preset, (meshed, alone, devices) in out.items():
+    assert devices == 8, preset
+    assert meshed == alone, preset
+    assert sum(len(tokens) for tokens in alone) > 24, preset

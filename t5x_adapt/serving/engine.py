@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -218,13 +219,16 @@ class Engine:
       stop strings and text outputs.
     max_waiting: Waiting requests held at most (`QueueFull` beyond).
     eos_id: End of sequence.
+    partitioner: The mesh and logical-axis rules `params` are sharded by;
+      the compiled functions are traced in its context, so the model's
+      activation constraints hold (the slots split over the batch axes).
   """
 
   def __init__(self, model, params, *, num_slots: int = 8,
                max_prompt_length: int = 512, max_new_tokens: int = 256,
                buckets: Optional[Sequence[int]] = None,
                vocabulary: Any = None, max_waiting: int = 1024,
-               eos_id: int = EOS_ID):
+               eos_id: int = EOS_ID, partitioner: Any = None):
     self.model, self.params = model._decoding_model(params)  # pylint: disable=protected-access
     self.num_slots = num_slots
     self.max_prompt_length = max_prompt_length
@@ -256,12 +260,25 @@ class Engine:
     self._top_k = np.zeros(num_slots, np.int32)
     self._top_p = np.ones(num_slots, np.float32)
 
-    self._prefill = jax.jit(self._prefill_fn)
-    self._insert = jax.jit(self._insert_fn, donate_argnums=0)
-    self._step = jax.jit(self._step_fn, donate_argnums=1)
-    self._cache = self._empty_table()
+    self.partitioner = partitioner
+    self._prefill = self._on_mesh(jax.jit(self._prefill_fn))
+    self._insert = self._on_mesh(jax.jit(self._insert_fn, donate_argnums=0))
+    self._step = self._on_mesh(jax.jit(self._step_fn, donate_argnums=1))
+    with self._context():
+      self._cache = self._empty_table()
 
   # ------------------------------------------------ compiled functions --
+
+  def _context(self):
+    return (self.partitioner.context() if self.partitioner is not None
+            else contextlib.nullcontext())
+
+  def _on_mesh(self, jitted):
+    """`jitted`, called (and so traced) in the partitioner's context."""
+    def call(*args):
+      with self._context():
+        return jitted(*args)
+    return call
 
   def _select(self, logits, keys, counts, temperature, top_k, top_p):
     """Each row's token: greedy, or drawn with fold_in(key, count)."""
