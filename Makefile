@@ -48,11 +48,11 @@ test-all: $(VENV)/.installed-test
 
 # What CI runs (.ci/run): the whole suite plus the install would pass CI's
 # 45-minute budget, so `make test` and then the slow tests behind the
-# README's figures that fit (about 6 minutes): sharded loading, the real
+# README's figures that fit (about 8 minutes): sharded loading, the real
 # Gemma 3 270M's parity with transformers, one device against eight (the
-# train step and the serving engine), the installed package. Not here: tests/test_adapt_270m.py, whose peak-RSS
-# bound (1.5x the arrays' bytes; 0.94x alone) read 2.02x once after the
-# tests before it in one process. A change that adds slow tests re-checks
+# train step and the serving engine), the installed package. Not here:
+# tests/test_adapt_270m.py, whose peak-RSS bound (1.5x the arrays' bytes;
+# 0.94x alone) read 2.02x once after the tests before it in one process. A change that adds slow tests re-checks
 # this split.
 CI_SLOW_TESTS := tests/test_sharded_loading.py tests/test_gemma3_270m.py \
 	tests/test_trainer.py tests/test_package.py tests/test_serving_engine.py

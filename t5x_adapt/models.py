@@ -317,12 +317,11 @@ class BaseModel(abc.ABC):
 
   # -- decoding: a prefill fills a cache, a step extends it by a token. --
 
-  @abc.abstractmethod
   def decode_cache_length(self, input_length: int, new_tokens: int) -> int:
     """Slots of a global self-attention cache for `new_tokens` tokens after
     an input (prompt or encoder input) of `input_length` tokens."""
+    raise NotImplementedError(f'{type(self).__name__} does not decode')
 
-  @abc.abstractmethod
   def prefill(self, params: Params, batch: Batch, cache_length: int
               ) -> tuple[jax.Array, Any, jax.Array]:
     """Runs the prompt (or the encoder and the start token) into a cache.
@@ -338,14 +337,15 @@ class BaseModel(abc.ABC):
       rows, next_positions [b]: the position at which the first generated
       token is fed back).
     """
+    raise NotImplementedError(f'{type(self).__name__} does not decode')
 
-  @abc.abstractmethod
   def decode_step(self, params: Params, tokens: jax.Array,
                   positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
     """Feeds one token per row: tokens, positions [b, 1] -> (logits
     [b, vocab], cache). Rows are independent: each keeps its own cache index
     and position, and an encoder-decoder's row reads the encoder keys its
     prefill cached."""
+    raise NotImplementedError(f'{type(self).__name__} does not decode')
 
   def _prefill(self, params: Params, batch: Batch,
                max_decode_length: Optional[int]) -> decoding.Prefill:
