@@ -31,8 +31,8 @@ decoder, against the B decoder-only model.
 A plot of p99 TTFT against offered rate goes to `--plot`.
 
   .venv/bin/python benchmarks/serve.py                  # the whole run
-  .venv/bin/python benchmarks/serve.py --requests 96 --slots 16,32 \\
-      --latency_requests 64                             # a shorter one
+  .venv/bin/python benchmarks/serve.py --requests 128 --slots 16,32 \\
+      --hf_slots 16 --latency_requests 32               # a shorter one
 """
 
 from __future__ import annotations
@@ -373,6 +373,8 @@ def parse_args(argv=None):
                       help='slot counts / static batch sizes')
   parser.add_argument('--latency_requests', type=int, default=200)
   parser.add_argument('--skip_hf', action='store_true')
+  parser.add_argument('--hf_slots', default=None,
+                      help='batch sizes of (c) (default: --slots)')
   parser.add_argument('--skip_pairs', action='store_true',
                       help='leave out (iii)')
   parser.add_argument('--port', type=int, default=8437)
@@ -417,7 +419,8 @@ def main(argv=None) -> None:
         run_static(statics[n], load, at_once, 'predict_batch'))
   if not args.skip_hf:
     saturation['transformers'] = []
-    for n in sizes:
+    for n in ([int(x) for x in args.hf_slots.split(',')] if args.hf_slots
+              else sizes):
       common.log(f'transformers generate, batches of {n}')
       saturation['transformers'].append(run_static(
           StaticHF(models['S-S'], n), load, at_once, 'transformers'))
@@ -467,14 +470,14 @@ def report(args, load, latency_load, saturation, latency, pairs, step_times,
         f'{load.tokens} in all), greedy, float32, S-S (101.8M). The load '
         'generator shares the 2 cores with the server.\n')
   print('### (i) Saturation: generated tokens/s\n')
-  print('| system | ' + ' | '.join(f'{r.size}' for r in
-                                      saturation['server']) + ' | best |')
-  print('|---|' + '---:|' * (len(saturation['server']) + 1))
+  sizes = sorted({r.size for runs in saturation.values() for r in runs})
+  print('| system | ' + ' | '.join(f'{n}' for n in sizes) + ' | best |')
+  print('|---|' + '---:|' * (len(sizes) + 1))
   for system, runs in saturation.items():
     top = best(runs)
-    print(f'| {system} | ' + ' | '.join(f'{r.tokens_per_s:.0f}'
-                                         for r in runs) +
-          f' | {top.tokens_per_s:.0f} ({top.size}) |')
+    by_size = {r.size: f'{r.tokens_per_s:.0f}' for r in runs}
+    print(f'| {system} | ' + ' | '.join(by_size.get(n, '-') for n in sizes)
+          + f' | {top.tokens_per_s:.0f} ({top.size}) |')
   server = best(saturation['server']).tokens_per_s
   for system, runs in saturation.items():
     if system != 'server':
