@@ -43,9 +43,9 @@ EOS = 1
 class Served:
   """The server process and what the test compares it with."""
 
-  def __init__(self, tmp_path):
+  def __init__(self, tmp_path, preset: str = 't5gemma_tiny'):
     self.vocabulary = vocab_lib.corpus_vocabulary()
-    gin_utils.load_model('t5gemma_tiny')
+    gin_utils.load_model(preset)
     self.model = gin_utils.model_from_config(
         vocab_size=self.vocabulary.vocab_size)
     self.params = random_params(
@@ -69,11 +69,11 @@ class Served:
          '--gin_file=gin/runs/serve.gin', *args],
         stdout=self.log, stderr=subprocess.STDOUT,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    inputs = self.model.INPUTS_FEATURE
     self._predict = jax.jit(lambda params, tokens: self.model.predict_batch(
-        params, {'encoder_input_tokens': tokens},
-        max_decode_length=REFERENCE_TOKENS))
+        params, {inputs: tokens}, max_decode_length=REFERENCE_TOKENS))
     self._embed = jax.jit(lambda params, tokens: self.model.embed(
-        params, {'encoder_input_tokens': tokens}))
+        params, {inputs: tokens}))
     self.wait_until_ready()
     self.client = openai.OpenAI(base_url=f'http://127.0.0.1:{self.port}/v1',
                                 api_key='unused', max_retries=50)
@@ -130,14 +130,18 @@ class Served:
     return self.vocabulary.decode(self.reference_tokens(ids, max_tokens))
 
 
+  def stop(self):
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.wait()
+    self.log.close()
+
+
 @pytest.fixture(scope='module')
 def served(tmp_path_factory):
   served = Served(tmp_path_factory.mktemp('serve'))
   yield served
-  if served.process.poll() is None:
-    served.process.kill()
-    served.process.wait()
-  served.log.close()
+  served.stop()
 
 
 def _prompts(count: int, seed: int = 0):
@@ -192,7 +196,9 @@ def test_openai_client_completions_chat_and_embeddings(served):
       vectors, np.asarray(served._embed(served.params, tokens)), atol=1e-5)  # pylint: disable=protected-access
 
 
-def test_concurrent_greedy_requests_match_predict_batch(served):
+def _check_concurrent_requests(served):
+  """64 greedy requests at once, in random order: each completion is
+  predict_batch's on its prompt alone."""
   requests = _prompts(64)
   order = np.random.RandomState(1).permutation(len(requests))
   with concurrent.futures.ThreadPoolExecutor(64) as pool:
@@ -200,6 +206,22 @@ def test_concurrent_greedy_requests_match_predict_batch(served):
   for i, (ids, max_tokens) in enumerate(requests):
     assert futures[i].result().choices[0].text == served.reference_text(
         ids, max_tokens), f'request {i}'
+
+
+def test_concurrent_greedy_requests_match_predict_batch(served):
+  _check_concurrent_requests(served)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('preset', ['t5gemma_tiny_unbalanced',
+                                    't5gemma2_tiny', 'gemma2_tiny',
+                                    'gemma3_tiny'])
+def test_concurrent_requests_for_every_model_kind(preset, tmp_path):
+  served = Served(tmp_path, preset)
+  try:
+    _check_concurrent_requests(served)
+  finally:
+    served.stop()
 
 
 def test_bad_input_gets_its_status_while_others_complete(served):
