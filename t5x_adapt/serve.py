@@ -128,7 +128,7 @@ def serve(checkpoint_path: str = gin.REQUIRED,
                   vocabulary=vocab, max_waiting=max_waiting,
                   partitioner=sharded.partitioner)
   del params  # The engine holds the layout it decodes with.
-  embedder = server_lib.Embedder(engine.model, engine.params, engine.buckets)
+  embedder = server_lib.Embedder(engine)
   cli.say(f'compiling {len(engine.buckets)} prefill buckets '
           f'{engine.buckets} and the decode step ({num_slots} slots)')
   start = time.monotonic()

@@ -339,6 +339,10 @@ class Engine:
 
   # ------------------------------------------------------- requests --
 
+  def bucket(self, length: int) -> int:
+    """The compiled input length a `length`-token input is padded to."""
+    return self.buckets[bisect.bisect_left(self.buckets, length)]
+
   def check_prompt(self, prompt_ids: Sequence[int]) -> None:
     """Raises `RequestError` for an input the engine cannot take."""
     if not prompt_ids:
@@ -487,9 +491,7 @@ class Engine:
     seed = (sampling.seed if sampling.seed is not None
             else np.random.randint(2**31))
     key = np.asarray(jax.random.PRNGKey(seed), np.uint32)
-    bucket = self.buckets[bisect.bisect_left(self.buckets,
-                                             len(request.prompt_ids))]
-    tokens = np.zeros((1, bucket), np.int32)
+    tokens = np.zeros((1, self.bucket(len(request.prompt_ids))), np.int32)
     tokens[0, :len(request.prompt_ids)] = request.prompt_ids
     settings = (np.float32([sampling.temperature]),
                 np.int32([sampling.top_k]), np.float32([sampling.top_p]))

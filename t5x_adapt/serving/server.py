@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import bisect
 import contextlib
 import json
 import threading
@@ -96,28 +95,28 @@ class _EngineCollector:
 
 
 class Embedder:
-  """`model.embed` on token-id inputs, compiled per length bucket."""
+  """`model.embed` of the engine's model on token-id inputs, compiled per
+  length bucket of the engine."""
 
-  def __init__(self, model, params, buckets: Sequence[int]):
-    self.params = params
-    self.buckets = list(buckets)
+  def __init__(self, engine: Engine):
+    self.engine = engine
+    model = engine.model
     self._embed = jax.jit(lambda params, tokens: model.embed(
         params, {model.INPUTS_FEATURE: tokens}))
     self.lock = threading.Lock()
 
   def warmup(self) -> None:
     """Compiles every bucket."""
-    for length in self.buckets:
+    for length in self.engine.buckets:
       self([[3] * length])
 
   def __call__(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
     longest = max(len(ids) for ids in inputs)
-    tokens = np.zeros((len(inputs), self.buckets[
-        bisect.bisect_left(self.buckets, longest)]), np.int32)
+    tokens = np.zeros((len(inputs), self.engine.bucket(longest)), np.int32)
     for row, ids in enumerate(inputs):
       tokens[row, :len(ids)] = ids
     with self.lock:
-      return np.asarray(self._embed(self.params, tokens))
+      return np.asarray(self._embed(self.engine.params, tokens))
 
 
 def _validation_message(error: RequestValidationError) -> tuple[str, str]:
