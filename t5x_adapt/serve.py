@@ -108,7 +108,7 @@ def serve(checkpoint_path: str = gin.REQUIRED,
       axes).
     max_prompt_length: Longest prompt (encoder input) in tokens.
     max_new_tokens: Most tokens a request may ask for.
-    buckets: Prompt lengths compiled for (default: powers of two).
+    buckets: Prompt lengths compiled for (default: `engine.default_buckets`).
     max_waiting: Requests queued at most (429 beyond).
     model_name: The model's name in the API (default: the checkpoint's
       file name).

@@ -194,11 +194,13 @@ class Stats:
 
 
 def default_buckets(max_prompt_length: int, smallest: int = 16) -> list[int]:
-  """Powers of two from `smallest`, ending with `max_prompt_length`."""
+  """Powers of two from `smallest` and the midpoints between them (16, 24,
+  32, 48, 64, 96, ...), ending with `max_prompt_length`: a prompt is padded
+  by less than a third of its length, with two compilations an octave."""
   buckets = []
   length = smallest
   while length < max_prompt_length:
-    buckets.append(length)
+    buckets += [n for n in (length, length * 3 // 2) if n < max_prompt_length]
     length *= 2
   return buckets + [max_prompt_length]
 
@@ -214,7 +216,7 @@ class Engine:
     max_prompt_length: Longest input (tokens) a request may have.
     max_new_tokens: Most tokens a request may ask for.
     buckets: Input lengths the prefill compiles for (ascending, the last
-      `max_prompt_length`); default powers of two from 16.
+      `max_prompt_length`); default `default_buckets`.
     vocabulary: Turns tokens into text (a `seqio.Vocabulary`); needed for
       stop strings and text outputs.
     max_waiting: Waiting requests held at most (`QueueFull` beyond).
