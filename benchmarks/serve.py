@@ -10,7 +10,7 @@ decoder, against the B decoder-only model.
 
 (i) Saturation: every request offered at once; generated tokens a second of
   (a) the server (`python -m t5x_adapt.serve`, a subprocess; this process
-      is the load generator: OpenAI's async client, one stream a request),
+      is the load generator: one stream a request, read with httpx),
   (b) `predict_batch` in static batches in arrival order, as `infer.py`
       runs it: encoder inputs padded to 512, each batch decoding its longest
       request's budget (rounded up to 32 tokens; compiled before timing),
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -170,15 +171,25 @@ class ServerProcess:
 
 
 async def _request(client, prompt, new_tokens, start_at, origin, run: Run):
+  """One streamed completion; the times of its token chunks.
+
+  Reads the server-sent events with httpx itself rather than through
+  OpenAI's client (as vLLM's serving benchmark does): the load generator
+  shares the 2 cores with the server, and building the client's objects for
+  every chunk would take its CPU time from the server.
+  """
   await asyncio.sleep(max(0.0, start_at - (time.perf_counter() - origin)))
+  body = {'model': 'bench', 'prompt': prompt, 'max_tokens': new_tokens,
+          'temperature': 0, 'stream': True, 'ignore_eos': True}
   sent = time.perf_counter()
-  stream = await client.completions.create(
-      model='bench', prompt=prompt, max_tokens=new_tokens, temperature=0,
-      stream=True, extra_body={'ignore_eos': True})
   times = []  # The server streams a chunk per token.
-  async for chunk in stream:
-    if chunk.choices:
-      times.append(time.perf_counter())
+  async with client.stream('POST', '/v1/completions', json=body) as response:
+    if response.status_code != 200:
+      raise RuntimeError(f'HTTP {response.status_code}: '
+                         f'{(await response.aread()).decode()}')
+    async for line in response.aiter_lines():
+      if line.startswith('data: {') and json.loads(line[6:])['choices']:
+        times.append(time.perf_counter())
   run.ttft.append(times[0] - sent)
   run.itl.extend(np.diff(times).tolist())
   run.tokens += len(times)
@@ -188,22 +199,19 @@ def drive(port: int, load: Workload, arrivals: Sequence[float], system: str,
           size: int) -> Run:
   """Sends `load` at `arrivals` (seconds from start) and times it."""
   import httpx2
-  import openai
 
   async def main():
-    client = openai.AsyncOpenAI(
-        base_url=f'http://127.0.0.1:{port}/v1', api_key='unused',
-        max_retries=0, timeout=3600,
-        http_client=httpx2.AsyncClient(limits=httpx2.Limits(
-            max_connections=len(load) + 8,
-            max_keepalive_connections=len(load) + 8), timeout=3600))
+    client = httpx2.AsyncClient(
+        base_url=f'http://127.0.0.1:{port}', timeout=3600,
+        limits=httpx2.Limits(max_connections=len(load) + 8,
+                             max_keepalive_connections=len(load) + 8))
     run = Run(system, size, 0.0, 0)
     origin = time.perf_counter()
     await asyncio.gather(*[
         _request(client, p, n, t, origin, run)
         for p, n, t in zip(load.prompts, load.new_tokens, arrivals)])
     run.wall = time.perf_counter() - origin
-    await client.close()
+    await client.aclose()
     return run
   return asyncio.run(main())
 

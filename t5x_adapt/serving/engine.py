@@ -19,6 +19,12 @@ loops:
      string) or was cancelled frees its slot, which the next admission
      refills.
 
+Steps are pipelined: step n + 1 is dispatched, reading step n's tokens
+where they lie on the device, before the host hands out step n's tokens and
+retires its requests, so that host work overlaps the device's. A request
+that ends at step n has had step n + 1 computed for it as well; that token
+is dropped (its slot was still occupied when the step was dispatched).
+
 So a finished request never waits for the batch, a new one never waits for a
 batch to end, and every mix of slots runs the same compiled step. Prefills
 compile once per bucket. Sampling is reproducible per request: token i of a
@@ -28,7 +34,7 @@ whatever else is in the table.
 Written here rather than taken from a library: the JAX serving engines
 (JetStream, MaxText's) and vLLM serve decoder-only models only; the engine
 reuses the project's own model, cache and sampler, so what it decodes is
-what `predict_batch` decodes (`tests/test_serving.py`).
+what `predict_batch` decodes (`tests/test_serving_engine.py`).
 
 Thread use: `submit` and `cancel` may be called from any thread; one thread
 runs `step` (or `run_forever`). `generate` is the synchronous Python API.
@@ -253,8 +259,11 @@ class Engine:
     self._cancelled: set[str] = set()
     self._slots: list[Optional[_Running]] = [None] * num_slots
     self._ids = itertools.count()
-    # Host copies of the per-slot inputs of the decode step.
+    # Host copies of the per-slot inputs of the decode step. A slot admitted
+    # since the last dispatch feeds its first token from `_tokens`; the
+    # others feed the previous step's token, still on the device.
     self._tokens = np.zeros(num_slots, np.int32)
+    self._fresh = np.zeros(num_slots, bool)
     self._positions = np.zeros(num_slots, np.int32)
     self._keys = np.zeros((num_slots, 2), np.uint32)
     self._counts = np.zeros(num_slots, np.int32)
@@ -268,6 +277,10 @@ class Engine:
     self._step = self._on_mesh(jax.jit(self._step_fn, donate_argnums=1))
     with self._context():
       self._cache = self._empty_table()
+    # The step dispatched last: its tokens (on the device) and the requests
+    # in its slots when it was dispatched.
+    self._in_flight: Optional[tuple[jax.Array,
+                                    list[Optional[_Running]]]] = None
 
   # ------------------------------------------------ compiled functions --
 
@@ -315,8 +328,10 @@ class Engine:
           leaf, jnp.pad(row, pad).astype(leaf.dtype), start)
     return jax.tree_util.tree_map_with_path(put, table, rows)
 
-  def _step_fn(self, params, cache, tokens, positions, keys, counts,
-               temperature, top_k, top_p):
+  def _step_fn(self, params, cache, previous, tokens, fresh, positions,
+               keys, counts, temperature, top_k, top_p):
+    """Feeds `tokens` where `fresh`, else the `previous` step's tokens."""
+    tokens = jnp.where(fresh, tokens, previous)
     logits, cache = self.model.decode_step(params, tokens[:, None],
                                            positions[:, None], cache)
     return self._select(logits, keys, counts, temperature, top_k,
@@ -393,17 +408,22 @@ class Engine:
 
   @property
   def has_work(self) -> bool:
-    return bool(self._waiting) or any(s is not None for s in self._slots)
+    return (bool(self._waiting) or any(s is not None for s in self._slots)
+            or self._in_flight is not None)
 
   # ----------------------------------------------------------- the loop --
 
   def step(self) -> None:
-    """Admits waiting requests into free slots, decodes one token for
-    every busy slot, and retires finished requests."""
+    """Admits waiting requests into free slots, dispatches a decode step
+    for every busy slot, then hands out the previous step's tokens and
+    retires the requests they finish."""
     self._drop_cancelled()
     self._admit()
+    previous, self._in_flight = self._in_flight, None
     if any(s is not None for s in self._slots):
-      self._decode()
+      self._in_flight = self._dispatch(previous)
+    if previous is not None:
+      self._hand_out(*previous)
     self.stats.busy_slots = sum(s is not None for s in self._slots)
 
   def run_forever(self, stop: threading.Event) -> None:
@@ -419,6 +439,7 @@ class Engine:
         self.step()
       except Exception:  # pylint: disable=broad-except
         logging.exception('engine step failed; ending the running requests')
+        self._in_flight = None
         for slot, running in enumerate(self._slots):
           if running is not None:
             self._finish(slot, FINISH_ERROR, text='')
@@ -501,6 +522,7 @@ class Engine:
                                                 key[None], *settings)
     self._cache = self._insert(self._cache, rows, slot)
     self._slots[slot] = _Running(request)
+    self._fresh[slot] = True
     self._keys[slot] = key
     self._positions[slot] = int(next_positions[0])
     self._counts[slot] = 1
@@ -510,19 +532,35 @@ class Engine:
     self.stats.time_to_first_token.append(time.monotonic() - request.arrival)
     self._emit(slot, int(first[0]))
 
-  def _decode(self):
-    tokens, self._cache = self._step(
-        self.params, self._cache, self._tokens, self._positions, self._keys,
-        self._counts, self._temperature, self._top_k, self._top_p)
-    tokens = np.asarray(tokens)
+  def _dispatch(self, previous):
+    """Starts a decode step of every slot; returns (its tokens, the
+    requests in its slots) without waiting for it."""
+    previous_tokens = (previous[0] if previous is not None
+                       else np.zeros_like(self._tokens))
+    # Copies: the host arrays change while the step may still read them (a
+    # CPU device may use a NumPy argument's memory in place).
+    host = [array.copy() for array in (
+        self._tokens, self._fresh, self._positions, self._keys, self._counts,
+        self._temperature, self._top_k, self._top_p)]
+    tokens, self._cache = self._step(self.params, self._cache,
+                                     previous_tokens, *host)
+    self._fresh[:] = False
+    busy = [running is not None for running in self._slots]
+    self._positions += busy
+    self._counts += busy
     self.stats.decode_steps += 1
+    return tokens, list(self._slots)
+
+  def _hand_out(self, tokens: jax.Array,
+                occupants: list[Optional[_Running]]) -> None:
+    """Emits a finished step's tokens to the requests it decoded for that
+    still hold their slots."""
+    tokens = np.asarray(tokens)
+    for slot, running in enumerate(occupants):
+      if running is not None and self._slots[slot] is running:
+        self._emit(slot, int(tokens[slot]))
     self.stats.progress.append((time.monotonic(),
                                 self.stats.tokens_generated))
-    for slot, running in enumerate(self._slots):
-      if running is not None:
-        self._positions[slot] += 1
-        self._counts[slot] += 1
-        self._emit(slot, int(tokens[slot]))
 
   # ------------------------------------------------------------ outputs --
 
