@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import pathlib
 import signal
 import subprocess
