@@ -28,11 +28,14 @@ decoder, against the B decoder-only model.
   S-S against the S decoder-only model and of B-S against B decoder-only,
   on the server at (a)'s best slot count.
 
-A plot of p99 TTFT against offered rate goes to `--plot`.
+A plot of p99 TTFT against offered rate goes to `--plot` (not with
+`--skip_latency`).
 
   .venv/bin/python benchmarks/serve.py                  # the whole run
   .venv/bin/python benchmarks/serve.py --requests 128 --slots 16,32 \\
       --hf_slots 16 --latency_requests 32               # a shorter one
+  .venv/bin/python benchmarks/serve.py --slots 16,32 --skip_hf \\
+      --skip_latency --skip_pairs                       # (i) without (c)
 """
 
 from __future__ import annotations
@@ -382,6 +385,8 @@ def parse_args(argv=None):
   parser.add_argument('--skip_hf', action='store_true')
   parser.add_argument('--hf_slots', default=None,
                       help='batch sizes of (c) (default: --slots)')
+  parser.add_argument('--skip_latency', action='store_true',
+                      help='saturation only: no latency sweep, no plot')
   parser.add_argument('--skip_pairs', action='store_true',
                       help='leave out (iii)')
   parser.add_argument('--port', type=int, default=8437)
@@ -440,8 +445,30 @@ def main(argv=None) -> None:
                                     statics[best_server.size])
 
   # (ii) Latency at fractions of the server's saturation rate.
-  request_rate = len(load) / best_server.wall
   latency_load = workload(args.latency_requests, common.S_S_VOCAB, seed=1)
+  latency = ({} if args.skip_latency else
+             sweep_latency(args, serve, path, statics, best_server,
+                           best_static, load, latency_load))
+
+  # (iii) Encoder-decoder against decoder-only, on the server.
+  pairs = {'S-S': best_server}
+  if not args.skip_pairs:
+    for name in ('S decoder-only', 'B-S', 'B decoder-only'):
+      path, _, _ = checkpoint(models[name], work / name.replace(' ', '_'))
+      pairs[name] = serve(name, path, best_server.size,
+                          [(load, at_once)])[0]
+
+  if latency:
+    plot(latency, pathlib.Path(args.plot))
+  report(args, load, latency_load, saturation, latency, pairs, step_times,
+         best_server.size)
+
+
+def sweep_latency(args, serve, path, statics, best_server, best_static, load,
+                  latency_load):
+  """TTFT / ITL of the server and of static batches at fractions of the
+  server's saturation request rate: {system: [(rate, Run)]}."""
+  request_rate = len(load) / best_server.wall
   rates = [f * request_rate for f in RATE_FRACTIONS]
   arrivals = [poisson(len(latency_load), rate, seed=10 + k)
               for k, rate in enumerate(rates)]
@@ -453,18 +480,7 @@ def main(argv=None) -> None:
                f'{rate:.2f} requests/s')
     latency['predict_batch'].append((rate, run_static(
         statics[best_static.size], latency_load, times, 'predict_batch')))
-
-  # (iii) Encoder-decoder against decoder-only, on the server.
-  pairs = {'S-S': best_server}
-  if not args.skip_pairs:
-    for name in ('S decoder-only', 'B-S', 'B decoder-only'):
-      path, _, _ = checkpoint(models[name], work / name.replace(' ', '_'))
-      pairs[name] = serve(name, path, best_server.size,
-                          [(load, at_once)])[0]
-
-  plot({k: v for k, v in latency.items()}, pathlib.Path(args.plot))
-  report(args, load, latency_load, saturation, latency, pairs, step_times,
-         best_server.size)
+  return latency
 
 
 def report(args, load, latency_load, saturation, latency, pairs, step_times,
@@ -493,6 +509,13 @@ def report(args, load, latency_load, saturation, latency, pairs, step_times,
   print(f'\nDecode step with all {slots} slots busy: {1e3 * step:.1f} ms; '
         f'predict_batch at batch {slots}: {1e3 * per_token:.1f} ms a token '
         f'({step / per_token:.2f}x)')
+  if latency:
+    report_latency(args, latency, latency_load)
+  if len(pairs) > 1:
+    report_pairs(pairs)
+
+
+def report_latency(args, latency, latency_load):
   print(f'\n### (ii) Latency ({len(latency_load)} requests a rate)\n')
   print('| system | requests/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |')
   print('|---|---:|---:|---:|---:|---:|')
@@ -504,15 +527,17 @@ def report(args, load, latency_load, saturation, latency, pairs, step_times,
             f'{1e3 * run.percentile("itl", 50):.0f} ms | '
             f'{1e3 * run.percentile("itl", 99):.0f} ms |')
   print(f'\nplot: {args.plot}')
-  if len(pairs) > 1:
-    print('\n### (iii) Encoder-decoder vs decoder-only, server saturation\n')
-    print('| model | tokens/s |')
-    print('|---|---:|')
-    for name, run in pairs.items():
-      print(f'| {name} | {run.tokens_per_s:.0f} |')
-    if 'B decoder-only' in pairs:
-      print(f'\nS-S / S decoder-only: {pairs["S-S"].tokens_per_s / pairs["S decoder-only"].tokens_per_s:.2f}x; '
-            f'B-S / B decoder-only: {pairs["B-S"].tokens_per_s / pairs["B decoder-only"].tokens_per_s:.2f}x')
+
+
+def report_pairs(pairs):
+  print('\n### (iii) Encoder-decoder vs decoder-only, server saturation\n')
+  print('| model | tokens/s |')
+  print('|---|---:|')
+  for name, run in pairs.items():
+    print(f'| {name} | {run.tokens_per_s:.0f} |')
+  if 'B decoder-only' in pairs:
+    print(f'\nS-S / S decoder-only: {pairs["S-S"].tokens_per_s / pairs["S decoder-only"].tokens_per_s:.2f}x; '
+          f'B-S / B decoder-only: {pairs["B-S"].tokens_per_s / pairs["B decoder-only"].tokens_per_s:.2f}x')
 
 
 if __name__ == '__main__':
