@@ -29,7 +29,12 @@ def matmul_2d(x: jax.Array, kernel: jax.Array, contract: int) -> jax.Array:
   if rows.dtype == table.dtype == jnp.bfloat16:
     y = narrow_matmul(rows, table)
   else:
-    y = jnp.dot(rows, table)
+    # `dot_general` (what `jnp.dot` lowers to) called directly: qwix adds
+    # LoRA adapters to intercepted `dot_general`s, not to `jnp.dot`s
+    # (`t5x_adapt.lora`).
+    dtype = jnp.result_type(rows, table)
+    y = jax.lax.dot_general(rows.astype(dtype), table.astype(dtype),
+                            (((1,), (0,)), ((), ())))
   return y.reshape(*lead, *outputs)
 
 
