@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import qwix
 from qwix._src.utils import flax_util as qwix_flax_util
 
+from t5x_adapt.param_paths import path_str
+
 Params = Mapping[str, Any]
 
 ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
@@ -114,10 +116,6 @@ def is_adapter(path: tuple[str, ...]) -> bool:
   return path[-1].endswith(ADAPTER_SUFFIXES)
 
 
-def _keys(path) -> tuple[str, ...]:
-  return tuple(getattr(k, 'key', str(k)) for k in path)
-
-
 def _filter_nested(params: Mapping, keep, prefix: tuple[str, ...]) -> dict:
   out = {}
   for name, value in params.items():
@@ -150,16 +148,16 @@ def adapted_modules(params: Params) -> list[str]:
   """Module paths carrying adapters, sorted."""
   _, adapters = split_adapters(params)
   paths = jax.tree_util.tree_flatten_with_path(adapters)[0]
-  return sorted({'/'.join(_keys(p)[:-1]) for p, _ in paths})
+  return sorted({path_str(p[:-1]) for p, _ in paths})
 
 
 def targeted_modules(model, config: LoraConfig) -> list[str]:
   """Module paths of `model`'s kernels that `config.targets` selects."""
   paths = jax.tree_util.tree_flatten_with_path(model.param_shapes())[0]
   pattern = re.compile(config.targets)
-  return sorted({'/'.join(_keys(p)[:-1]) for p, _ in paths
-                 if _keys(p)[-1] == 'kernel'
-                 and pattern.fullmatch('/'.join(_keys(p)[:-1]))})
+  return sorted({path_str(p[:-1]) for p, _ in paths
+                 if p[-1].key == 'kernel'
+                 and pattern.fullmatch(path_str(p[:-1]))})
 
 
 def init_adapters(lora_model, base_params: Params, rng: jax.Array) -> dict:
