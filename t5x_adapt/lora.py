@@ -31,10 +31,17 @@ kernel back to its parameter, so a bfloat16 target is refused by name.
 
 from __future__ import annotations
 
+if __name__ == '__main__':
+  # `python -m t5x_adapt.lora merge|export`: a run's adapters
+  # (`t5x_adapt.lora_runs`), with this module imported once, as itself.
+  import sys
+  from t5x_adapt import lora_runs
+  sys.exit(lora_runs.main())
+
 import copy
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import gin
 import jax
@@ -47,8 +54,9 @@ from t5x_adapt.param_paths import path_str
 Params = Mapping[str, Any]
 
 ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
-DEFAULT_TARGETS = (r'.*/(self_attention|cross_attention|attention)/'
-                   r'(query|key|value|out)|.*/mlp/(gate|up|down)')
+DEFAULT_TARGETS = (
+    r'.*/(self_attention|cross_attention|attention)/(query|key|value|out)'
+    r'|.*/mlp/(gate|up|down)')
 
 
 @gin.configurable
@@ -60,17 +68,25 @@ class LoraConfig:
     rank: Inner dimension of each adapter.
     alpha: The update is scaled by `alpha / rank`.
     dropout: Dropout on the adapter's input (training only, as PEFT does).
-    targets: Regular expression matched in full against module paths.
+    targets: Regular expression matched in full against module paths
+      (None: `DEFAULT_TARGETS`).
+    trained: Regular expression over parameter paths (`classifier/.*`) of
+      base parameters trained in full beside the adapters (PEFT's
+      `modules_to_save`); empty: none.
   """
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
-  targets: str = DEFAULT_TARGETS
+  targets: Optional[str] = DEFAULT_TARGETS
+  trained: str = ''
 
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f'LoraConfig.rank must be >= 1, got {self.rank}')
+    if self.targets is None:
+      object.__setattr__(self, 'targets', DEFAULT_TARGETS)
     re.compile(self.targets)
+    re.compile(self.trained)
 
   @property
   def scale(self) -> float:
@@ -110,6 +126,115 @@ def with_lora(model, config: LoraConfig):
       model.module, _JitOnlyLoraProvider(config))
   lora_model.lora_config = config
   return lora_model
+
+
+class _FrozenPart:
+  """The base's parameters that stay frozen: what the train step takes as
+  `base_params` (shapes and axes for its shardings)."""
+
+  def __init__(self, lora_model: 'LoraModel'):
+    self._lora = lora_model
+
+  def param_shapes(self):
+    return self._lora.split(self._lora.base.param_shapes())[0]
+
+  def logical_axes(self):
+    return self._lora.split(self._lora.base.logical_axes())[0]
+
+
+class LoraModel:
+  """A model trained through its adapters (and `LoraConfig.trained`).
+
+  Its parameters are the adapters, with any base parameters that
+  `LoraConfig.trained` names (a classifier's fresh head, as PEFT's
+  `modules_to_save`). The rest of the base is a frozen further argument of
+  the train step (`frozen_models`: `base_params`, beside a distillation
+  teacher's `teacher_params`), sharded by the base's logical axes, never
+  differentiated, never in the optimizer state or the training checkpoints.
+  So the step computes no gradient of a frozen weight, and the optimizer
+  state and the checkpoints are the adapters' size.
+
+  Everything else (batches, feature converter, FLOP count, vocabulary) is
+  the base model's. To run the tuned model, `adapted` takes all its
+  parameters (`join`); `merge_adapters` folds the adapters into the base.
+
+  Args:
+    base: The model to tune (any model of `t5x_adapt.models`, a distillation
+      or classification model included).
+    config: Which projections get adapters, and what else trains.
+  """
+
+  def __init__(self, base, config: LoraConfig):
+    self.base = base
+    self.lora_config = config
+    self.adapted = with_lora(base, config)
+    self._trained = re.compile(config.trained) if config.trained else None
+
+  def __getattr__(self, name):
+    # Only reached for what this class does not define: the base's answers
+    # (config, feature_converter, batch_shapes, train_step_flops, ...).
+    if name in ('base', 'adapted'):
+      raise AttributeError(name)
+    return getattr(self.base, name)
+
+  @property
+  def teacher(self):
+    return self.base.teacher
+
+  def frozen_models(self) -> dict:
+    return {**self.base.frozen_models(), 'base_params': _FrozenPart(self)}
+
+  def is_trained(self, path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (dict keys) trains."""
+    return is_adapter(path) or bool(
+        self._trained and self._trained.fullmatch('/'.join(path)))
+
+  def split(self, params: Params) -> tuple[dict, dict]:
+    """Parameters of `adapted` (or of the base) -> (frozen, trained)."""
+    return (_filter_nested(params, lambda p: not self.is_trained(p), ()),
+            _filter_nested(params, self.is_trained, ()))
+
+  def param_shapes(self):
+    """ShapeDtypeStructs of the trained parameters."""
+    return self.split(self.adapted.param_shapes())[1]
+
+  def logical_axes(self):
+    """Logical axes of the trained parameters (adapters: those of the
+    kernels they adapt)."""
+    return self.split(self.adapted.logical_axes())[1]
+
+  def get_initial_variables(self, rng: jax.Array, input_shapes=None):
+    """Fresh trained parameters (adapters with B = 0). Under `jax.jit`, as
+    the trainer runs it, the rest of the initialisation is dead code."""
+    variables = self.adapted.get_initial_variables(rng, input_shapes)
+    return {'params': self.split(variables['params'])[1]}
+
+  def start(self, base_params: Params, rng: jax.Array) -> tuple[dict, dict]:
+    """(frozen, trained) parameters to start from: fresh adapters on
+    `base_params` (the base's whole tree), whose trained part they keep."""
+    self.check_targets()
+    adapters = jax.jit(self.get_initial_variables)(rng)['params']
+    _, adapters = split_adapters(adapters)
+    return self.split(join(base_params, adapters))
+
+  def check_targets(self) -> None:
+    """Raises ValueError when the targets select no projection, or one that
+    got no adapter (it does not go through `dot_general` on its kernel)."""
+    wanted = targeted_modules(self.base, self.lora_config)
+    got = adapted_modules(self.adapted.param_shapes())
+    if not wanted:
+      raise ValueError(f'LoraConfig.targets {self.lora_config.targets!r} '
+                       'selects no projection of the model')
+    if missing := sorted(set(wanted) - set(got)):
+      raise ValueError(f'targeted projections without adapters: {missing}')
+
+  def loss_fn(self, params, batch, dropout_rng, base_params=None, **frozen):
+    """The adapted model's loss; `params` are the trained parameters."""
+    if base_params is None:
+      raise ValueError('LoraModel.loss_fn needs base_params (the trainer '
+                       'passes them as a frozen argument)')
+    return self.adapted.loss_fn(join(base_params, params), batch,
+                                dropout_rng, **frozen)
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
@@ -160,25 +285,15 @@ def targeted_modules(model, config: LoraConfig) -> list[str]:
                  and pattern.fullmatch(path_str(p[:-1]))})
 
 
-def init_adapters(lora_model, base_params: Params, rng: jax.Array) -> dict:
-  """Fresh adapters for `base_params`: the joined parameters of
-  `lora_model` (`with_lora`'s), B = 0 so its outputs equal the base's.
+def init_adapters(lora_model: LoraModel, base_params: Params,
+                  rng: jax.Array) -> dict:
+  """Fresh adapters (B = 0) joined to `base_params`: parameters of
+  `lora_model.adapted` whose outputs equal the base's.
 
   Raises:
-    ValueError: When a targeted projection got no adapter (it does not go
-      through `jax.lax.dot_general` on its kernel), or nothing is targeted.
+    ValueError: See `LoraModel.check_targets`.
   """
-  config = lora_model.lora_config
-  variables = jax.jit(lora_model.get_initial_variables)(rng)
-  _, adapters = split_adapters(variables['params'])
-  wanted = targeted_modules(lora_model, config)
-  got = adapted_modules(adapters)
-  if not wanted:
-    raise ValueError(f'LoraConfig.targets {config.targets!r} selects no '
-                     'projection of the model')
-  if missing := sorted(set(wanted) - set(got)):
-    raise ValueError(f'targeted projections without adapters: {missing}')
-  return join(base_params, adapters)
+  return join(*lora_model.start(base_params, rng))
 
 
 def merge_adapters(params: Params, config: LoraConfig) -> dict:

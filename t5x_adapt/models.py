@@ -144,6 +144,13 @@ class BaseModel(abc.ABC):
   def config(self):
     return self.module.config
 
+  def frozen_models(self) -> dict[str, 'BaseModel']:
+    """Models whose parameters the train step takes as further arguments,
+    by the `loss_fn` keyword they go to (never differentiated, never
+    checkpointed): a distillation teacher's `teacher_params`; a LoRA
+    model's `base_params` (`t5x_adapt.lora`)."""
+    return {} if self.teacher is None else {'teacher_params': self.teacher}
+
   @property
   def is_encoder_decoder(self) -> bool:
     return self.config.is_encoder_decoder

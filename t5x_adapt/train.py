@@ -67,6 +67,8 @@ from t5x_adapt import distributed
 from t5x_adapt import eval as eval_lib
 from t5x_adapt import flops
 from t5x_adapt import gin_utils
+from t5x_adapt import lora as lora_lib
+from t5x_adapt import lora_runs
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
 from t5x_adapt import sharded as sharded_lib
@@ -147,8 +149,12 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
                   iterator: pipeline.InputIterator,
                   init_checkpoint: Optional[str],
                   adaptation: Optional[adapt.Adaptation] = None,
-                  loaded: Optional[Mapping[str, tuple]] = None):
+                  loaded: Optional[Mapping[str, tuple]] = None,
+                  trained_params=None):
   """Latest checkpoint in MODEL_DIR -> init checkpoint -> adaptation -> scratch.
+
+  A LoRA model (`t5x_adapt.lora`) starts from `trained_params` (fresh
+  adapters, from `lora_base`) instead; its base is not part of the state.
 
   The latest checkpoint is the newest whose checksums verify (a corrupt one
   is named in the log and moved aside); if every one is corrupt, an error.
@@ -166,6 +172,10 @@ def initial_state(trainer, manager: checkpoints.training.CheckpointManager,
                                          defaults={'guard': guard})
     _say(f'Resuming from {manager.directory / str(step)}')
     return state
+  if isinstance(trainer.model, lora_lib.LoraModel):
+    config = trainer.model.lora_config
+    _say(f'Fresh LoRA adapters (rank {config.rank}, alpha {config.alpha:g})')
+    return trainer.init_state(params=trained_params)
   if init_checkpoint:
     _say(f'Initialising parameters from {init_checkpoint}')
     params = load.initial_params(
@@ -198,6 +208,62 @@ def _teacher_params(trainer, teacher_checkpoint: Optional[str],
   _say(f'Teacher: {path}')
   return path, load.load_params(path, trainer.model.teacher,
                                 shardings=trainer.teacher_shardings())
+
+
+def lora_base(model: lora_lib.LoraModel,
+              partitioner: partitioning.Partitioner,
+              init_checkpoint: Optional[str],
+              adaptation: Optional[adapt.Adaptation],
+              loaded: Optional[Mapping[str, tuple]] = None, seed: int = 0):
+  """(frozen base parameters, trained parameters to start from) of a LoRA
+  model: the base read from `init_checkpoint`, else adapted from decoder-only
+  checkpoints, sharded; fresh adapters on it (`lora_runs` reads a run's
+  base back the same way)."""
+  base_shardings = partitioner.shardings(model.base.logical_axes())
+  if init_checkpoint:
+    _say(f'LoRA base: {init_checkpoint}')
+    base = load.initial_params(init_checkpoint, model.base, base_shardings)
+  elif adaptation is not None:
+    _say(f'LoRA base: the adaptation of {adaptation.checkpoint}'
+         + (f' and {adaptation.decoder_checkpoint}'
+            if adaptation.decoder_checkpoint else ''))
+    base = adaptation.init_params(model.base, base_shardings, loaded)
+  else:
+    raise ValueError('a LoRA run needs a base to tune: train.init_checkpoint '
+                     '(INIT_CHECKPOINT) or train.adaptation')
+  return model.start(base, jax.random.PRNGKey(seed))
+
+
+def _eval_view(trainer, frozen: Mapping[str, object]):
+  """(model, its parameter shardings, state params -> its params) of
+  evaluation: a LoRA model is evaluated as its adapted model on the joined
+  parameters."""
+  model = trainer.model
+  if not isinstance(model, lora_lib.LoraModel):
+    return model, trainer.state_shardings().params, lambda params: params
+  base = frozen['base_params']
+  return (model.adapted,
+          trainer.partitioner.shardings(model.adapted.logical_axes()),
+          lambda params: lora_lib.join(base, params))
+
+
+def _count(tree) -> tuple[int, int]:
+  """(values, bytes) of the array leaves of a tree of arrays or shapes."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, 'dtype')]
+  return (sum(int(np.prod(x.shape)) for x in leaves),
+          sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves))
+
+
+def _describe_state(trainer) -> str:
+  """Trained parameters and optimizer state, with their bytes."""
+  shapes = trainer.state_shapes()
+  values, _ = _count(shapes.params)
+  _, opt_bytes = _count(shapes.opt_state)
+  line = f'{values:,} trained parameters'
+  if frozen := trainer.model.frozen_models():
+    frozen_values = sum(_count(m.param_shapes())[0] for m in frozen.values())
+    line += f' ({frozen_values:,} frozen)'
+  return f'{line}, optimizer state {opt_bytes / 2**20:,.2f} MiB'
 
 
 # -------------------------------------------------------------- metrics --
@@ -247,7 +313,8 @@ class Throughput:
 # ----------------------------------------------------------------- eval --
 
 
-def _evaluators(trainer, eval_batches: Optional[Callable[[], object]],
+def _evaluators(model, param_shardings, partitioner,
+                eval_batches: Optional[Callable[[], object]],
                 metrics_task: Optional[str],
                 task_feature_lengths: Mapping[str, int], batch_size: int,
                 eval_steps: int):
@@ -259,9 +326,7 @@ def _evaluators(trainer, eval_batches: Optional[Callable[[], object]],
   """
   if eval_batches is None:
     return None, None
-  sharded = sharded_lib.ShardedModel(
-      trainer.model, trainer.partitioner,
-      trainer.state_shardings().params)
+  sharded = sharded_lib.ShardedModel(model, partitioner, param_shardings)
   loss = eval_lib.LossEvaluator(sharded, eval_batches)
   if not metrics_task:
     return loss, None
@@ -330,6 +395,7 @@ def train(model_dir: str = gin.REQUIRED,
           init_checkpoint: Optional[str] = None,
           adaptation: Optional[adapt.Adaptation] = None,
           teacher_checkpoint: Optional[str] = None,
+          lora: Optional[lora_lib.LoraConfig] = None,
           vocab_size: Optional[int] = None,
           log_every: int = 10,
           eval_every: int = 0,
@@ -360,6 +426,9 @@ def train(model_dir: str = gin.REQUIRED,
     teacher_checkpoint: The teacher of a distillation model (default: the
       adaptation's checkpoint): a GGUF file, transformers directory or one of
       our checkpoints.
+    lora: Train LoRA adapters (`t5x_adapt.lora`) on the frozen base that
+      `init_checkpoint` or `adaptation` gives; checkpoints then hold the
+      adapters (`gin/finetune/lora.gin`).
     vocab_size: Model vocabulary (None: see `build_model`).
     log_every: Steps between metrics.jsonl lines and TensorBoard points.
     eval_every: Steps between validation evaluations (0: never).
@@ -389,6 +458,8 @@ def train(model_dir: str = gin.REQUIRED,
                                 task_feature_lengths, batch_size,
                                 eval_steps if eval_every else 0)
   model = build_model(mixture_or_task_name, vocab_size)
+  if lora is not None:
+    model = lora_lib.LoraModel(model, lora)
   partitioner = partitioning.Partitioner()
   learning_rate = optimizers.schedule()
   trainer = trainer_lib.Trainer(
@@ -399,12 +470,8 @@ def train(model_dir: str = gin.REQUIRED,
   rows = distributed.process_rows(partitioner.batch_sharding, batch_size)
   iterator = pipeline.InputIterator(train_ds, rows)
   eval_batches = None if eval_ds is None else _host_rows(eval_ds, rows)
-  evaluator, metric_evaluator = _evaluators(
-      trainer, eval_batches,
-      mixture_or_task_name if eval_metrics else None, task_feature_lengths,
-      batch_size, eval_steps)
 
-  # 4. State.
+  # 4. State, and the frozen parameters the step reads beside it.
   manager = checkpoints.training.CheckpointManager(
       model_dir / CHECKPOINT_DIR, keep=keep, keep_best=keep_best,
       async_save=async_checkpointing)
@@ -412,26 +479,37 @@ def train(model_dir: str = gin.REQUIRED,
   # adaptation takes it from there instead of reading it again.
   teacher_path, teacher = _teacher_params(trainer, teacher_checkpoint,
                                           adaptation) or (None, None)
+  frozen = {} if teacher is None else {'teacher_params': teacher}
   loaded = None if teacher is None else {
       teacher_path: (trainer.model.teacher.config, teacher)}
+  trained = None
+  if lora is not None:
+    frozen['base_params'], trained = lora_base(
+        model, partitioner, init_checkpoint, adaptation, loaded, trainer.seed)
+    lora_runs.write_record(model_dir, model, init_checkpoint,
+                           lora_lib.split_adapters(lora_lib.join(
+                               frozen['base_params'], trained))[0])
   state = initial_state(trainer, manager, iterator,
-                        init_checkpoint, adaptation, loaded)
+                        init_checkpoint, adaptation, loaded, trained)
   start = int(jax.device_get(state.step))
+  eval_model, eval_shardings, eval_params = _eval_view(trainer, frozen)
+  evaluator, metric_evaluator = _evaluators(
+      eval_model, eval_shardings, partitioner, eval_batches,
+      mixture_or_task_name if eval_metrics else None, task_feature_lengths,
+      batch_size, eval_steps)
 
   # 5. Config, compiled step, memory.
   _write_config(model_dir, model)
   step_fn = trainer.compile_step(batch_shapes)
-  _say(f'Mesh {dict(partitioner.mesh.shape)}, '
-       f'{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} '
-       f'parameters; compiled step memory: '
-       f'{trainer_lib.memory_summary(step_fn)}')
+  _say(f'Mesh {dict(partitioner.mesh.shape)}, {_describe_state(trainer)}; '
+       f'compiled step memory: {trainer_lib.memory_summary(step_fn)}')
 
   # 6. Loop.
-  if teacher is not None:
+  if frozen:
     compiled_step = step_fn
-    step_fn = lambda state, batch: compiled_step(state, batch, teacher)
+    step_fn = lambda state, batch: compiled_step(state, batch, frozen)
   loop = Loop(step_fn=step_fn, iterator=iterator, partitioner=partitioner,
-              guard=trainer.guard,
+              guard=trainer.guard, eval_params=eval_params,
               evaluator=evaluator, metric_evaluator=metric_evaluator,
               manager=manager,
               writer=MetricsWriter(model_dir),
@@ -458,6 +536,9 @@ class Loop:
   iterator: pipeline.InputIterator
   partitioner: partitioning.Partitioner
   guard: step_guard.StepGuard
+  # The parameters evaluation runs on, from the state's (a LoRA model's
+  # adapters joined to its base).
+  eval_params: Callable
   evaluator: Optional[eval_lib.LossEvaluator]
   metric_evaluator: Optional[eval_lib.MetricEvaluator]
   manager: checkpoints.training.CheckpointManager
@@ -493,8 +574,9 @@ class Loop:
         self._log(step, metrics)
       eval_metrics = None
       if self.evaluator and (step % self.eval_every == 0 or last):
-        eval_metrics = self._evaluate(step, state.params)
-        self._evaluate_task_metrics(step, state.params)
+        params = self.eval_params(state.params)
+        eval_metrics = self._evaluate(step, params)
+        self._evaluate_task_metrics(step, params)
       preempted = self.preemption.reached()
       if step % self.save_every == 0 or last or preempted:
         self._save(step, state, metrics, eval_metrics)

@@ -8,10 +8,12 @@ step guard refuses it (`t5x_adapt.step_guard`: a non-finite loss, gradient
 or update, or a loss spike). The step is jitted once with explicit
 input/output shardings and donates the old state.
 
-Models with a teacher (`t5x_adapt.distillation.DistillationModel`) get its
-parameters as a further argument of the step: sharded by the teacher's own
-logical axes, never differentiated, never part of the TrainState (so never
-checkpointed).
+Parameters a model reads but does not train (`BaseModel.frozen_models`: a
+distillation teacher's, `t5x_adapt.distillation`; the base of a LoRA model,
+`t5x_adapt.lora`) are a further argument of the step, a dict by `loss_fn`
+keyword: sharded by their own model's logical axes, never differentiated,
+never part of the TrainState (so never in the optimizer state or the
+checkpoints).
 """
 
 from __future__ import annotations
@@ -150,13 +152,11 @@ class Trainer:
 
   # ---------------------------------------------------------------- step --
 
-  def _grads(self, params, batch, rng, teacher_params=None):
+  def _grads(self, params, batch, rng, frozen):
     """Token-weighted gradient sum over microbatches, and summed metrics."""
-    teacher = {} if teacher_params is None else {
-        'teacher_params': teacher_params}
 
     def microbatch_loss(p, mb, mb_rng):
-      loss, metrics = self.model.loss_fn(p, mb, mb_rng, **teacher)
+      loss, metrics = self.model.loss_fn(p, mb, mb_rng, **frozen)
       # Undo the per-microbatch mean so microbatches weigh by their tokens.
       return loss * metrics['num_tokens'], metrics
 
@@ -181,9 +181,9 @@ class Trainer:
                'accuracy': jnp.sum(correct) / denominator}
     return grads, metrics
 
-  def _step(self, state: TrainState, batch: Batch, teacher_params=None):
+  def _step(self, state: TrainState, batch: Batch, frozen=None):
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
-    grads, metrics = self._grads(state.params, batch, rng, teacher_params)
+    grads, metrics = self._grads(state.params, batch, rng, frozen or {})
     updates, opt_state = self.optimizer.update(grads, state.opt_state,
                                                state.params)
     params = optax.apply_updates(state.params, updates)
@@ -200,9 +200,14 @@ class Trainer:
   def has_teacher(self) -> bool:
     return self.model.teacher is not None
 
+  def frozen_shardings(self) -> dict:
+    """Shardings of each frozen argument (by its model's logical axes)."""
+    return {name: self.partitioner.shardings(model.logical_axes())
+            for name, model in self.model.frozen_models().items()}
+
   def teacher_shardings(self):
     """Shardings of the teacher's parameters (by its logical axes)."""
-    return self.partitioner.shardings(self.model.teacher.logical_axes())
+    return self.frozen_shardings()['teacher_params']
 
   def batch_shapes(self, task_feature_lengths: Mapping[str, int],
                    batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -215,29 +220,31 @@ class Trainer:
     benchmarks) comes here.
 
     The compiled step is `step(state, batch)`, or `step(state, batch,
-    teacher_params)` for models with a teacher.
+    frozen)` for models with frozen parameters (`frozen_shardings`).
     """
     state_shardings = self.state_shardings()
     batch_shardings = {k: self.partitioner.batch_sharding
                        for k in batch_shapes}
     in_shardings = (state_shardings, batch_shardings)
     args = (self.state_shapes(), dict(batch_shapes))
-    if self.has_teacher:
-      in_shardings += (self.teacher_shardings(),)
-      args += (self.model.teacher.param_shapes(),)
+    if frozen := self.model.frozen_models():
+      in_shardings += (self.frozen_shardings(),)
+      args += ({name: model.param_shapes() for name, model in frozen.items()},)
     step = self.partitioner.jit(
         self._step, in_shardings,
         (state_shardings, self.partitioner.replicated), donate_argnums=(0,))
     return step.lower(*args).compile()
 
-  def train_step(self, state: TrainState, batch: Batch, *teacher_params):
-    """One optimizer step on a global batch (compiled once per shape)."""
+  def train_step(self, state: TrainState, batch: Batch,
+                 *frozen: Mapping[str, Any]):
+    """One optimizer step on a global batch (compiled once per shape);
+    `frozen`: the dict of frozen parameters, for models that have them."""
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
               for k, v in batch.items()}
     key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items()))
     if key not in self._compiled:
       self._compiled[key] = self.compile_step(shapes)
-    return self._compiled[key](state, batch, *teacher_params)
+    return self._compiled[key](state, batch, *frozen)
 
 
 def memory_summary(compiled) -> str:

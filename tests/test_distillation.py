@@ -181,7 +181,8 @@ def test_trainer_step_distils(student, teacher_params):
   expected, _ = student.loss_fn(state.params, batch, None, teacher_params)
   losses = []
   for _ in range(5):
-    state, metrics = trainer.train_step(state, batch, teacher_params)
+    state, metrics = trainer.train_step(state, batch,
+                                        {'teacher_params': teacher_params})
     losses.append(float(metrics['loss']))
   np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
   print(f'\ndistillation loss over 5 steps on one batch: '

@@ -36,9 +36,9 @@ def adapted(request):
   model = gin_utils.load_model(request.param)
   base = jax.jit(model.get_initial_variables)(jax.random.PRNGKey(0))['params']
   config = lora.LoraConfig(rank=4, alpha=8.0)
-  lora_model = lora.with_lora(model, config)
+  lora_model = lora.LoraModel(model, config)
   params = lora.init_adapters(lora_model, base, jax.random.PRNGKey(1))
-  return model, base, lora_model, params
+  return model, base, lora_model.adapted, params
 
 
 def test_fresh_adapters_give_the_base_logits_exactly(adapted):
@@ -109,14 +109,14 @@ def test_adapter_bytes_are_a_small_share():
 
 def test_targets_that_select_nothing_are_refused():
   model = gin_utils.load_model('gemma2_tiny')
-  lora_model = lora.with_lora(model, lora.LoraConfig(targets='.*/nothing'))
+  lora_model = lora.LoraModel(model, lora.LoraConfig(targets='.*/nothing'))
   with pytest.raises(ValueError, match='selects no projection'):
     lora.init_adapters(lora_model, {}, jax.random.PRNGKey(0))
 
 
 def test_bfloat16_projections_are_refused_by_name():
   model = gin_utils.load_model('gemma2_tiny', dtype='bfloat16')
-  lora_model = lora.with_lora(model, lora.LoraConfig())
+  lora_model = lora.LoraModel(model, lora.LoraConfig())
   with pytest.raises(ValueError, match='bfloat16 projections .*module '):
     lora.init_adapters(lora_model, {}, jax.random.PRNGKey(0))
 
@@ -126,11 +126,11 @@ def test_eager_application_is_refused_where_it_would_miss_kernels():
   an unrolled stack applied outside jit would leave them out: refused."""
   model = gin_utils.load_model('gemma2_tiny', scan_layers=False)
   base = jax.jit(model.get_initial_variables)(jax.random.PRNGKey(0))['params']
-  lora_model = lora.with_lora(model, lora.LoraConfig(rank=2))
+  lora_model = lora.LoraModel(model, lora.LoraConfig(rank=2))
   params = lora.init_adapters(lora_model, base, jax.random.PRNGKey(1))
   assert 'decoder/layer_0/self_attention/query' in lora.adapted_modules(params)
   with pytest.raises(RuntimeError, match='outside jax.jit .*layer_0'):
-    lora_model.compute_logits(params, _batch(model))
+    lora_model.adapted.compute_logits(params, _batch(model))
 
 
 def test_bad_rank_is_refused():

@@ -77,6 +77,10 @@ class Source:
       head, T5Gemma 2's decoder table): skipped when present, not written.
     vision_tower: Name prefixes of a vision tower, which t5x_adapt does not
       build: an error unless the caller reads the text model (`text_only`).
+    module_renames: (tensor-name prefix, module-name prefix) pairs where the
+      loaded torch model names its modules otherwise than the checkpoint
+      names their tensors (transformers renames T5Gemma 2's encoder layers
+      into `text_model` on load): PEFT adapters address modules.
   """
 
   kind: str
@@ -93,6 +97,16 @@ class Source:
   tables_from: Optional[str] = None
   tied: tuple[str, ...] = ()
   vision_tower: tuple[str, ...] = ()
+  module_renames: tuple[tuple[str, str], ...] = ()
+
+  def module_name(self, tensor_name: str) -> str:
+    """The torch module that holds the tensor `tensor_name` (`.weight`
+    dropped)."""
+    name = tensor_name.removesuffix('.weight')
+    for prefix, module_prefix in self.module_renames:
+      if name.startswith(prefix):
+        return module_prefix + name.removeprefix(prefix)
+    return name
 
   # ---------------------------------------------------------------- configs
 
