@@ -87,9 +87,12 @@ def timed(fn: Callable[[], object]) -> tuple[object, Sample]:
 
 
 def count_params(tree) -> int:
-  """Elements of every leaf of a parameter tree."""
+  """Elements of every leaf of a parameter tree (a quantized kernel counts
+  as its values, not its scales)."""
   import jax  # pylint: disable=g-import-not-at-top
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+  leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: hasattr(
+      x, 'qvalue'))
+  return sum(int(np.prod(x.shape)) for x in leaves)
 
 
 # --------------------------------------------------------- models, batches --

@@ -39,6 +39,9 @@ bfloat16 tables slower, so it would flatter bfloat16 rows.)
 
 `--dtypes float32,bfloat16` adds bfloat16 rows: parameters, activations and
 caches in bfloat16, ours and transformers' (`dtype=torch.bfloat16`).
+`int8` rows hold every projection kernel as int8 with per-channel scales
+(`t5x_adapt.quantization`; activations, caches and the tied table float32)
+against transformers' float32 model; their floor counts the int8 bytes.
 
   .venv/bin/python benchmarks/decode.py            # a few minutes
   .venv/bin/python benchmarks/decode.py --quick    # about a minute
@@ -64,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_adapt import gin_utils
+from t5x_adapt import quantization
 from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.data.vocab import BOS_ID
 from t5x_adapt.kernels.matmul import matmul_2d
@@ -154,16 +158,19 @@ def pairs() -> dict[str, EncoderDecoderConfig]:
 
 def models(configs: dict[str, EncoderDecoderConfig], names: list[str],
            dtypes: list[str]) -> list[tuple[str, StackConfig |
-                                             EncoderDecoderConfig]]:
-  """(row name, config): each pair's encoder-decoder and decoder-only model
-  in each dtype (parameters, activations and caches)."""
+                                             EncoderDecoderConfig, str]]:
+  """(row name, config, dtype): each pair's encoder-decoder and
+  decoder-only model in each dtype (parameters, activations and caches;
+  'int8': float32 with int8 projection kernels)."""
   rows = []
   for pair in names:
     for dtype in dtypes:
-      encdec = configs[pair].map_stacks(dtype=dtype, param_dtype=dtype)
+      float_dtype = 'float32' if dtype == 'int8' else dtype
+      encdec = configs[pair].map_stacks(dtype=float_dtype,
+                                        param_dtype=float_dtype)
       suffix = '' if dtype == 'float32' else f' {dtype}'
-      rows += [(f'{pair} encoder-decoder{suffix}', encdec),
-               (f'{pair} decoder-only{suffix}', encdec.decoder)]
+      rows += [(f'{pair} encoder-decoder{suffix}', encdec, dtype),
+               (f'{pair} decoder-only{suffix}', encdec.decoder, dtype)]
   return rows
 
 
@@ -181,19 +188,19 @@ def cpu_pressure() -> str:
 
 
 def step_bytes(model, params, batch: int, length: int, new_tokens: int) -> int:
-  """Bytes one greedy step reads at the least, in the parameter dtype (the
-  caches are kept in the activation dtype): every decoder
+  """Bytes one greedy step reads at the least, each parameter at its
+  dtype (int8 kernels at one byte; the caches in the activation dtype):
+  every decoder
   parameter (the LM head included; an encoder-decoder's encoder is not run)
   and the keys and values its attention reads, at the mean cache length of
   the decoding (`length` prompt + half the new tokens for a decoder-only
   model; half the new tokens of self-attention plus the `length` encoder
   positions of cross-attention for an encoder-decoder)."""
   stack = model.config.decoder_stack
-  weights = common.count_params(model.decoder_params(params))
+  weights = quantization.num_bytes(model.decoder_params(params))
   cached = new_tokens / 2 + length  # self-attention (+ cross-attention)
   kv = 2 * stack.num_layers * batch * stack.num_kv_heads * stack.head_dim
-  return int(stack.weight_dtype.itemsize * weights +
-             stack.activation_dtype.itemsize * kv * cached)
+  return int(weights + stack.activation_dtype.itemsize * kv * cached)
 
 
 def streaming_bandwidth(batch: int, embed_dim: int, vocab: int,
@@ -214,13 +221,18 @@ def streaming_bandwidth(batch: int, embed_dim: int, vocab: int,
 
 
 def ours_runner(name: str, config: StackConfig | EncoderDecoderConfig,
-                batch: int, length: int, new_tokens: int) -> Runner:
-  """Our greedy `predict_batch`, compiled for 1 and `new_tokens` tokens."""
+                batch: int, length: int, new_tokens: int,
+                dtype: str = 'float32') -> Runner:
+  """Our greedy `predict_batch`, compiled for 1 and `new_tokens` tokens
+  (`dtype` 'int8': int8 projection kernels)."""
   model = model_for_config(config)
   features = {model.INPUTS_FEATURE: jnp.asarray(
       prompts(batch, length, config.vocab_size))}
   # Parameters do not depend on the batch shape: init on the default one.
   params = model.get_initial_variables(jax.random.PRNGKey(0), {})['params']
+  if dtype == 'int8':
+    params = quantization.quantize(
+        model, params, quantization.WeightQuantization('int8'))
   calls, compile_s = {}, 0.0
   for n in (1, new_tokens):
     common.log(f'ours {name} batch {batch}: compile {n} new tokens')
@@ -328,7 +340,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--dtypes', default='float32',
                       help='comma-separated: float32, bfloat16 (parameters, '
                       'activations and caches in that dtype, ours and '
-                      "transformers')")
+                      "transformers'), int8 (our projection kernels int8, "
+                      "against transformers' float32)")
   return parser.parse_args(argv)
 
 
@@ -340,10 +353,10 @@ def main(argv=None) -> None:
   load_start, pressure_start = os.getloadavg()[0], cpu_pressure()
   configs = pairs()
   rows, bandwidths = [], {}
-  for name, config in models(configs, args.pairs.split(','),
-                             args.dtypes.split(',')):
+  for name, config, dtype in models(configs, args.pairs.split(','),
+                                    args.dtypes.split(',')):
     for batch in batches:
-      runners = [ours_runner(name, config, batch, length, new_tokens)]
+      runners = [ours_runner(name, config, batch, length, new_tokens, dtype)]
       if not args.skip_hf:
         runners.append(hf_runner(name, config, batch, length, new_tokens))
       timings = measure(runners, new_tokens, repeats)

@@ -24,9 +24,16 @@ qwix finds the kernel of a `dot_general` by following the traced reshape
 back to the parameter, so a LoRA model runs traced: under `jax.jit` (every
 entry point of the framework jits) or inside a scanned stack. An unrolled
 stack applied eagerly raises rather than silently leaving the adapters out.
-Only float32 projections take adapters for now: inside `kernels.matmul.
-narrow_matmul`'s custom gradient (the bfloat16 path) qwix cannot trace the
-kernel back to its parameter, so a bfloat16 target is refused by name.
+bfloat16 projections take adapters too: under LoRA the bfloat16 matmul
+(`kernels.matmul.narrow_matmul`, whose custom gradient would hide the kernel
+from qwix) runs as the plain `dot_general` it computes.
+
+QLoRA: with `LoraConfig.base_qtype` the frozen base's projection kernels
+are held quantized (`t5x_adapt.quantization`, int8 or int4 with per-block
+scales) and dequantized as each matmul reads them; qwix finds such a
+kernel by its shape (the stored `[in, out]` matrix the matmul reads). The
+adapters are the same as on a float base (and merge into, or export onto,
+the float base).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import jax.numpy as jnp
 import qwix
 from qwix._src.utils import flax_util as qwix_flax_util
 
+from t5x_adapt import quantization
 from t5x_adapt.param_paths import path_str
 
 Params = Mapping[str, Any]
@@ -73,12 +81,18 @@ class LoraConfig:
     trained: Regular expression over parameter paths (`classifier/.*`) of
       base parameters trained in full beside the adapters (PEFT's
       `modules_to_save`); empty: none.
+    base_qtype: QLoRA: the frozen base's projection kernels held quantized
+      ('int8' or 'int4', `t5x_adapt.quantization`); None: float.
+    base_tile_size: Inputs per scale of the quantized base (None: one per
+      output channel; QLoRA's 4-bit base uses 64).
   """
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
   targets: Optional[str] = DEFAULT_TARGETS
   trained: str = ''
+  base_qtype: Optional[str] = None
+  base_tile_size: Optional[int] = None
 
   def __post_init__(self):
     if self.rank < 1:
@@ -87,6 +101,12 @@ class LoraConfig:
       object.__setattr__(self, 'targets', DEFAULT_TARGETS)
     re.compile(self.targets)
     re.compile(self.trained)
+    self.base_quantization  # pylint: disable=pointless-statement  # Checks.
+
+  @property
+  def base_quantization(self) -> quantization.WeightQuantization:
+    return quantization.WeightQuantization(self.base_qtype,
+                                           tile_size=self.base_tile_size)
 
   @property
   def scale(self) -> float:
@@ -95,7 +115,8 @@ class LoraConfig:
 
 class _JitOnlyLoraProvider(qwix.LoraProvider):
   """qwix's LoRA provider, refusing to run eagerly (where it could not find
-  the kernels and would leave the adapters out without a word)."""
+  the kernels and would leave the adapters out without a word), and seeing
+  through `kernels.matmul.narrow_matmul` (the bfloat16 path)."""
 
   def __init__(self, config: LoraConfig):
     super().__init__([qwix.LoraRule(module_path=config.targets,
@@ -103,19 +124,26 @@ class _JitOnlyLoraProvider(qwix.LoraProvider):
                                     dropout=config.dropout)])
     self._targets = re.compile(config.targets)
 
+  def get_intercept_map(self):
+    return super().get_intercept_map() | {
+        't5x_adapt.kernels.matmul.narrow_matmul': self._narrow_matmul}
+
+  def _narrow_matmul(self, a, b):
+    # What `narrow_matmul` computes (float32 accumulation, rounded once) as
+    # one `dot_general` qwix can trace to its kernel; its custom gradient
+    # would hide the kernel and leave the adapters without one. The
+    # gradient here is autodiff's (slower on CPU, the same on TPU).
+    return self.dot_general(a, b, (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32).astype(
+                                a.dtype)
+
   def dot_general(self, lhs, rhs, *args, **kwargs):
     path = '/'.join(map(str, qwix_flax_util.get_current_module_path()))
-    if self._targets.fullmatch(path):
-      if jnp.bfloat16 in (lhs.dtype, rhs.dtype):
-        # Inside `narrow_matmul`'s custom gradient the kernel cannot be
-        # traced back to its parameter.
-        raise ValueError(
-            f'LoRA on bfloat16 projections is not supported yet (module '
-            f'{path}): run the model with dtype float32')
-      if not isinstance(rhs, jax.core.Tracer):
-        raise RuntimeError(
-            f'LoRA model applied outside jax.jit (module {path}): wrap the '
-            'call in jax.jit so the adapters can find their kernels')
+    if (self._targets.fullmatch(path)
+        and not isinstance(rhs, jax.core.Tracer)):
+      raise RuntimeError(
+          f'LoRA model applied outside jax.jit (module {path}): wrap the '
+          'call in jax.jit so the adapters can find their kernels')
     return super().dot_general(lhs, rhs, *args, **kwargs)
 
 
@@ -129,17 +157,30 @@ def with_lora(model, config: LoraConfig):
 
 
 class _FrozenPart:
-  """The base's parameters that stay frozen: what the train step takes as
-  `base_params` (shapes and axes for its shardings)."""
+  """The base's parameters that stay frozen (quantized for QLoRA): what the
+  train step takes as `base_params` (shapes and axes for its shardings)."""
 
   def __init__(self, lora_model: 'LoraModel'):
     self._lora = lora_model
 
+  def _frozen(self, shapes_or_axes):
+    return self._lora.split(shapes_or_axes)[0]
+
   def param_shapes(self):
-    return self._lora.split(self._lora.base.param_shapes())[0]
+    lora_model = self._lora
+    quantized = lora_model.lora_config.base_quantization
+    if quantized.enabled:
+      return self._frozen(quantization.quantized_shapes(lora_model.base,
+                                                        quantized))
+    return self._frozen(lora_model.base.param_shapes())
 
   def logical_axes(self):
-    return self._lora.split(self._lora.base.logical_axes())[0]
+    lora_model = self._lora
+    quantized = lora_model.lora_config.base_quantization
+    if quantized.enabled:
+      return self._frozen(quantization.quantized_axes(lora_model.base,
+                                                      quantized))
+    return self._frozen(lora_model.base.logical_axes())
 
 
 class LoraModel:
@@ -211,11 +252,19 @@ class LoraModel:
 
   def start(self, base_params: Params, rng: jax.Array) -> tuple[dict, dict]:
     """(frozen, trained) parameters to start from: fresh adapters on
-    `base_params` (the base's whole tree), whose trained part they keep."""
+    `base_params` (the base's whole tree, float), whose trained part they
+    keep; the frozen part as it is (float: `freeze` quantizes it)."""
     self.check_targets()
     adapters = jax.jit(self.get_initial_variables)(rng)['params']
     _, adapters = split_adapters(adapters)
     return self.split(join(base_params, adapters))
+
+  def freeze(self, frozen: Params) -> Params:
+    """The frozen part as the step reads it: quantized for QLoRA."""
+    quantized = self.lora_config.base_quantization
+    if not quantized.enabled:
+      return frozen
+    return quantization.quantize(self.base, frozen, quantized)
 
   def check_targets(self) -> None:
     """Raises ValueError when the targets select no projection, or one that

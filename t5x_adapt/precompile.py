@@ -5,9 +5,9 @@ r"""Compile a training step for a TPU topology ahead of time, on any machine.
 
 reads the same gin files as `t5x_adapt.train` (a recipe, or a run file plus
 a model preset, with any `--gin.NAME=VALUE` overrides), builds the whole
-sharded step from abstract shapes only (student, teacher, optimizer state
-and batch as ShapeDtypeStructs: nothing is allocated, no checkpoint or data
-is read) and compiles it with libtpu for the topology's devices
+sharded step from abstract shapes only (student, teacher, a LoRA model's
+frozen base, optimizer state and batch as ShapeDtypeStructs: nothing is
+allocated, no checkpoint or data is read) and compiles it with libtpu for the topology's devices
 (`jax.experimental.topologies`; `pip install -e .[tpu]`). It prints, per
 chip, the argument / output / temp / total bytes against the chip's HBM, and
 the compiled FLOPs next to the analytic count (`t5x_adapt.flops`; XLA's
@@ -38,8 +38,10 @@ from jax.experimental import topologies
 
 from t5x_adapt import cli
 from t5x_adapt import gin_utils
+from t5x_adapt import lora
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
+from t5x_adapt import quantization
 from t5x_adapt import trainer as trainer_lib
 
 GiB = 2**30
@@ -155,6 +157,7 @@ class Report:
   compiled_flops: Optional[float]
   analytic_flops: int
   mosaic_kernels: int = 0
+  frozen_bytes: int = 0  # A teacher's or a LoRA base's, all chips.
 
   @property
   def total_bytes(self) -> int:
@@ -178,7 +181,9 @@ class Report:
         f'{self.chips} chips), mesh {self.mesh}',
         'batch       ' + ', '.join(f'{k} {v}' for k, v in
                                    sorted(self.batch.items())),
-        f'parameters  {self.parameters:,}',
+        f'parameters  {self.parameters:,} trained'
+        + (f', {self.frozen_bytes / GiB:,.2f} GiB frozen (all chips)'
+           if self.frozen_bytes else ''),
         f'per chip    argument {gib(self.argument_bytes)}, output '
         f'{gib(self.output_bytes)} ({gib(self.alias_bytes)} donated), temp '
         f'{gib(self.temp_bytes)}',
@@ -227,6 +232,8 @@ def compile_step(topology: Topology, recipe: str = '') -> Report:
   vocab = {} if run.get('vocab_size') is None else {
       'vocab_size': run['vocab_size']}
   model = gin_utils.model_from_config(**vocab)
+  if run.get('lora') is not None:
+    model = lora.LoraModel(model, run['lora'])
   partitioner = partitioning.Partitioner(devices=topology.devices())
   trainer = trainer_lib.Trainer(model, partitioner, optimizers.optimizer(
       learning_rate=optimizers.schedule()))
@@ -254,7 +261,9 @@ def compile_step(topology: Topology, recipe: str = '') -> Report:
       hbm_bytes=topology.chip.hbm_bytes,
       compiled_flops=_compiled_flops(compiled, topology.num_chips),
       analytic_flops=model.train_step_flops(input_shapes),
-      mosaic_kernels=compiled.as_text().count(_MOSAIC_CALL))
+      mosaic_kernels=compiled.as_text().count(_MOSAIC_CALL),
+      frozen_bytes=sum(quantization.num_bytes(m.param_shapes())
+                       for m in model.frozen_models().values()))
 
 
 # ----------------------------------------------------------------- CLI --
@@ -304,6 +313,7 @@ _UNREAD_MACROS = (
     'TRAIN_STEPS = 100000',
     "MIXTURE_OR_TASK_NAME = 'unread by precompile'",
     "SOURCE_CHECKPOINT = 'unread by precompile'",
+    "INIT_CHECKPOINT = 'unread by precompile'",
     "DECODER_SOURCE_CHECKPOINT = None",
 )
 

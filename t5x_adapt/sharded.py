@@ -11,15 +11,18 @@ with the Partitioner's input and output shardings (`Partitioner.jit`, as
 the train step is), and gets the whole batch's outputs back replicated, so
 every process sees the same results. A short last batch is filled with
 copies of its first row that weigh nothing (`PADDING_INDEX`). Evaluation
-(`t5x_adapt.eval`), inference (`t5x_adapt.infer`) and training's
-validation use these.
+(`t5x_adapt.eval`), inference (`t5x_adapt.infer`), serving and training's
+validation use these. With weight quantization switched on in gin
+(`quantization.WeightQuantization.qtype = 'int8'`, `gin/quantize/int8.gin`),
+`on_gin_mesh` holds the projections' kernels quantized: `restore` reads a
+float checkpoint and quantizes it on the mesh.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import jax
 import numpy as np
@@ -28,6 +31,7 @@ import tensorflow as tf
 from t5x_adapt import decoding
 from t5x_adapt import distributed
 from t5x_adapt import partitioning
+from t5x_adapt import quantization as quantization_lib
 from t5x_adapt.convert import load
 
 PADDING_INDEX = -1  # Index of the rows that fill a short last batch.
@@ -116,10 +120,14 @@ class ShardedModel:
   """
 
   def __init__(self, model, partitioner: partitioning.Partitioner,
-               param_shardings):
+               param_shardings,
+               quantization: Optional[
+                   quantization_lib.WeightQuantization] = None):
     self.model = model
     self.partitioner = partitioner
     self.param_shardings = param_shardings
+    self.quantization = (quantization if quantization is not None
+                         and quantization.enabled else None)
     self._jit = functools.partial(
         partitioner.jit,
         in_shardings=(param_shardings, partitioner.batch_sharding,
@@ -133,16 +141,32 @@ class ShardedModel:
   @classmethod
   def on_gin_mesh(cls, model, batch_size: int) -> ShardedModel:
     """On the gin-configured Partitioner's mesh, parameters sharded by their
-    logical axes; checks that `batch_size` splits over the mesh."""
+    logical axes, quantized as gin says (`WeightQuantization`); checks
+    that `batch_size` splits over the mesh."""
     partitioner = partitioning.Partitioner()
     check_batch_size(batch_size, partitioner)
-    return cls(model, partitioner,
-               partitioner.shardings(model.logical_axes()))
+    quantization = quantization_lib.WeightQuantization()
+    axes = (quantization_lib.quantized_axes(model, quantization)
+            if quantization.enabled else model.logical_axes())
+    return cls(model, partitioner, partitioner.shardings(axes), quantization)
 
   def restore(self, checkpoint: str | os.PathLike):
-    """A checkpoint's parameters (any kind), onto `param_shardings`."""
-    return load.load_params(checkpoint, self.model,
-                            shardings=self.param_shardings)
+    """A checkpoint's parameters (any kind), onto `param_shardings`
+    (quantized there, when this model holds them so)."""
+    if self.quantization is None:
+      return load.load_params(checkpoint, self.model,
+                              shardings=self.param_shardings)
+    params = load.load_params(
+        checkpoint, self.model,
+        shardings=self.partitioner.shardings(self.model.logical_axes()))
+    return self.quantize(params)
+
+  def quantize(self, params):
+    """Float parameters -> this model's quantized ones, on the mesh."""
+    quantize = functools.partial(quantization_lib.quantize, self.model,
+                                 config=self.quantization)
+    return jax.jit(quantize, out_shardings=self.param_shardings,
+                   donate_argnums=0)(params)
 
   def _loss_sums_fn(self, params, batch, _):
     _, metrics = self.model.loss_fn(params, batch, None)

@@ -71,6 +71,7 @@ from t5x_adapt import lora as lora_lib
 from t5x_adapt import lora_runs
 from t5x_adapt import optimizers
 from t5x_adapt import partitioning
+from t5x_adapt import quantization
 from t5x_adapt import sharded as sharded_lib
 from t5x_adapt import step_guard
 from t5x_adapt import summaries
@@ -231,7 +232,11 @@ def lora_base(model: lora_lib.LoraModel,
   else:
     raise ValueError('a LoRA run needs a base to tune: train.init_checkpoint '
                      '(INIT_CHECKPOINT) or train.adaptation')
-  return model.start(base, jax.random.PRNGKey(seed))
+  frozen, trained = model.start(base, jax.random.PRNGKey(seed))
+  frozen_axes = model.frozen_models()['base_params'].logical_axes()
+  frozen = jax.jit(model.freeze, donate_argnums=0,
+                   out_shardings=partitioner.shardings(frozen_axes))(frozen)
+  return frozen, trained
 
 
 def _eval_view(trainer, frozen: Mapping[str, object]):
@@ -242,9 +247,16 @@ def _eval_view(trainer, frozen: Mapping[str, object]):
   if not isinstance(model, lora_lib.LoraModel):
     return model, trainer.state_shardings().params, lambda params: params
   base = frozen['base_params']
-  return (model.adapted,
-          trainer.partitioner.shardings(model.adapted.logical_axes()),
-          lambda params: lora_lib.join(base, params))
+  shardings = lora_lib.join(trainer.frozen_shardings()['base_params'],
+                            trainer.state_shardings().params)
+  return model.adapted, shardings, lambda params: lora_lib.join(base, params)
+
+
+def _has_sub_byte_values(tree) -> bool:
+  """Whether any array of `tree` holds int4 values (a QLoRA base's)."""
+  sub_byte = {np.dtype(jax.numpy.int4), np.dtype(jax.numpy.uint4)}
+  return any(np.dtype(x.dtype) in sub_byte
+             for x in jax.tree_util.tree_leaves(tree))
 
 
 def _count(tree) -> tuple[int, int]:
@@ -260,9 +272,9 @@ def _describe_state(trainer) -> str:
   values, _ = _count(shapes.params)
   _, opt_bytes = _count(shapes.opt_state)
   line = f'{values:,} trained parameters'
-  if frozen := trainer.model.frozen_models():
-    frozen_values = sum(_count(m.param_shapes())[0] for m in frozen.values())
-    line += f' ({frozen_values:,} frozen)'
+  for name, model in trainer.model.frozen_models().items():
+    frozen_bytes = quantization.num_bytes(model.param_shapes())
+    line += f', frozen {name} {frozen_bytes / 2**20:,.2f} MiB'
   return f'{line}, optimizer state {opt_bytes / 2**20:,.2f} MiB'
 
 
@@ -507,6 +519,11 @@ def train(model_dir: str = gin.REQUIRED,
   # 6. Loop.
   if frozen:
     compiled_step = step_fn
+    if _has_sub_byte_values(frozen):
+      # jax 0.10.2 on CPU: a compiled program refuses committed int4 arrays
+      # whose layout says "unpacked" (all that jit outputs say), where
+      # jit's own dispatch takes them; the same program, from jit's cache.
+      compiled_step = trainer.jitted_step(batch_shapes)
     step_fn = lambda state, batch: compiled_step(state, batch, frozen)
   loop = Loop(step_fn=step_fn, iterator=iterator, partitioner=partitioner,
               guard=trainer.guard, eval_params=eval_params,

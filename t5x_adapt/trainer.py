@@ -222,18 +222,23 @@ class Trainer:
     The compiled step is `step(state, batch)`, or `step(state, batch,
     frozen)` for models with frozen parameters (`frozen_shardings`).
     """
+    args = (self.state_shapes(), dict(batch_shapes))
+    if frozen := self.model.frozen_models():
+      args += ({name: model.param_shapes() for name, model in frozen.items()},)
+    return self.jitted_step(batch_shapes).lower(*args).compile()
+
+  def jitted_step(self, batch_shapes: Mapping[str, jax.ShapeDtypeStruct]):
+    """The train step jitted with its shardings (what `compile_step`
+    compiles), for callers that need jit's own dispatch."""
     state_shardings = self.state_shardings()
     batch_shardings = {k: self.partitioner.batch_sharding
                        for k in batch_shapes}
     in_shardings = (state_shardings, batch_shardings)
-    args = (self.state_shapes(), dict(batch_shapes))
-    if frozen := self.model.frozen_models():
+    if self.model.frozen_models():
       in_shardings += (self.frozen_shardings(),)
-      args += ({name: model.param_shapes() for name, model in frozen.items()},)
-    step = self.partitioner.jit(
+    return self.partitioner.jit(
         self._step, in_shardings,
         (state_shardings, self.partitioner.replicated), donate_argnums=(0,))
-    return step.lower(*args).compile()
 
   def train_step(self, state: TrainState, batch: Batch,
                  *frozen: Mapping[str, Any]):

@@ -13,6 +13,7 @@ import pytest
 
 from t5x_adapt import gin_utils
 from t5x_adapt import lora
+from t5x_adapt import quantization
 
 PRESETS = ['t5gemma_tiny', 'gemma2_tiny',
            pytest.param('t5gemma2_tiny', marks=pytest.mark.slow)]
@@ -114,11 +115,55 @@ def test_targets_that_select_nothing_are_refused():
     lora.init_adapters(lora_model, {}, jax.random.PRNGKey(0))
 
 
-def test_bfloat16_projections_are_refused_by_name():
-  model = gin_utils.load_model('gemma2_tiny', dtype='bfloat16')
-  lora_model = lora.LoraModel(model, lora.LoraConfig())
-  with pytest.raises(ValueError, match='bfloat16 projections .*module '):
-    lora.init_adapters(lora_model, {}, jax.random.PRNGKey(0))
+def _grads_reach_every_adapter(lora_model, base, trained, batch):
+  """Every adapter leaf gets a nonzero gradient (A and B both nonzero)."""
+  trained = jax.tree_util.tree_map(lambda x: x + 0.01, trained)
+  grads = jax.jit(jax.grad(lambda t: lora_model.loss_fn(
+      t, batch, None, base_params=base)[0]))(trained)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  return [jax.tree_util.keystr(p) for p, g in flat
+          if not np.abs(np.asarray(g)).max() > 0]
+
+
+def _targets_batch(model):
+  batch = _batch(model)
+  return {**batch, 'decoder_target_tokens': batch['decoder_input_tokens']}
+
+
+def test_bfloat16_projections_take_adapters():
+  """The bfloat16 matmul runs as a plain dot_general under LoRA: fresh
+  adapters still give the base's logits bitwise, and gradients reach
+  every adapter."""
+  model = gin_utils.load_model('t5gemma_tiny', dtype='bfloat16')
+  base = jax.jit(model.get_initial_variables)(jax.random.PRNGKey(0))['params']
+  lora_model = lora.LoraModel(model, lora.LoraConfig(rank=4))
+  frozen, trained = lora_model.start(base, jax.random.PRNGKey(1))
+  batch = _batch(model)
+  np.testing.assert_array_equal(
+      _logits(lora_model.adapted, lora.join(frozen, trained), batch),
+      _logits(model, base, batch))
+  assert not _grads_reach_every_adapter(lora_model, frozen, trained,
+                                        _targets_batch(model))
+
+
+@pytest.mark.parametrize('qtype,tile_size', [('int8', None), ('int4', 16)])
+def test_qlora_adapters_reach_every_target(qtype, tile_size):
+  """On a quantized base (per channel, or per block of inputs) qwix finds
+  every kernel: fresh adapters give the quantized base's logits, and
+  gradients reach every adapter."""
+  model = gin_utils.load_model('t5gemma_tiny')
+  base = jax.jit(model.get_initial_variables)(jax.random.PRNGKey(0))['params']
+  config = lora.LoraConfig(rank=4, base_qtype=qtype, base_tile_size=tile_size)
+  lora_model = lora.LoraModel(model, config)
+  frozen, trained = lora_model.start(base, jax.random.PRNGKey(1))
+  frozen = lora_model.freeze(frozen)
+  quantized = quantization.quantize(model, base, config.base_quantization)
+  batch = _batch(model)
+  np.testing.assert_array_equal(
+      _logits(lora_model.adapted, lora.join(frozen, trained), batch),
+      _logits(model, quantized, batch))
+  assert not _grads_reach_every_adapter(lora_model, frozen, trained,
+                                        _targets_batch(model))
 
 
 def test_eager_application_is_refused_where_it_would_miss_kernels():

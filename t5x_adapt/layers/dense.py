@@ -6,8 +6,26 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
+from qwix._src.providers import ptq
 
 from t5x_adapt.kernels.matmul import matmul_2d
+
+
+def _dequantized(matrix: qwix.QArray) -> jax.Array:
+  """A quantized `[in, out]` matrix in float32.
+
+  What `qwix.dequantize` computes for int8 / int4 values, written so that
+  the last operation is the multiply in the matrix's own shape: qwix's LoRA
+  finds a matmul's kernel by following it back to that shape (a scale per
+  block of inputs is repeated to it rather than the matrix split into
+  blocks).
+  """
+  values, scale = matrix.qvalue.astype(jnp.float32), matrix.scale
+  blocks = scale.shape[-2]
+  if blocks > 1:
+    scale = jnp.repeat(scale, values.shape[-2] // blocks, axis=-2)
+  return values * scale
 
 
 class Projection(nn.Module):
@@ -45,8 +63,15 @@ class Projection(nn.Module):
       flat = (math.prod(in_shape), math.prod(features))
       return nn.initializers.lecun_normal()(rng, flat, dtype).reshape(shape)
 
-    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes),
-                        (*in_shape, *features), self.param_dtype)
+    stored = (self.get_variable('params', 'kernel')
+              if self.has_variable('params', 'kernel') else None)
+    if isinstance(stored, ptq.WithAux):
+      # Held quantized as the `[in, out]` matrix (`t5x_adapt.quantization`).
+      kernel = _dequantized(stored.array).reshape(*in_shape, *features)
+    else:
+      kernel = self.param('kernel',
+                          nn.with_logical_partitioning(init, self.axes),
+                          (*in_shape, *features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     y = matmul_2d(x, kernel, self.contract)
     if not self.use_bias:
