@@ -364,8 +364,8 @@ def main(argv=None) -> None:
       # The floor streams at the float32 rate whatever the dtype: XLA's
       # bfloat16 matvec reads its table slower than the float32 one, and
       # the floor is what the memory allows, not what one kernel reaches.
-      for dtype in dict.fromkeys(('float32', stack.param_dtype)):
-        key = (batch, stack.embed_dim, stack.vocab_size, dtype)
+      for table_dtype in dict.fromkeys(('float32', stack.param_dtype)):
+        key = (batch, stack.embed_dim, stack.vocab_size, table_dtype)
         if key not in bandwidths:
           bandwidths[key] = streaming_bandwidth(*key)
       rows.append((timings[0], timings[1] if len(timings) > 1 else None,

@@ -233,9 +233,12 @@ def lora_base(model: lora_lib.LoraModel,
     raise ValueError('a LoRA run needs a base to tune: train.init_checkpoint '
                      '(INIT_CHECKPOINT) or train.adaptation')
   frozen, trained = model.start(base, jax.random.PRNGKey(seed))
-  frozen_axes = model.frozen_models()['base_params'].logical_axes()
-  frozen = jax.jit(model.freeze, donate_argnums=0,
-                   out_shardings=partitioner.shardings(frozen_axes))(frozen)
+  if model.lora_config.base_quantization.enabled:
+    # Not donated: an adapted base may hold one array twice (a table its
+    # stacks share with each other or with the teacher).
+    frozen_axes = model.frozen_models()['base_params'].logical_axes()
+    frozen = jax.jit(model.freeze, out_shardings=partitioner.shardings(
+        frozen_axes))(frozen)
   return frozen, trained
 
 

@@ -275,3 +275,65 @@ def test_lora_run_without_a_base_is_refused(tmp_path, compile_cache):
                           env=train_cli.env(compile_cache))
   assert result.returncode
   assert 'a LoRA run needs a base to tune' in result.stderr
+
+
+@pytest.mark.slow
+def test_lora_over_prefixlm_kd_adaptation(tmp_path, compile_cache):
+  """lora.gin over the PrefixLM + KD recipe: the base is the adaptation of
+  the decoder-only source (saved once as MODEL_DIR/lora_base), the teacher
+  the source; both frozen beside the adapters; the run merges."""
+  source = tmp_path / 'source'
+  _save_base('gemma2_tiny', source)
+  model_dir = tmp_path / 'run'
+  flags = ['--gin_file=gin/adapt/t5gemma_tiny_prefixlm_kd.gin',
+           '--gin_file=gin/finetune/lora.gin',
+           f'--gin.SOURCE_CHECKPOINT="{source}"',
+           f'--gin.MODEL_DIR="{model_dir}"', '--gin.TRAIN_STEPS=10',
+           '--gin.BATCH_SIZE=8', '--gin.EVAL_EVERY=0', '--gin.SAVE_EVERY=10']
+  result = subprocess.run(
+      [sys.executable, '-m', 't5x_adapt.train', *flags],
+      cwd=train_cli.REPO_ROOT, capture_output=True, text=True, timeout=600,
+      env=train_cli.env(compile_cache))
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'frozen teacher_params' in result.stderr
+  assert 'frozen base_params' in result.stderr
+  run = lora_runs.read_run(model_dir)
+  # The saved base is the adaptation: the encoder's first query kernel is
+  # the source's.
+  source_params = checkpoints.restore_params(
+      source, gin_utils.load_model('gemma2_tiny', vocab_size=VOCAB))
+  np.testing.assert_array_equal(
+      np.asarray(run.base['encoder']['layers']['block_0']['self_attention'][
+          'query']['kernel']),
+      np.asarray(source_params['decoder']['layers']['block_0'][
+          'self_attention']['query']['kernel']))
+  merged = run.merged()
+  assert set(merged) == set(run.model.base.param_shapes())
+
+
+@pytest.mark.slow
+def test_lora_classifier_trains_its_head_beside_the_adapters(
+    tmp_path, compile_cache):
+  """LORA_TRAINED = 'classifier/.*': the fresh head trains in full, the
+  backbone through its adapters; the checkpoint holds both, nothing else."""
+  _save_base('t5gemma_tiny', tmp_path / 'base')
+  flags = ['--gin_file=gin/models/t5gemma_tiny.gin',
+           '--gin_file=gin/finetune/classification.gin',
+           '--gin_file=gin/finetune/lora.gin',
+           '--gin.BACKBONE=@EncoderDecoderModel()', '--gin.NUM_CLASSES=2',
+           '--gin.MIXTURE_OR_TASK_NAME="sentiment_cls_spm8k"',
+           f'--gin.INIT_CHECKPOINT="{tmp_path / "base"}"',
+           f'--gin.MODEL_DIR="{tmp_path / "run"}"', '--gin.TRAIN_STEPS=10',
+           '--gin.LORA_TRAINED="classifier/.*"', '--gin.BATCH_SIZE=8',
+           '--gin.EVAL_EVERY=0', '--gin.SAVE_EVERY=10']
+  result = subprocess.run(
+      [sys.executable, '-m', 't5x_adapt.train', *flags],
+      cwd=train_cli.REPO_ROOT, capture_output=True, text=True, timeout=600,
+      env=train_cli.env(compile_cache))
+  assert result.returncode == 0, result.stderr[-4000:]
+  params = train_cli.flatten(train_cli.saved_state(tmp_path / 'run',
+                                                   10)['params'])
+  heads = [k for k in params if k.startswith('/classifier/')]
+  assert heads and all(k in heads or re.search(r'kernel_lora_[ab]$', k)
+                       for k in params)
+  assert any(re.search(r'kernel_lora_[ab]$', k) for k in params)
