@@ -38,13 +38,6 @@ the float base).
 
 from __future__ import annotations
 
-if __name__ == '__main__':
-  # `python -m t5x_adapt.lora merge|export`: a run's adapters
-  # (`t5x_adapt.lora_runs`), with this module imported once, as itself.
-  import sys
-  from t5x_adapt import lora_runs
-  sys.exit(lora_runs.main())
-
 import copy
 import dataclasses
 import re

@@ -1,7 +1,7 @@
 r"""A LoRA run's adapters: merged into its base, or exported for PEFT.
 
-  python -m t5x_adapt.lora merge MODEL_DIR OUT [--step N] [--hf]
-  python -m t5x_adapt.lora export MODEL_DIR OUT [--step N]
+  python -m t5x_adapt.lora_runs merge MODEL_DIR OUT [--step N] [--hf]
+  python -m t5x_adapt.lora_runs export MODEL_DIR OUT [--step N]
 
 A LoRA run (`gin/finetune/lora.gin`) checkpoints its adapters alone; its
 MODEL_DIR/lora.json (`write_record`) names the rest: the base model's
@@ -135,7 +135,7 @@ def _export(args) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m t5x_adapt.lora',
+      prog='python -m t5x_adapt.lora_runs',
       description="A LoRA run's adapters: merged, or exported for PEFT.")
   commands = parser.add_subparsers(dest='command', required=True)
   for name, fn, help_text in (
@@ -158,3 +158,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -29,6 +29,7 @@ Embedding tables (and with them a tied LM head) stay as they are.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping, Optional
 
@@ -37,8 +38,6 @@ import gin
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
-import math
-
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
 
@@ -46,7 +45,6 @@ from t5x_adapt.layers import dense
 
 Params = Mapping[str, Any]
 QTYPES = {'int8': jnp.int8, 'int4': jnp.int4}
-QTYPE_BITS = {'int8': 8, 'int4': 4}
 
 
 @gin.configurable
@@ -59,8 +57,8 @@ class WeightQuantization:
     targets: Regular expression matched in full against the projections'
       module paths (`decoder/layers/block_0/mlp/up`); default: all.
     tile_size: None: one scale per output channel. An int: one per output
-      channel and block of this many inputs (subchannel scales along the
-      last contracted dimension; QLoRA's 4-bit base uses blocks of 64).
+      channel and block of this many inputs of the flattened `[in, out]`
+      matrix (QLoRA's 4-bit base uses blocks of 64).
   """
   qtype: Optional[str] = None
   targets: str = '.*'
@@ -77,9 +75,20 @@ class WeightQuantization:
     return self.qtype is not None
 
 
+_CONTRACTIONS = {}
+
+
 def projection_contractions(model) -> dict[str, int]:
   """{module path of each projection: how many leading kernel dimensions
-  it contracts}, from a trace of the model (nothing computed)."""
+  it contracts}, from a trace of the model (nothing computed), kept by
+  model class and module as `BaseModel` keeps its parameter shapes."""
+  key = (type(model), model.module)
+  if key not in _CONTRACTIONS:
+    _CONTRACTIONS[key] = _trace_contractions(model)
+  return dict(_CONTRACTIONS[key])
+
+
+def _trace_contractions(model) -> dict[str, int]:
   found = {}
 
   def record(next_fun, args, kwargs, context):

@@ -241,16 +241,15 @@ def test_peft_round_trip(preset, targets, tmp_path):
     assert names and all(re.search(r'(cross_attn|mlp)\.', n) for n in names)
 
 
+@pytest.mark.parametrize('lora_run', ['t5gemma_tiny'], indirect=True)
 def test_a_runs_adapters_export_and_merge_through_the_cli(lora_run,
                                                           tmp_path):
-  """`python -m t5x_adapt.lora export|merge` on the trained run: peft on the
+  """`python -m t5x_adapt.lora_runs export|merge` on the trained run: peft on the
   exported base = ours = the merged checkpoint."""
-  preset, _, model_dir, _ = lora_run
-  if preset != 't5gemma_tiny':
-    pytest.skip('one model kind is enough for the CLI')
+  _, _, model_dir, _ = lora_run
   for command, out in (('export', tmp_path / 'export'),
                        ('merge', tmp_path / 'merged')):
-    subprocess.run([sys.executable, '-m', 't5x_adapt.lora', command,
+    subprocess.run([sys.executable, '-m', 't5x_adapt.lora_runs', command,
                     str(model_dir), str(out)] + (['--hf'] if command ==
                                                  'merge' else []),
                    cwd=train_cli.REPO_ROOT, check=True, capture_output=True)

@@ -98,9 +98,11 @@ def test_quantized_logits_are_those_of_the_dequantized_kernels(quantized):
                                                      batch)),
                              rtol=1e-5, atol=1e-5)
   full = np.asarray(logits(params, batch))
-  error = np.abs(ours - full).max() / np.abs(full).max()
-  print(f'\nint8 vs float32 max relative logit error {error:.2e}')
-  assert 0 < error < 5e-2
+  error = np.linalg.norm(ours - full) / np.linalg.norm(full)
+  print(f'\nint8 vs float32 relative logit error (norms) {error:.2e}')
+  # Random tiny models amplify rounding (their real-model figure:
+  # benchmarks/int8_quality.py); a wrong scale or layout is O(1).
+  assert 0 < error < 0.1
 
 
 def test_predict_and_score_take_quantized_parameters(quantized):
@@ -133,13 +135,23 @@ def test_int4_halves_int8_and_blocks_beat_channels(quantized):
                if quantization.is_quantized(x))
   # Half the values' bytes; the scales are the same.
   assert kernel_bytes(int4) < 0.6 * kernel_bytes(qparams)
-  logits = jax.jit(model.compute_logits)
-  full = np.asarray(logits(params, _batch(model)))
-  errors = [np.abs(np.asarray(logits(p, _batch(model))) - full).max() /
-            np.abs(full).max() for p in (int4, blocks)]
-  print(f'\nint4 max relative logit error: per channel {errors[0]:.2e}, '
-        f'blocks of 16 inputs {errors[1]:.2e}')
-  assert errors[1] < errors[0]
+  # Blocks of inputs get their own scales, never larger than a channel's:
+  # the kernels come back closer.
+  def kernel_error(tree):
+    restored = _dequantized(model, tree)
+    pairs = [(restored_leaf, leaf) for (path, leaf), restored_leaf in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree_util.tree_leaves(restored)) if path[-1].key == 'kernel']
+    return (np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2)
+                        for a, b in pairs)) /
+            np.sqrt(sum(np.sum(np.asarray(b) ** 2) for _, b in pairs)))
+  errors = [kernel_error(int4), kernel_error(blocks)]
+  int8_error = kernel_error(qparams)
+  print(f'\nrelative kernel error: int4 per channel {errors[0]:.3e}, '
+        f'int4 blocks of 16 inputs {errors[1]:.3e}, int8 {int8_error:.3e}')
+  assert 0 < errors[1] < errors[0]
+  # 16 times finer steps than int4's.
+  assert 0 < int8_error < errors[0] / 8
 
 
 def test_the_gin_switch_quantizes_what_sharded_model_restores(tmp_path):
