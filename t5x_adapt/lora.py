@@ -156,24 +156,21 @@ class _FrozenPart:
   def __init__(self, lora_model: 'LoraModel'):
     self._lora = lora_model
 
-  def _frozen(self, shapes_or_axes):
-    return self._lora.split(shapes_or_axes)[0]
+  def _frozen(self, of_quantized, of_float):
+    """The frozen part of the base's tree: `of_quantized(base, config)`
+    when the base is held quantized, else `of_float()`."""
+    quantized = self._lora.lora_config.base_quantization
+    tree = (of_quantized(self._lora.base, quantized) if quantized.enabled
+            else of_float())
+    return self._lora.split(tree)[0]
 
   def param_shapes(self):
-    lora_model = self._lora
-    quantized = lora_model.lora_config.base_quantization
-    if quantized.enabled:
-      return self._frozen(quantization.quantized_shapes(lora_model.base,
-                                                        quantized))
-    return self._frozen(lora_model.base.param_shapes())
+    return self._frozen(quantization.quantized_shapes,
+                        self._lora.base.param_shapes)
 
   def logical_axes(self):
-    lora_model = self._lora
-    quantized = lora_model.lora_config.base_quantization
-    if quantized.enabled:
-      return self._frozen(quantization.quantized_axes(lora_model.base,
-                                                      quantized))
-    return self._frozen(lora_model.base.logical_axes())
+    return self._frozen(quantization.quantized_axes,
+                        self._lora.base.logical_axes)
 
 
 class LoraModel:
@@ -358,7 +355,3 @@ def merge_adapters(params: Params, config: LoraConfig) -> dict:
         out[name] = value
     return out
   return merge(base, adapters, ())
-
-
-def num_bytes(tree: Params) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))

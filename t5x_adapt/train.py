@@ -262,18 +262,11 @@ def _has_sub_byte_values(tree) -> bool:
              for x in jax.tree_util.tree_leaves(tree))
 
 
-def _count(tree) -> tuple[int, int]:
-  """(values, bytes) of the array leaves of a tree of arrays or shapes."""
-  leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, 'dtype')]
-  return (sum(int(np.prod(x.shape)) for x in leaves),
-          sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves))
-
-
 def _describe_state(trainer) -> str:
   """Trained parameters and optimizer state, with their bytes."""
   shapes = trainer.state_shapes()
-  values, _ = _count(shapes.params)
-  _, opt_bytes = _count(shapes.opt_state)
+  values = sum(x.size for x in jax.tree_util.tree_leaves(shapes.params))
+  opt_bytes = quantization.num_bytes(shapes.opt_state)
   line = f'{values:,} trained parameters'
   for name, model in trainer.model.frozen_models().items():
     frozen_bytes = quantization.num_bytes(model.param_shapes())

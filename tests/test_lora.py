@@ -105,7 +105,8 @@ def test_adapter_bytes_are_a_small_share():
   shapes = model.param_shapes()
   lora_model = lora.with_lora(model, lora.LoraConfig(rank=2))
   _, adapters = lora.split_adapters(lora_model.param_shapes())
-  assert 0 < lora.num_bytes(adapters) < 0.2 * lora.num_bytes(shapes)
+  assert 0 < quantization.num_bytes(adapters) < 0.2 * quantization.num_bytes(
+      shapes)
 
 
 def test_targets_that_select_nothing_are_refused():

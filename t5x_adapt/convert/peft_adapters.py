@@ -124,7 +124,7 @@ def save_peft(model, params: Mapping[str, Any], lora_config,
   if lora_config.trained:
     raise ValueError('LoraConfig.trained parameters are not exported as '
                      'PEFT modules_to_save: merge them (python -m '
-                     't5x_adapt.lora merge) instead')
+                     't5x_adapt.lora_runs merge) instead')
   tensors, modules = peft_tensors(model, params)
   if not modules:
     raise ValueError('no LoRA adapters in the parameters to export')
