@@ -24,8 +24,8 @@ $(VENV)/.installed: requirements.txt setup.py pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-tpu.txt
-	$(PIP) install -q -r requirements-test.txt -r requirements-tpu.txt
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-tpu.txt requirements-eval.txt
+	$(PIP) install -q -r requirements-test.txt -r requirements-tpu.txt -r requirements-eval.txt
 	touch $@
 
 install: $(VENV)/.installed

@@ -14,7 +14,7 @@ import setuptools
 # Console script -> module:function (t5x_adapt/cli.py: each does what
 # `python -m` does for its module).
 _COMMANDS = ('train', 'eval', 'infer', 'adapt', 'convert', 'precompile',
-             'serve')
+             'serve', 'harness')
 
 
 def _requirements(name):
@@ -40,6 +40,8 @@ setuptools.setup(
         # libtpu: compile steps for TPU topologies on any machine
         # (`t5x-adapt-precompile`), and run on TPUs.
         'tpu': _requirements('requirements-tpu.txt'),
+        # lm-evaluation-harness: `t5x-adapt-harness` (t5x_adapt/harness.py).
+        'eval': _requirements('requirements-eval.txt'),
     },
     entry_points={'console_scripts': [
         f't5x-adapt-{name} = t5x_adapt.cli:{name}_command'

@@ -10,7 +10,8 @@ printing on process 0, and the run's model with its vocabulary fitted to
 the task.
 
 For every command, the console scripts that pip installs (`t5x-adapt-train`,
-`-eval`, `-infer`, `-adapt`, `-convert`, `-precompile`, `-serve`;
+`-eval`, `-infer`, `-adapt`, `-convert`, `-precompile`, `-serve`,
+`-harness`;
 `COMMANDS`): each does what `python -m t5x_adapt.<module>` does. A console
 script imports this module before the command may restart itself on huge pages
 (`t5x_adapt.host_memory`), so it imports nothing heavy (JAX, TensorFlow) at
@@ -167,6 +168,7 @@ COMMANDS = {
     't5x-adapt-convert': ('t5x_adapt.convert.__main__', False),
     't5x-adapt-precompile': ('t5x_adapt.precompile', False),
     't5x-adapt-serve': ('t5x_adapt.serve', True),
+    't5x-adapt-harness': ('t5x_adapt.harness', True),
 }
 
 
@@ -204,3 +206,4 @@ adapt_command = _command('t5x-adapt-adapt')
 convert_command = _command('t5x-adapt-convert')
 precompile_command = _command('t5x-adapt-precompile')
 serve_command = _command('t5x-adapt-serve')
+harness_command = _command('t5x-adapt-harness')

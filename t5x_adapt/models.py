@@ -33,7 +33,7 @@ from t5x_adapt.config import EncoderDecoderConfig, StackConfig
 from t5x_adapt.data import feature_converters
 from t5x_adapt.data.vocab import BOS_ID, EOS_ID
 from t5x_adapt.kernels import lm_head_loss
-from t5x_adapt.losses import cross_entropy, token_log_probs
+from t5x_adapt.losses import cross_entropy, token_log_probs, token_losses
 from t5x_adapt.networks import DecoderOnlyTransformer
 from t5x_adapt.networks import EncoderDecoderTransformer
 
@@ -306,6 +306,17 @@ class BaseModel(abc.ABC):
     targets = batch['decoder_target_tokens']
     weights = batch.get('decoder_loss_weights', targets > 0)
     return jnp.sum(token_log_probs(logits, targets) * weights, axis=-1)
+
+  def score_tokens(self, params: Params,
+                   batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Per target token: (log p(target) float32 [b, t], whether the target
+    is the argmax bool [b, t]), what likelihood benchmarks ask of a model
+    (the log-likelihood of a continuation and whether greedy decoding
+    would produce it)."""
+    logits = self.compute_logits(params, batch)
+    targets = batch['decoder_target_tokens']
+    terms = token_losses(logits.astype(jnp.float32), targets)
+    return -terms['nll'], terms['correct'] > 0
 
   def input_states(self, params: Params, batch: Batch) -> jax.Array:
     """Final-normed states [b, length, embed] of the `INPUTS_FEATURE`

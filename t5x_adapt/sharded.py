@@ -136,6 +136,8 @@ class ShardedModel:
     self._loss_sums = self._jit(self._loss_sums_fn)
     self._scores = self._jit(lambda params, batch, _: model.score_batch(
         params, batch))
+    self._token_scores = self._jit(
+        lambda params, batch, _: model.score_tokens(params, batch))
     self._predicts = {}
 
   @classmethod
@@ -189,6 +191,12 @@ class ShardedModel:
   def scores(self, params, host_batch: HostBatch) -> np.ndarray:
     """Target log-likelihood of every row: [batch]."""
     return self._run(self._scores, params, host_batch)
+
+  def token_scores(self, params,
+                   host_batch: HostBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Per target token of every row: (log-likelihood [batch, length],
+    whether it is the argmax [batch, length])."""
+    return self._run(self._token_scores, params, host_batch)
 
   def predict(self, params, host_batch: HostBatch, max_decode_length: int,
               options: decoding.DecodeOptions,

@@ -93,7 +93,8 @@ def test_each_console_command_runs_its_modules_main(wheel):
   entry_points = _entry_points(wheel)
   assert set(entry_points) == set(cli.COMMANDS) == {
       f't5x-adapt-{c}' for c in
-      ('train', 'eval', 'infer', 'adapt', 'convert', 'precompile', 'serve')}
+      ('train', 'eval', 'infer', 'adapt', 'convert', 'precompile', 'serve',
+       'harness')}
   for name, target in entry_points.items():
     module, function = target.split(':')
     assert callable(getattr(importlib.import_module(module), function))
