@@ -24,8 +24,10 @@ $(VENV)/.installed: requirements.txt setup.py pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-tpu.txt requirements-eval.txt
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-tpu.txt requirements-eval.txt requirements-gemma-lib.txt
 	$(PIP) install -q -r requirements-test.txt -r requirements-tpu.txt -r requirements-eval.txt
+	rm -rf $(VENV)/gemma_lib
+	$(PIP) install -q --no-deps --target $(VENV)/gemma_lib -r requirements-gemma-lib.txt
 	touch $@
 
 install: $(VENV)/.installed

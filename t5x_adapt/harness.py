@@ -86,14 +86,22 @@ def _progress(total: int, what: str, disable: bool) -> tqdm.tqdm:
 
 
 def _rows(sequences: Sequence[Sequence[int]], batch_size: int,
-          length: int) -> np.ndarray:
-  """int32 [batch_size, length]: each sequence left-aligned, 0-padded; rows
-  past the sequences copy the first (their results are dropped)."""
+          length: int, right_aligned: bool = False) -> np.ndarray:
+  """int32 [batch_size, length]: the sequences 0-padded, at the start of
+  each row or (`right_aligned`) at its end; rows past the sequences copy
+  the first (their results are dropped)."""
   out = np.zeros((batch_size, length), np.int32)
   for i in range(batch_size):
     row = sequences[i] if i < len(sequences) else sequences[0]
-    out[i, :len(row)] = row
+    if right_aligned:
+      out[i, length - len(row):] = row
+    else:
+      out[i, :len(row)] = row
   return out
+
+
+def _power_of_two(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
 
 
 @registry.register_model('t5x_adapt')
@@ -208,15 +216,16 @@ class HarnessModel(lm_model.TemplateLM):
                                      *targets[:-1]],
             'decoder_target_tokens': targets}
 
-  def _batch(self, rows: Sequence[dict[str, list[int]]]
-             ) -> dict[str, np.ndarray]:
+  def _batch(self, rows: Sequence[dict[str, list[int]]],
+             right_aligned: bool = False) -> dict[str, np.ndarray]:
     """This process's rows of the global batch of `rows`, each feature
-    padded to a compiled length."""
+    padded to a compiled length (at the start with `right_aligned`)."""
     batch = {}
     for name in rows[0]:
       sequences = [row[name] for row in rows]
       length = _padded(max(map(len, sequences)), self.max_length)
-      batch[name] = _rows(sequences, self.batch_size, length)[self._host_rows]
+      batch[name] = _rows(sequences, self.batch_size, length,
+                          right_aligned)[self._host_rows]
     return batch
 
   def _loglikelihood_tokens(self, requests: Sequence[TokenRequest],
@@ -229,18 +238,29 @@ class HarnessModel(lm_model.TemplateLM):
       if not context or not continuation:
         raise ValueError('a loglikelihood request needs context and '
                          f'continuation tokens: {context}, {continuation}')
+      if len(continuation) > self.max_length:
+        raise ValueError(f'a continuation of {len(continuation)} tokens is '
+                         f'longer than max_length {self.max_length}')
     order = lm_model_utils.Collator(
         list(requests), sort_fn=lambda r: (-len(r[1]) - len(r[2]),
                                            tuple(r[1] + r[2])))
     results = []
     progress = _progress(len(requests), 'loglikelihood', disable_tqdm)
+    causal = self.backend == 'causal'
     for chunk in order.get_batched(n=self.batch_size):
       rows = [self._scored_rows(context, continuation)
               for _, context, continuation in chunk]
-      log_probs, greedy = self.sharded.token_scores(self.params,
-                                                    self._batch(rows))
+      # A decoder-only model's rows end together (padded at the start), so
+      # every continuation lies in the last `last` positions: the LM head
+      # runs on those alone.
+      batch = self._batch(rows, right_aligned=causal)
+      length = batch['decoder_target_tokens'].shape[1]
+      last = (min(_power_of_two(max(len(r[2]) for r in chunk)), length)
+              if causal else None)
+      log_probs, greedy = self.sharded.token_scores(self.params, batch, last)
       for i, ((_, _, continuation), row) in enumerate(zip(chunk, rows)):
-        end = len(row['decoder_target_tokens'])
+        end = (log_probs.shape[1] if causal
+               else len(row['decoder_target_tokens']))
         scored = slice(end - len(continuation), end)
         results.append((float(np.sum(log_probs[i, scored], dtype=np.float64)),
                         bool(np.all(greedy[i, scored]))))

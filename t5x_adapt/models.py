@@ -307,14 +307,24 @@ class BaseModel(abc.ABC):
     weights = batch.get('decoder_loss_weights', targets > 0)
     return jnp.sum(token_log_probs(logits, targets) * weights, axis=-1)
 
-  def score_tokens(self, params: Params,
-                   batch: Batch) -> tuple[jax.Array, jax.Array]:
+  def score_tokens(self, params: Params, batch: Batch,
+                   last: Optional[int] = None
+                   ) -> tuple[jax.Array, jax.Array]:
     """Per target token: (log p(target) float32 [b, t], whether the target
     is the argmax bool [b, t]), what likelihood benchmarks ask of a model
     (the log-likelihood of a continuation and whether greedy decoding
-    would produce it)."""
-    logits = self.compute_logits(params, batch)
+    would produce it).
+
+    `last`: only the last `last` target positions ([b, last]), the LM head
+    applied to those alone (a short continuation after a long context).
+    """
     targets = batch['decoder_target_tokens']
+    if last is None:
+      logits = self.compute_logits(params, batch)
+    else:
+      targets = targets[:, -last:]
+      hidden = self.compute_hidden(params, batch)[:, -last:]
+      logits = self.lm_head(params, hidden).logits()
     terms = token_losses(logits.astype(jnp.float32), targets)
     return -terms['nll'], terms['correct'] > 0
 

@@ -136,8 +136,7 @@ class ShardedModel:
     self._loss_sums = self._jit(self._loss_sums_fn)
     self._scores = self._jit(lambda params, batch, _: model.score_batch(
         params, batch))
-    self._token_scores = self._jit(
-        lambda params, batch, _: model.score_tokens(params, batch))
+    self._token_scores = {}
     self._predicts = {}
 
   @classmethod
@@ -192,11 +191,17 @@ class ShardedModel:
     """Target log-likelihood of every row: [batch]."""
     return self._run(self._scores, params, host_batch)
 
-  def token_scores(self, params,
-                   host_batch: HostBatch) -> tuple[np.ndarray, np.ndarray]:
-    """Per target token of every row: (log-likelihood [batch, length],
-    whether it is the argmax [batch, length])."""
-    return self._run(self._token_scores, params, host_batch)
+  def token_scores(self, params, host_batch: HostBatch,
+                   last: Optional[int] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per target token of every row (of its `last` ones, when given):
+    (log-likelihood [batch, length], whether it is the argmax [batch,
+    length]); `BaseModel.score_tokens`."""
+    if last not in self._token_scores:
+      self._token_scores[last] = self._jit(
+          lambda params, batch, _: self.model.score_tokens(params, batch,
+                                                           last))
+    return self._run(self._token_scores[last], params, host_batch)
 
   def predict(self, params, host_batch: HostBatch, max_decode_length: int,
               options: decoding.DecodeOptions,

@@ -6,15 +6,17 @@
 
 Kinds (`checkpoint_kind`): our Orbax checkpoints (a `save_params` directory
 or a training step directory `MODEL_DIR/checkpoints/<step>`), transformers
-directories (config.json + safetensors) and GGUF files. Ours are restored
+directories (config.json + safetensors), GGUF files and the gemma library's
+Orbax checkpoints (`gemma_lib`: Kaggle's Flax releases, read for the model
+a caller names, since they carry no config). Ours are restored
 by orbax straight onto the shardings (each host reads the shards of its own
-devices). Transformers and GGUF tensors are read one at a time, converted in
-host memory (layout, and one cast from the stored dtype straight to the
-model's parameter dtype) and placed with their sharding before the next is
-read (`lazy.place`), so no device ever holds a whole tree and the host
-holds one tensor in flight. (Each host reads the whole of each tensor it
-holds a shard of: safetensors and GGUF tensors need a layout change before
-they can be cut.)
+devices). Transformers, GGUF and gemma library tensors are read one at a
+time, converted in host memory (layout, and one cast from the stored dtype
+straight to the model's parameter dtype) and placed with their sharding
+before the next is read (`lazy.place`), so no device ever holds a whole
+tree and the host holds one tensor in flight. (Each host reads the whole
+of each tensor it holds a shard of: these tensors need a layout change
+before they can be cut.)
 
 Embedding tables are read where the checkpoint keeps them and moved to
 where the model does (`checkpoints.embeddings`): a tied model reads the
@@ -49,6 +51,7 @@ from t5x_adapt.checkpoints import embeddings
 from t5x_adapt.checkpoints.params import flat_shapes, mismatch_error
 from t5x_adapt.checkpoints.params import only_subtrees
 from t5x_adapt.config import StackConfig, config_from_dict
+from t5x_adapt.convert import gemma_lib
 from t5x_adapt.convert import gguf
 from t5x_adapt.convert import hf
 from t5x_adapt.convert import lazy
@@ -60,15 +63,19 @@ Params = Any
 ORBAX = 'orbax'
 TRANSFORMERS = registry.TRANSFORMERS
 GGUF = registry.GGUF
+GEMMA_LIB = gemma_lib.GEMMA_LIB
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-  """'gguf' (a .gguf file), 'transformers' (config.json) or 'orbax'."""
+  """'gguf' (a .gguf file), 'transformers' (config.json), 'gemma_lib' (the
+  gemma library's Orbax tree, `gemma_lib.looks_like`) or 'orbax' (ours)."""
   path = pathlib.Path(path)
   if path.suffix == '.gguf':
     return GGUF
   if (path / 'config.json').exists():
     return TRANSFORMERS
+  if gemma_lib.looks_like(path):
+    return GEMMA_LIB
   return ORBAX
 
 
@@ -131,6 +138,9 @@ def lazy_params(path: str | os.PathLike, scan_layers: bool = True,
     return gguf.lazy_params(path, scan_layers)
   if kind == TRANSFORMERS:
     return hf.lazy_params(path, scan_layers, text_only=text_only)
+  if kind == GEMMA_LIB:
+    raise ValueError(f'{path}: a gemma library checkpoint does not say '
+                     'which model it holds (use load_params with the model)')
   raise ValueError(f'{path}: an orbax checkpoint has no lazy reader '
                    '(use load_params)')
 
@@ -139,8 +149,12 @@ def _lazy_model_params(path, model, subtrees):
   """A transformers / GGUF checkpoint as `model`'s lazy parameter tree
   (`model` has no vision tower, so a checkpoint's is left unread); each
   leaf is read straight into the model's parameter dtype."""
-  loaded, tree = lazy_params(path, scan_layers=False, text_only=True)
-  _check_stacks(loaded.config, model.config, subtrees, str(path))
+  if checkpoint_kind(path) == GEMMA_LIB:
+    # No config to check: the model says what the tensors compute.
+    tree = gemma_lib.lazy_tree(gemma_lib.Checkpoint(path), model)
+  else:
+    loaded, tree = lazy_params(path, scan_layers=False, text_only=True)
+    _check_stacks(loaded.config, model.config, subtrees, str(path))
   expected = only_subtrees(model.param_shapes(), subtrees)
   # A table per stack into a tied model (T5Gemma), or a tied table into a
   # stack's own (an encoder classifier of T5Gemma 2): moved, not read.
@@ -218,8 +232,12 @@ def model_and_params(path: str | os.PathLike, scan_layers: bool = True,
 def model_of(path: str | os.PathLike, scan_layers: bool = True):
   """The model a checkpoint describes, its parameters unread; None for an
   Orbax checkpoint without a config in its metadata (a training step
-  directory: its model is the run's gin preset)."""
-  if checkpoint_kind(path) != ORBAX:
+  directory: its model is the run's gin preset) and for the gemma
+  library's checkpoints (which carry none)."""
+  kind = checkpoint_kind(path)
+  if kind == GEMMA_LIB:
+    return None
+  if kind != ORBAX:
     return lazy_params(path, scan_layers, text_only=True)[0]
   metadata = checkpoints.read_info(path).get('metadata') or {}
   if 'config' not in metadata:

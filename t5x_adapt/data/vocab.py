@@ -164,7 +164,9 @@ def checkpoint_vocabulary(checkpoint_path: str,
   Returns:
     `vocabulary`'s, else the checkpoint's own: a transformers directory's
     `tokenizer.model`, a GGUF file's tokenizer (rebuilt as a SentencePiece
-    model, `convert.gguf_tokenizer`). Our Orbax checkpoints carry none yet.
+    model, `convert.gguf_tokenizer`), the `tokenizer.model` beside a gemma
+    library checkpoint (Kaggle's layout). Our Orbax checkpoints carry none
+    yet.
 
   Raises:
     ValueError: naming the checkpoint, when it has no SentencePiece
@@ -174,12 +176,16 @@ def checkpoint_vocabulary(checkpoint_path: str,
     return seqio.SentencePieceVocabulary(str(vocabulary))
   path = pathlib.Path(checkpoint_path)
   if path.suffix == '.gguf':
+    # The function: `convert` exports it under its module's name.
     from t5x_adapt.convert import gguf_tokenizer  # pylint: disable=g-import-not-at-top
     out = pathlib.Path(tempfile.mkdtemp()) / f'{path.stem}.model'
-    return seqio.SentencePieceVocabulary(
-        str(gguf_tokenizer.gguf_tokenizer(path, out)))
+    return seqio.SentencePieceVocabulary(str(gguf_tokenizer(path, out)))
   if (path / 'tokenizer.model').exists():
     return seqio.SentencePieceVocabulary(str(path / 'tokenizer.model'))
+  from t5x_adapt.convert import gemma_lib  # pylint: disable=g-import-not-at-top
+  if (path.parent / 'tokenizer.model').exists() and gemma_lib.looks_like(path):
+    # Kaggle's Flax releases: the tokenizer beside the checkpoint directory.
+    return seqio.SentencePieceVocabulary(str(path.parent / 'tokenizer.model'))
   raise ValueError(
       f'{checkpoint_path}: no SentencePiece tokenizer in the checkpoint '
       '(tokenizer.model of a transformers directory, or a GGUF file); give '
