@@ -17,6 +17,9 @@ import pathlib
 import random
 import re
 import shutil
+import socket
+import subprocess
+import sys
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -37,6 +40,7 @@ from t5x_adapt.convert import hf  # pylint: disable=wrong-import-position
 from t5x_adapt.data import sources  # pylint: disable=wrong-import-position
 from t5x_adapt.data import vocab as vocab_lib  # pylint: disable=wrong-import-position
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 GEMMA3_VOCAB = 262_144
 MAX_LENGTH = 96  # Short enough that the rolling task needs two windows.
 BATCH_SIZE = 4
@@ -173,18 +177,32 @@ def _responses(results, task):
   return [sample['filtered_resps'] for sample in samples]
 
 
+@pytest.fixture(scope='module')
+def evaluated(task_dir, gemma3_tokenizer_dir, tmp_path_factory):
+  """preset -> (its exported directory, the harness's results through our
+  backend, through the `hf` backend), each computed once."""
+  done = {}
+
+  def evaluate(preset):
+    if preset not in done:
+      path = _exported(preset, tmp_path_factory, gemma3_tokenizer_dir)
+      ours = harness.HarnessModel.from_checkpoint(
+          str(path), batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
+      reference = HFLM(pretrained=str(path), batch_size=BATCH_SIZE,
+                       max_length=MAX_LENGTH, dtype='float32', device='cpu')
+      assert ours.backend == reference.backend
+      done[preset] = (path, _evaluate(ours, task_dir),
+                      _evaluate(reference, task_dir))
+    return done[preset]
+
+  return evaluate
+
+
 @pytest.mark.parametrize('preset', [
     'gemma3_tiny', 't5gemma_tiny',
     pytest.param('t5gemma2_tiny', marks=pytest.mark.slow)])
-def test_results_equal_the_hf_backend(preset, task_dir, gemma3_tokenizer_dir,
-                                      tmp_path_factory):
-  path = _exported(preset, tmp_path_factory, gemma3_tokenizer_dir)
-  ours = harness.HarnessModel.from_checkpoint(
-      str(path), batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
-  reference = HFLM(pretrained=str(path), batch_size=BATCH_SIZE,
-                   max_length=MAX_LENGTH, dtype='float32', device='cpu')
-  assert ours.backend == reference.backend
-  got, expected = _evaluate(ours, task_dir), _evaluate(reference, task_dir)
+def test_results_equal_the_hf_backend(preset, evaluated):
+  _, got, expected = evaluated(preset)
 
   # Multiple choice: (log-likelihood, is_greedy) of every choice.
   ll_got = [r for doc in _responses(got, 'tiny_choice') for r in doc]
@@ -216,21 +234,81 @@ def test_results_equal_the_hf_backend(preset, task_dir, gemma3_tokenizer_dir,
             task, name)
 
 
-def test_command_writes_the_harness_results(task_dir, gemma3_tokenizer_dir,
-                                            tmp_path_factory, tmp_path):
-  path = _exported('gemma3_tiny', tmp_path_factory, gemma3_tokenizer_dir)
-  with pytest.raises(SystemExit) as stop:  # absl's app.run exits
-    harness.main([
-      'harness', '--gin_file=gin/runs/harness.gin',
-        f'--gin.CHECKPOINT_PATH="{path}"', "--gin.TASKS=['tiny_choice']",
-        f'--gin.INCLUDE_PATH="{task_dir}"', f'--gin.OUTPUT_DIR="{tmp_path}"',
-        '--gin.BATCH_SIZE=4', f'--gin.MAX_LENGTH={MAX_LENGTH}'])
-  assert stop.value.code in (None, 0)
+def _command(path, task_dir, out, *flags):
+  return [sys.executable, '-m', 't5x_adapt.harness',
+          '--gin_file=gin/runs/harness.gin',
+          f'--gin.CHECKPOINT_PATH="{path}"', "--gin.TASKS=['tiny_choice']",
+          f'--gin.INCLUDE_PATH="{task_dir}"', f'--gin.OUTPUT_DIR="{out}"',
+          '--gin.BATCH_SIZE=8', f'--gin.MAX_LENGTH={MAX_LENGTH}', *flags]
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def _choice_responses(out: pathlib.Path) -> list:
+  samples = [json.loads(line) for line in
+             (out / 'samples_tiny_choice.jsonl').read_text().splitlines()]
+  return [s['filtered_resps'] for s in sorted(samples,
+                                              key=lambda s: s['doc_id'])]
+
+
+def _assert_same_responses(got, expected):
+  assert len(got) == len(expected) == len(_CHOICES)
+  for doc_got, doc_expected in zip(got, expected):
+    for (ll, greedy), (ll_expected, greedy_expected) in zip(doc_got,
+                                                            doc_expected):
+      assert float(ll) == pytest.approx(float(ll_expected), rel=1e-5)
+      assert greedy == greedy_expected
+
+
+@pytest.fixture(scope='module')
+def one_device_responses(evaluated):
+  """gemma3_tiny's directory and its per-request results on one device."""
+  path, ours, _ = evaluated('gemma3_tiny')
+  return path, _responses(ours, 'tiny_choice')
+
+
+def test_eight_devices_give_one_devices_results(one_device_responses,
+                                                task_dir, tmp_path):
+  """`python -m t5x_adapt.harness` on a data x fsdp mesh of 8 devices
+  (batches of 8) gives the in-process backend's results on one (batches of
+  4), and writes the harness's files."""
+  path, expected = one_device_responses
+  result = subprocess.run(
+      _command(path, task_dir, tmp_path, '--gin.DATA_PARALLELISM=4',
+               '--gin.FSDP_PARALLELISM=2'),
+      cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'tiny_choice: acc' in result.stderr
   results = json.loads((tmp_path / 'results.json').read_text())
   assert set(results['results']['tiny_choice']) >= {'acc,none',
                                                      'acc_norm,none'}
-  samples = (tmp_path / 'samples_tiny_choice.jsonl').read_text().splitlines()
-  assert len(samples) == len(_CHOICES)
+  _assert_same_responses(_choice_responses(tmp_path), expected)
+
+
+@pytest.mark.slow
+def test_two_processes_give_one_processs_results(one_device_responses,
+                                                  task_dir, tmp_path):
+  """2 processes x 2 devices (jax.distributed): the same results, written
+  by process 0 alone."""
+  path, expected = one_device_responses
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    address = '127.0.0.1:%d' % sock.getsockname()[1]
+  processes = [subprocess.Popen(
+      _command(path, task_dir, tmp_path / str(index),
+               '--gin.DATA_PARALLELISM=2', '--gin.FSDP_PARALLELISM=2',
+               f'--coordinator_address={address}', '--num_processes=2',
+               f'--process_id={index}'),
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for index in range(2)]
+  outputs = [process.communicate(timeout=600) for process in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  assert not (tmp_path / '1' / 'results.json').exists()
+  _assert_same_responses(_choice_responses(tmp_path / '0'), expected)
 
 
 # ------------------------------------------------ the real Gemma 3 270M --
