@@ -133,7 +133,6 @@ class HarnessModel(lm_model.TemplateLM):
                add_bos_token: bool = True, seed: int = 0,
                hf_seq2seq_lengths: bool = True):
     super().__init__()
-    self.hf_seq2seq_lengths = hf_seq2seq_lengths
     self.sharded = sharded
     self.params = params
     self.vocabulary = vocabulary
@@ -141,6 +140,7 @@ class HarnessModel(lm_model.TemplateLM):
     self.max_length = max_length
     self._max_gen_toks = max_gen_toks
     self.add_bos_token = add_bos_token
+    self.hf_seq2seq_lengths = hf_seq2seq_lengths
     self.backend = ('seq2seq' if sharded.model.is_encoder_decoder
                     else 'causal')
     self._rng = jax.random.PRNGKey(seed)

@@ -31,6 +31,7 @@ import transformers  # pylint: disable=wrong-import-position
 
 from lm_eval import evaluator  # pylint: disable=wrong-import-position
 from lm_eval import tasks as lm_tasks  # pylint: disable=wrong-import-position
+from lm_eval.api import registry as lm_registry  # pylint: disable=wrong-import-position
 from lm_eval.models.huggingface import HFLM  # pylint: disable=wrong-import-position
 
 from t5x_adapt import assets  # pylint: disable=wrong-import-position
@@ -203,6 +204,7 @@ def evaluated(task_dir, gemma3_tokenizer_dir, tmp_path_factory):
     pytest.param('t5gemma2_tiny', marks=pytest.mark.slow)])
 def test_results_equal_the_hf_backend(preset, evaluated):
   _, got, expected = evaluated(preset)
+  assert lm_registry.get_model('t5x_adapt') is harness.HarnessModel
 
   # Multiple choice: (log-likelihood, is_greedy) of every choice.
   ll_got = [r for doc in _responses(got, 'tiny_choice') for r in doc]
