@@ -12,6 +12,8 @@ than one. The models then decode with `attention_impl='blocked'` (tiles of
 marked slow).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -478,3 +480,118 @@ def test_dense_gradient_is_autodiffs_of_its_forward(cap, heads, kv_heads):
   assert relative_error(actual_out, expected_out) <= 1e-6
   for name, a, e in zip(('d_query', 'd_key', 'd_value'), actual, expected):
     assert relative_error(a, e) <= RTOL, (name, relative_error(a, e))
+
+
+# -- merged attention (T5Gemma 2's decoder) ----------------------------------
+
+
+def _merged_inputs(rng, heads, kv_heads, window, padded_encoder):
+  """A decoder's packed causal self-attention part and an encoder part
+  (its own packing; row 1's encoder wholly padding with `padded_encoder`,
+  so that row's queries see their own keys alone)."""
+  batch, q_len, enc_len = 2, 21, 19
+  query, key, value = qkv(rng, batch, q_len, q_len, heads, kv_heads)
+  _, enc_key, enc_value = qkv(rng, batch, q_len, enc_len, heads, kv_heads)
+  own = self_attention_mask(rng, batch, q_len, 'packed')
+  enc_positions, enc_segments, _ = packed_rows(rng, batch, enc_len, False)
+  if padded_encoder:
+    enc_segments = enc_segments.at[1].set(0)
+  # A decoder segment reads the encoder segment of the same id.
+  encoder = MaskInputs(own.query_positions, enc_positions,
+                       own.query_segment_ids, enc_segments)
+  parts = [(key, value, own, MaskSpec(causal=True, window=window,
+                                      index_ordered=True)),
+           (enc_key, enc_value, encoder, MaskSpec(causal=False))]
+  return query, parts
+
+
+@pytest.mark.parametrize('heads,kv_heads,window,cap,padded_encoder', [
+    (4, 2, 5, None, False),
+    (4, 1, None, 50.0, True),
+    (4, 4, 12, 50.0, False),
+])
+def test_merged_attention_blocked_matches_dense(heads, kv_heads, window, cap,
+                                                padded_encoder):
+  """One softmax over the decoder's own keys and the encoder's, tiled part
+  by part and merged by logsumexp, against the joined dense scores:
+  outputs and gradients of the query and of both parts' keys and values."""
+  rng = np.random.RandomState(13)
+  query, parts = _merged_inputs(rng, heads, kv_heads, window, padded_encoder)
+  cotangent = jnp.asarray(rng.standard_normal(query.shape), jnp.float32)
+  sees = functools.reduce(jnp.logical_or, [
+      dense_mask(mask, spec).any(axis=-1)[:, 0] for _, _, mask, spec in parts])
+  weights = sees[:, :, None, None].astype(jnp.float32)
+
+  def run(impl, block):
+    def attention(q, k1, v1, k2, v2):
+      joined = [(k1, v1, *parts[0][2:]), (k2, v2, *parts[1][2:])]
+      if impl == 'dense':
+        return attention_lib.merged_attention(q, joined, scale=SCALE,
+                                              logit_softcap=cap)
+      return blocked.merged_blocked_attention(
+          q, joined, scale=SCALE, logit_softcap=cap, block_q=block,
+          block_kv=block)
+    args = (query, parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    out, vjp = jax.vjp(attention, *args)
+    return out, vjp(cotangent * weights)
+
+  expected, expected_grads = jax.jit(lambda: run('dense', None))()
+  actual, actual_grads = jax.jit(lambda: run('blocked', 8))()
+  names = ('d_query', 'd_key', 'd_value', 'd_encoder_key', 'd_encoder_value')
+  errors = {'out': relative_error(actual * weights, expected * weights)}
+  for name, a, e in zip(names, actual_grads, expected_grads):
+    assert np.isfinite(np.asarray(a)).all(), name
+    errors[name] = relative_error(a, e)
+  print(errors)
+  assert max(errors.values()) <= RTOL, errors
+
+
+def test_merged_attention_impls():
+  assert attention_lib.resolve_merged('auto', query_length=1) == 'dense'
+  assert attention_lib.resolve_merged('auto', query_length=512) == 'blocked'
+  assert attention_lib.resolve_merged('blocked') == 'blocked'
+  with pytest.raises(ValueError, match="'splash' has no merged attention"):
+    attention_lib.resolve_merged('splash')
+
+
+@pytest.mark.slow  # ~30 s: two T5Gemma 2 gradients compiled
+def test_t5gemma2_loss_and_gradients_match_dense():
+  """T5Gemma 2 (merged attention, split encoder window) with every
+  attention `blocked` (tiles of 4) vs `dense`: loss and parameter
+  gradients on a padded batch."""
+  rng = np.random.RandomState(17)
+  lengths = np.array([[20, 12], [13, 7]])  # (encoder, decoder) tokens
+  inputs = np.where(np.arange(20) < lengths[:, :1], rng.randint(3, 512,
+                                                                 (2, 20)), 0)
+  targets = np.where(np.arange(12) < lengths[:, 1:], rng.randint(3, 512,
+                                                                  (2, 12)), 0)
+  batch = {'encoder_input_tokens': jnp.asarray(inputs, jnp.int32),
+           'decoder_input_tokens': jnp.asarray(
+               np.concatenate([np.full((2, 1), 2), targets[:, :-1]], 1)
+               * (targets > 0), jnp.int32),
+           'decoder_target_tokens': jnp.asarray(targets, jnp.int32)}
+  results = {}
+  default_tiles = blocked.DEFAULT_BLOCK_Q, blocked.DEFAULT_BLOCK_KV
+  blocked.DEFAULT_BLOCK_Q = blocked.DEFAULT_BLOCK_KV = 4
+  try:
+    for impl in ('dense', 'blocked'):
+      model = gin_utils.load_model('t5gemma2_tiny', attention_impl=impl)
+      params = model.get_initial_variables(jax.random.PRNGKey(3))['params']
+      loss_and_grads = jax.jit(jax.value_and_grad(
+          lambda p: model.loss_fn(p, batch, None)[0]))
+      results[impl] = loss_and_grads(params)
+  finally:
+    blocked.DEFAULT_BLOCK_Q, blocked.DEFAULT_BLOCK_KV = default_tiles
+  (loss, grads), (expected_loss, expected_grads) = (results['blocked'],
+                                                    results['dense'])
+  # A leaf no gradient reaches (the end-of-image vector) must stay zero.
+  errors = jax.tree_util.tree_map(
+      lambda a, e: (relative_error(a, e) if np.abs(np.asarray(e)).max() > 0
+                    else float(np.abs(np.asarray(a)).max())),
+      grads, expected_grads)
+  worst = max(jax.tree_util.tree_leaves(errors))
+  print(f'loss {float(loss):.6f} vs {float(expected_loss):.6f}; max rel. '
+        f'gradient error {worst:.2e}')
+  assert abs(float(loss) - float(expected_loss)) <= 1e-5 * abs(
+      float(expected_loss))
+  assert worst <= 1e-4

@@ -84,17 +84,38 @@ def dense_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                 logit_softcap=logit_softcap, kv_heads_first=kv_heads_first)
 
 
+def resolve_merged(impl: str, *, query_length: Optional[int] = None) -> str:
+  """The implementation of merged attention `impl` stands for: `dense` or
+  `blocked` (`auto`: dense for a few queries, blocked otherwise, on every
+  platform). Splash and cuDNN have no merged form: asking for them raises.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown attention_impl {impl!r}; choose one of '
+                     f'{", ".join(IMPLEMENTATIONS)}')
+  if impl == 'auto':
+    few = query_length is not None and query_length < AUTO_DENSE_BELOW
+    return 'dense' if few else 'blocked'
+  if impl not in ('dense', 'blocked'):
+    raise ValueError(f'attention_impl {impl!r} has no merged attention '
+                     "(T5Gemma 2's decoder): use 'blocked', 'dense' or "
+                     "'auto'")
+  return impl
+
+
 def merged_attention(query: jax.Array,
                      parts: Sequence[tuple[jax.Array, jax.Array, MaskInputs,
                                            MaskSpec]],
                      *, scale: float,
                      logit_softcap: Optional[float] = None,
-                     kv_heads_first: bool = False) -> jax.Array:
+                     kv_heads_first: bool = False,
+                     impl: str = 'dense') -> jax.Array:
   """One softmax over several key sets, each with its own mask.
 
   T5Gemma 2's merged attention: a decoder query attends over its own
-  (causal, windowed) keys and the encoder's (global) in one softmax. Runs
-  densely (the joined [b, k, g, t, s1 + s2] scores).
+  (causal, windowed) keys and the encoder's (global) in one softmax.
+  `dense` joins the [b, k, g, t, s1 + s2] scores; `blocked` tiles each part
+  and merges the parts by their logsumexps
+  (`blocked.merged_blocked_attention`); see `resolve_merged`.
 
   Args:
     query: [b, t, n, h].
@@ -103,10 +124,19 @@ def merged_attention(query: jax.Array,
     scale: Multiplies the raw scores.
     logit_softcap: Softcap of the scaled scores, before masking.
     kv_heads_first: See `dense_attention`.
+    impl: 'dense', 'blocked' or 'auto'.
 
   Returns:
     [b, t, n, h] in the query's dtype.
   """
+  impl = resolve_merged(impl, query_length=query.shape[1])
+  if impl == 'blocked':
+    from t5x_adapt.kernels import blocked  # pylint: disable=g-import-not-at-top
+    if kv_heads_first:  # The kernel takes [b, s, k, h].
+      parts = [(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), m, spec)
+               for k, v, m, spec in parts]
+    return blocked.merged_blocked_attention(query, parts, scale=scale,
+                                            logit_softcap=logit_softcap)
   axis = 2 if kv_heads_first else 1
   key = jnp.concatenate([part[0] for part in parts], axis=axis)
   value = jnp.concatenate([part[1] for part in parts], axis=axis)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -229,7 +229,8 @@ def _forward(plan: _Plan, query, key, value,
              mask: MaskInputs) -> tuple[jax.Array, jax.Array]:
   """Output [b, t, n, h] (query dtype) and logsumexp [b, k, g, t] (float32).
 
-  The logsumexp of a row that sees no key is 0 (its output is 0).
+  A row that sees no key has output 0 and logsumexp -inf (its softmax
+  weight when parts are merged: `merged_blocked_attention`).
   """
   tiles = _TiledInputs(plan, query, key, value, mask)
   num_q, batch, kv_heads, groups, block_q, head_dim = tiles.query.shape
@@ -263,7 +264,7 @@ def _forward(plan: _Plan, query, key, value,
     safe_sum = jnp.where(seen, running_sum, 1.0)
     out = jax.lax.dynamic_update_index_in_dim(
         out, acc / safe_sum[..., None], qi, axis=0)
-    row_lse = jnp.where(seen, safe_max + jnp.log(safe_sum), 0.0)
+    row_lse = jnp.where(seen, safe_max + jnp.log(safe_sum), -jnp.inf)
     lse = jax.lax.dynamic_update_index_in_dim(lse, row_lse, qi, axis=0)
     return (new_max, running_sum, acc, out, lse), None
 
@@ -271,7 +272,7 @@ def _forward(plan: _Plan, query, key, value,
           jnp.zeros(row_shape, jnp.float32),
           jnp.zeros(row_shape + (head_dim,), jnp.float32),
           jnp.zeros((num_q,) + row_shape + (head_dim,), jnp.float32),
-          jnp.zeros((num_q,) + row_shape, jnp.float32))
+          jnp.full((num_q,) + row_shape, -jnp.inf, jnp.float32))
   (_, _, _, out, lse), _ = jax.lax.scan(step, init, plan.pairs())
   out = _heads_last(_from_tiles(out, 3, plan.q_len)).astype(query.dtype)
   return out, _from_tiles(lse, 3, plan.q_len)
@@ -283,6 +284,10 @@ def _forward(plan: _Plan, query, key, value,
 def _backward(plan: _Plan, query, key, value, mask: MaskInputs, out, lse,
               d_out) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Gradients w.r.t. query, key and value, FlashAttention-2 style.
+
+  `out` and `lse` are the softmax's whole output and logsumexp: for merged
+  attention, those of all parts together, which makes each part's
+  gradient its share of the one softmax's.
 
   Per tile: probs = exp(logits - lse) (0 where masked), then
     d_value += probs^T d_out,
@@ -379,11 +384,106 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Returns:
     [b, t, n, h] in the query's dtype; 0 for a query that sees no key.
   """
+  plan = _plan(query, key, mask, spec, scale, logit_softcap, block_q,
+               block_kv)
+  return _attention(plan, query, key, value, mask)
+
+
+def _plan(query, key, mask: MaskInputs, spec: MaskSpec, scale: float,
+          logit_softcap: Optional[float], block_q: Optional[int],
+          block_kv: Optional[int]) -> _Plan:
+  """The static plan of one call: tile sizes and the pairs to visit."""
   q_len, kv_len = query.shape[1], key.shape[1]
   block_q = min(block_q or DEFAULT_BLOCK_Q, q_len)
   block_kv = min(block_kv or DEFAULT_BLOCK_KV, kv_len)
   q_tiles, kv_tiles = tile_pairs(spec, mask.has_prefix, q_len, kv_len,
                                  block_q, block_kv)
-  plan = _Plan(spec, float(scale), logit_softcap, block_q, block_kv, q_len,
+  return _Plan(spec, float(scale), logit_softcap, block_q, block_kv, q_len,
                kv_len, tuple(q_tiles.tolist()), tuple(kv_tiles.tolist()))
-  return _attention(plan, query, key, value, mask)
+
+
+# -- merged attention ----------------------------------------------------------
+
+
+def _merge(outs, lses):
+  """One softmax's output and logsumexp from its parts'.
+
+  Each part's output is normalised over its own keys; weighted by
+  exp(lse_part - lse) they sum to the output over all keys. A row that sees
+  no key in any part gets output 0 and logsumexp 0 (nothing reads it).
+
+  Args:
+    outs: Per part [b, t, n, h].
+    lses: Per part [b, k, g, t] float32, -inf where the part has no key.
+  """
+  top = functools.reduce(jnp.maximum, lses)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weights = [jnp.exp(lse - top) for lse in lses]
+  total = functools.reduce(jnp.add, weights)
+  safe_total = jnp.where(total > 0, total, 1.0)
+  out = functools.reduce(jnp.add, [
+      _heads_last((w / safe_total)[..., None]) * o.astype(jnp.float32)
+      for w, o in zip(weights, outs)])
+  lse = jnp.where(total > 0, top + jnp.log(safe_total), 0.0)
+  return out.astype(outs[0].dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _merged(plans, query, keys, values, masks):
+  """`_merge` of each part's `_forward`, with the recomputing gradient."""
+  return _merged_fwd(plans, query, keys, values, masks)[0]
+
+
+def _merged_fwd(plans, query, keys, values, masks):
+  parts = [_forward(*args) for args in zip(plans, [query] * len(plans), keys,
+                                           values, masks)]
+  out, lse = _merge(*zip(*parts))
+  return out, (query, keys, values, masks, out, lse)
+
+
+def _merged_bwd(plans, residuals, d_out):
+  query, keys, values, masks, out, lse = residuals
+  d_query, d_keys, d_values = None, [], []
+  for plan, key, value, mask in zip(plans, keys, values, masks):
+    dq, dk, dv = _backward(plan, query, key, value, mask, out, lse, d_out)
+    d_query = dq if d_query is None else d_query + dq
+    d_keys.append(dk)
+    d_values.append(dv)
+  return d_query, tuple(d_keys), tuple(d_values), (None,) * len(masks)
+
+
+_merged.defvjp(_merged_fwd, _merged_bwd)
+
+
+def merged_blocked_attention(
+    query: jax.Array,
+    parts: Sequence[tuple[jax.Array, jax.Array, MaskInputs, MaskSpec]],
+    *, scale: float, logit_softcap: Optional[float] = None,
+    block_q: Optional[int] = None,
+    block_kv: Optional[int] = None) -> jax.Array:
+  """One softmax over several key sets, each tiled with its own mask.
+
+  T5Gemma 2's merged attention without the joined score matrix: each part
+  (the decoder's own causal, windowed keys; the encoder's) runs the tiled
+  online softmax of `blocked_attention` with its own tile skipping, and the
+  parts' outputs combine exactly by their logsumexps (`_merge`). The
+  gradient runs each part's backward pass against the merged output and
+  logsumexp, which is each part's share of the one softmax's gradient.
+
+  Args:
+    query: [b, t, n, h].
+    parts: (key [b, s_i, k, h], value [b, s_i, k, h], mask, spec) per key
+      set.
+    scale, logit_softcap, block_q, block_kv: As `blocked_attention`.
+
+  Returns:
+    [b, t, n, h] in the query's dtype; 0 for a query that sees no key.
+  """
+  plans, keys, values, masks = [], [], [], []
+  for key, value, mask, spec in parts:
+    plans.append(_plan(query, key, mask, spec, scale, logit_softcap, block_q,
+                       block_kv))
+    keys.append(key)
+    values.append(value)
+    masks.append(mask)
+  return _merged(tuple(plans), query, tuple(keys), tuple(values), tuple(masks))

@@ -215,7 +215,8 @@ class Attention(nn.Module):
       out = merged_attention(query, [(key, value, mask, spec), encoder_part],
                              scale=self.query_scale,
                              logit_softcap=self.attn_logit_softcap,
-                             kv_heads_first=decode)
+                             kv_heads_first=decode,
+                             impl=self.attention_impl)
     else:
       out = dot_product_attention(query, key, value, mask, spec,
                                   scale=self.query_scale,
