@@ -71,6 +71,7 @@ _NORMS = {
     'post_mlp_norm': 'post_ffw_norm',
 }
 _ATTENTION = {'self_attention': 'attn', 'cross_attention': 'cross_attn'}
+_KAULDRON_STATE = {'collections', 'opt_state', 'params', 'step'}
 # Subtrees of a multimodal checkpoint that the text model leaves.
 _VISION = ('vision_encoder/', 'embedder/mm_')
 
@@ -166,12 +167,19 @@ def looks_like(path: str | os.PathLike) -> bool:
     tree = _item_metadata(path)
   except errors.CorruptCheckpointError:
     return False
+  tree, _ = _params_tree(tree)
   keys = set(tree.keys())
-  if keys == {'collections', 'opt_state', 'params', 'step'}:
-    keys = set(tree['params'].keys())
   return ('embedder' in keys or any(k.startswith('transformer/') for k in keys)
           or ('encoder' in keys and 'decoder' in keys and
               'embedder' in tree['encoder']))
+
+
+def _params_tree(tree) -> tuple[Any, tuple[str, ...]]:
+  """The parameter tree of a saved tree (a kauldron training state keeps
+  it under `params`) and its key path."""
+  if set(tree.keys()) == _KAULDRON_STATE:
+    return tree['params'], ('params',)
+  return tree, ()
 
 
 class Checkpoint:
@@ -185,10 +193,7 @@ class Checkpoint:
     self.path = pathlib.Path(path).absolute()
     if not self.path.exists():
       raise FileNotFoundError(f'{self.path}: no such checkpoint')
-    tree = _item_metadata(self.path)
-    self._root = ()
-    if set(tree.keys()) == {'collections', 'opt_state', 'params', 'step'}:
-      tree, self._root = tree['params'], ('params',)  # kauldron state
+    tree, self._root = _params_tree(_item_metadata(self.path))
     leaves = _tree_paths(tree)
     if any('stacked_layers' in '/'.join(keys) for keys in leaves):
       raise errors.UnsupportedArchitectureError(
@@ -254,7 +259,7 @@ def _attention_rules(shapes: Mapping[str, tuple], module: str, ours: tuple,
   rules.append(Rule(module + 'attn_vec_einsum/w', ours + ('out', 'kernel'),
                     IDENTITY))
   if stack.use_qk_norm:
-    rules += [Rule(module + f'_{n}/scale', ours + (f'{n}', 'scale'), IDENTITY)
+    rules += [Rule(module + f'_{n}/scale', ours + (n, 'scale'), IDENTITY)
               for n in ('query_norm', 'key_norm')]
   return rules
 
@@ -267,6 +272,10 @@ def stack_rules(shapes: Mapping[str, tuple], prefix: str, target: str,
   uses."""
   table = prefix + 'embedder/input_embedding'
   rows = shapes.get(table, (stack.vocab_size,))[0]
+  if rows < stack.vocab_size:
+    raise errors.ShapeMismatchError(
+        f'{table}: {rows} rows, fewer than the model\'s vocabulary '
+        f'({stack.vocab_size})')
   rules = [Rule(table, embedder + ('embedding',), FirstRows(rows)),
            Rule(prefix + 'final_norm/scale', (target, 'final_norm', 'scale'),
                 IDENTITY)]
