@@ -217,6 +217,10 @@ def test_a_model_of_other_shapes_is_refused_by_name(tmp_path):
         'gemma2_tiny', ['gemma2_tiny/StackConfig.mlp_dim = 96']))
   with pytest.raises(errors.CheckpointError, match='_query_norm'):
     load.load_params(path, gin_utils.load_model('gemma3_tiny'))
+  with pytest.raises(errors.CheckpointError,
+                     match='520 rows, fewer than .* vocabulary .1024'):
+    load.load_params(path, gin_utils.load_model('gemma2_tiny',
+                                                vocab_size=1024))
 
 
 def test_the_preset_is_found_from_the_tensors(tmp_path):
