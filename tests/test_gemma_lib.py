@@ -16,6 +16,7 @@ would pull the whole of kauldron's stack).
 
 import importlib.util
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -28,6 +29,7 @@ from t5x_adapt import gin_utils
 from t5x_adapt.checkpoints import errors
 from t5x_adapt.convert import gemma_lib
 from t5x_adapt.convert import load
+from t5x_adapt.data import vocab as vocab_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / '.venv' / 'gemma_lib'
@@ -234,6 +236,11 @@ def test_the_preset_is_found_from_the_tensors(tmp_path):
       checkpoint, ['gemma2_tiny', 'gemma3_tiny', 't5gemma_tiny']) == (
           'gemma3_tiny')
   assert load.model_of(path) is None  # no config: the caller names one
+  # Kaggle's layout: the tokenizer beside the checkpoint directory.
+  shutil.copy(vocab_lib.gemma3_model_file(), tmp_path / 'tokenizer.model')
+  vocabulary = vocab_lib.checkpoint_vocabulary(str(path))
+  assert vocabulary.sentencepiece_model_file == str(tmp_path /
+                                                    'tokenizer.model')
 
 
 def test_convert_command_writes_our_checkpoint(tmp_path):

@@ -182,9 +182,11 @@ def checkpoint_vocabulary(checkpoint_path: str,
     return seqio.SentencePieceVocabulary(str(gguf_tokenizer(path, out)))
   if (path / 'tokenizer.model').exists():
     return seqio.SentencePieceVocabulary(str(path / 'tokenizer.model'))
-  from t5x_adapt.convert import gemma_lib  # pylint: disable=g-import-not-at-top
-  if (path.parent / 'tokenizer.model').exists() and gemma_lib.looks_like(path):
-    # Kaggle's Flax releases: the tokenizer beside the checkpoint directory.
+  ours = (path / 't5x_adapt.json').exists()
+  if ((path / '_METADATA').exists() and not ours
+      and (path.parent / 'tokenizer.model').exists()):
+    # An Orbax tree not written by us, with a tokenizer beside it: Kaggle's
+    # layout of the gemma library's checkpoints.
     return seqio.SentencePieceVocabulary(str(path.parent / 'tokenizer.model'))
   raise ValueError(
       f'{checkpoint_path}: no SentencePiece tokenizer in the checkpoint '
