@@ -108,6 +108,18 @@ GEMMA3 = dict(
     global_base_frequency=1_000_000)
 
 
+def _library_decoder(settings, shape, tokens_seed, params_seed):
+  """A decoder-only model of the library's: (tokens of `shape`, its random
+  float32 parameters, its logits of the tokens)."""
+  library = gm_transformer.Transformer(
+      config=gm_config.TransformerConfig(**settings), dtype=jnp.float32)
+  tokens = _tokens(shape, tokens_seed)
+  params = _random(library.init(jax.random.PRNGKey(0), tokens)['params'],
+                   params_seed)
+  return tokens, params, np.asarray(
+      library.apply({'params': params}, tokens).logits)
+
+
 @pytest.mark.parametrize('preset,settings,flat', [
     ('gemma2_tiny', GEMMA2, False),
     ('gemma2_tiny', GEMMA2, True),
@@ -115,11 +127,8 @@ GEMMA3 = dict(
 ], ids=['gemma2-nested', 'gemma2-flat', 'gemma3-flat'])
 def test_decoder_only_logits_match_the_library(preset, settings, flat,
                                                tmp_path):
-  library = gm_transformer.Transformer(
-      config=gm_config.TransformerConfig(**settings), dtype=jnp.float32)
-  tokens = _tokens((2, 24), 0)  # longer than the sliding window
-  params = _random(library.init(jax.random.PRNGKey(0), tokens)['params'], 1)
-  expected = np.asarray(library.apply({'params': params}, tokens).logits)
+  # 24 tokens: longer than the sliding window.
+  tokens, params, expected = _library_decoder(settings, (2, 24), 0, 1)
   path = _save(params, tmp_path / 'checkpoint', flat)
   assert load.checkpoint_kind(path) == load.GEMMA_LIB
 
@@ -135,11 +144,7 @@ def test_decoder_only_logits_match_the_library(preset, settings, flat,
 
 
 def test_padded_table_kept_when_the_model_asks(tmp_path):
-  library = gm_transformer.Transformer(
-      config=gm_config.TransformerConfig(**GEMMA2), dtype=jnp.float32)
-  tokens = _tokens((1, 12), 2)
-  params = _random(library.init(jax.random.PRNGKey(0), tokens)['params'], 3)
-  expected = np.asarray(library.apply({'params': params}, tokens).logits)
+  tokens, params, expected = _library_decoder(GEMMA2, (1, 12), 2, 3)
   path = _save(params, tmp_path / 'checkpoint')
   model = gin_utils.load_model('gemma2_tiny', vocab_size=TABLE_ROWS)
   got = np.asarray(model.compute_logits(
@@ -245,11 +250,7 @@ def test_the_preset_is_found_from_the_tensors(tmp_path):
 
 def test_convert_command_writes_our_checkpoint(tmp_path):
   from t5x_adapt.convert import __main__ as convert  # pylint: disable=g-import-not-at-top
-  library = gm_transformer.Transformer(
-      config=gm_config.TransformerConfig(**GEMMA2), dtype=jnp.float32)
-  tokens = _tokens((1, 12), 9)
-  params = _random(library.init(jax.random.PRNGKey(0), tokens)['params'], 9)
-  expected = np.asarray(library.apply({'params': params}, tokens).logits)
+  tokens, params, expected = _library_decoder(GEMMA2, (1, 12), 9, 9)
   source = _save(params, tmp_path / 'checkpoint', flat=True)
   out = tmp_path / 'ours'
   assert convert.main(['gemma-to-orbax', str(source), str(out),
